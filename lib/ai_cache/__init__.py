@@ -1,0 +1,1 @@
+"""ai-cache: a mitmproxy addon that caches LLM provider traffic."""

@@ -1,0 +1,278 @@
+"""The mitmproxy addon: thin glue between hooks, keys, capture, replay and the stores.
+
+Per-flow state is a plain dict in `flow.metadata["ai_cache"]` (it survives `-w` flow
+files); the live stream capture rides on `flow.response.stream` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from .capture import StreamCapture, body_format
+from .controls import take_controls
+from .entry import Entry, replayable_headers
+from .keys import cacheable_request
+from .l1 import DiskStore
+from .l2 import RedisStore, redact
+from .options import OPTION_NAMES, OPTIONS, Settings
+from .protocols import BY_NAME, recognise
+from .replay import TOKEN_HEADER, ReplayServer, immediate_response
+from .report import Tally, flow_line, human_size, tokens_of
+from .summary import prompt_preview, token_usage
+from .tiers import TieredCache
+
+logger = logging.getLogger(__name__)
+META = "ai_cache"
+STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix")
+
+
+class AICache:
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.cache: TieredCache | None = None
+        self.replayer = ReplayServer()
+        self.tally = Tally()
+
+    def load(self, loader) -> None:
+        for name, typespec, default, help_text in OPTIONS:
+            loader.add_option(name, typespec, default, help_text)
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & OPTION_NAMES:
+            return
+        settings = Settings.from_options(ctx.options)
+        previous, self.settings = self.settings, settings
+        if previous is None or any(
+            getattr(previous, f) != getattr(settings, f) for f in STORE_SETTINGS
+        ):
+            self._open_stores(settings)
+        assert self.cache is not None
+        self.cache.ttl = settings.ttl
+        logger.info(
+            "ai-cache: mode=%s dir=%s%s ttl=%s max_body=%s replay_speed=%s%s",
+            settings.mode,
+            settings.directory,
+            "" if self.cache.l1 else " (unusable)",
+            f"{settings.ttl:g}s" if settings.ttl else "forever",
+            human_size(settings.max_body),
+            settings.replay_speed or "instant",
+            f" redis={redact(settings.redis_url)}" if settings.redis_url else "",
+        )
+
+    def _open_stores(self, settings: Settings) -> None:
+        try:
+            l1: DiskStore | None = DiskStore(settings.directory)
+        except (OSError, sqlite3.Error) as e:
+            logger.warning(
+                "ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e
+            )
+            l1 = None
+        try:
+            l2 = (
+                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix)
+                if settings.redis_url
+                else None
+            )
+        except ValueError as e:
+            raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
+        if self.cache is not None:
+            self.cache.l1 and self.cache.l1.close()
+        self.cache = TieredCache(l1, l2, settings.ttl)
+
+    def running(self) -> None:
+        # A hit must never wait for (or fail on) a connection to the real host.
+        if not ctx.options.has_changed("connection_strategy"):
+            ctx.options.update(connection_strategy="lazy")
+
+    async def done(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()
+        await self.replayer.close()
+        logger.info("ai-cache: %s", self.tally.summary())
+
+    # Request path
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if self.settings is None or self.cache is None or flow.response or flow.error:
+            return
+        protocol = recognise(flow.request.method, flow.request.path.split("?", 1)[0])
+        if protocol is None:
+            return
+        settings = self.settings
+        controls = take_controls(flow.request)
+        found = cacheable_request(flow.request, protocol, settings.policy)
+        info: dict[str, Any] = {"protocol": protocol.name, "status": "BYPASS", "key": ""}
+        flow.metadata[META] = info
+        if found is None:
+            info["reason"] = "request body is not a JSON object"
+        else:
+            info.update(key=found.key, model=found.model, stream=found.stream, request=found.described)
+        offline = settings.mode == "replay"
+        if found is None:
+            pass
+        elif not (self.cache.l1 or self.cache.l2):
+            info["reason"] = "no usable cache store"
+        elif settings.mode == "off" or (controls.bypass and not offline):
+            info["reason"] = f"ai_cache_mode={settings.mode}" if settings.mode == "off" else "client asked"
+        elif (settings.mode == "refresh" or controls.refresh) and not offline:
+            info["status"] = "REFRESH"
+        else:
+            hit = await self.cache.lookup(found.key, controls.max_age)
+            if hit is not None:
+                await self._serve_hit(flow, info, *hit)
+            else:
+                info["status"] = "MISS"
+                if offline or controls.only_if_cached:
+                    flow.response = self._no_recording(info, offline)
+        self.tally.count(info["status"])
+        if info["status"] in ("MISS", "REFRESH") and flow.response is None:
+            # Plain bytes are what the capture can scan and the cache can replay.
+            flow.request.headers["accept-encoding"] = "identity"
+
+    def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
+        if not (self.settings and self.settings.headers):
+            return []
+        headers = [("X-AI-Cache-Status", info["status"])]
+        if info.get("key"):
+            headers.append(("X-AI-Cache-Key", info["key"]))
+        if info["status"] == "HIT":
+            headers += [("X-AI-Cache-Age", str(int(info["age"]))), ("X-AI-Cache-Layer", info["layer"])]
+        return headers
+
+    async def _serve_hit(self, flow: http.HTTPFlow, info: dict[str, Any], entry: Entry, layer: str) -> None:
+        assert self.settings is not None
+        info.update(status="HIT", layer=layer, age=entry.age(), format=entry.format,
+                    size=len(entry.body), saved_tokens=tokens_of(entry.meta))
+        self.tally.tokens_saved += info["saved_tokens"]
+        self.tally.bytes_served += len(entry.body)
+        headers = self._cache_headers(info)
+        speed = self.settings.replay_speed
+        if speed > 0 and entry.format != "json" and len(entry.chunks) > 1:
+            port = await self.replayer.ensure_started()
+            info["token"] = self.replayer.register(entry, headers, speed)
+            info["original_url"] = flow.request.url
+            flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", port
+            flow.request.headers[TOKEN_HEADER] = info["token"]
+        else:
+            flow.response = immediate_response(entry, headers)
+            flow.is_replay = "response"
+
+    def _no_recording(self, info: dict[str, Any], offline: bool) -> http.Response:
+        """The 504 for a miss that may not go upstream: says what is missing and what to do."""
+        why = "ai_cache_mode=replay" if offline else "the client sent Cache-Control: only-if-cached"
+        request = info.get("request", {})
+        message = (
+            f"ai-cache: no recording for this {info['protocol']} request "
+            f"(model {info.get('model') or '-'}, {request.get('host', '')}{request.get('path', '')}, "
+            f"key {info['key'][:16]}) and {why} forbids contacting upstream. Record it by running "
+            f"once with ai_cache_mode=record (the default) and the upstream reachable."
+        )
+        body = {"type": "error", "error": {"type": "ai_cache_miss", "code": "ai_cache_no_recording",
+                                           "message": message, "key": info["key"]}}
+        info["served"] = True
+        return http.Response.make(
+            504, json.dumps(body), [("content-type", "application/json"), *self._cache_headers(info)]
+        )
+
+    # Response path
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        info = flow.metadata.get(META)
+        if not info or flow.response is None or self.settings is None:
+            return
+        if info.get("token"):  # paced replay: our own server, just pass it on chunk by chunk
+            flow.response.stream = True
+            return
+        for name, value in self._cache_headers(info):
+            flow.response.headers[name] = value
+        if info["status"] not in ("MISS", "REFRESH") or flow.response.status_code != 200:
+            return
+        fmt = body_format(flow.response.headers.get("content-type", ""))
+        if (info.get("stream") or fmt != "json") and not flow.response.stream:
+            flow.response.stream = StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        info = flow.metadata.get(META)
+        if not info or flow.response is None or self.cache is None:
+            return
+        if info.get("original_url"):
+            flow.request.url = info.pop("original_url")
+            flow.request.headers.pop(TOKEN_HEADER, None)
+        if info["status"] == "HIT":
+            outcome = f"age {info['age']:.0f}s" + (
+                f", saved {info['saved_tokens']} tokens" if info["saved_tokens"] else ""
+            )
+            logger.info("ai-cache: %s", flow_line(info, info["size"], outcome))
+            return
+        if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
+            entry, why_not = self._recorded_entry(flow, info)
+            if entry is not None:
+                self.tally.stored += 1
+                self.cache.background(self._store(entry))
+                outcome = "stored"
+            else:
+                outcome = f"not stored: {why_not}"
+        else:
+            outcome = info.get("reason", "")
+        size = len(flow.response.raw_content or b"")
+        if isinstance(flow.response.stream, StreamCapture):
+            size = flow.response.stream.size
+        logger.info("ai-cache: %s", flow_line(info, size, outcome))
+
+    def _recorded_entry(self, flow: http.HTTPFlow, info: dict[str, Any]) -> tuple[Entry | None, str]:
+        assert self.settings is not None and flow.response is not None
+        response = flow.response
+        if response.status_code != 200:
+            return None, f"upstream answered {response.status_code}"
+        capture = response.stream
+        if not isinstance(capture, StreamCapture):
+            if capture:
+                return None, "the response was streamed without capture"
+            try:
+                body = response.content or b""
+            except ValueError as e:
+                return None, f"undecodable body: {e}"
+            fmt = body_format(response.headers.get("content-type", ""))
+            capture = StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
+            capture(body)
+        elif response.headers.get("content-encoding", "identity").lower() != "identity":
+            return None, f"stream is {response.headers['content-encoding']}-encoded"
+        why_not = capture.incompleteness()
+        if why_not:
+            return None, why_not
+        info["format"] = capture.format
+        entry = Entry(
+            key=info["key"],
+            format=capture.format,
+            body=capture.body,
+            headers=replayable_headers(list(response.headers.items(multi=True))),
+            chunks=capture.chunks,
+            meta={"protocol": info["protocol"], "model": info.get("model", ""),
+                  "stream": info.get("stream", False), "request": info["request"]},
+        )
+        return entry, ""
+
+    async def _store(self, entry: Entry) -> None:
+        def summarise() -> None:
+            entry.meta["usage"] = token_usage(entry.body, entry.format)
+            entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
+
+        await asyncio.to_thread(summarise)
+        assert self.cache is not None
+        await self.cache.store(entry)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        info = flow.metadata.get(META)
+        if not info:
+            return
+        if info.get("token"):
+            self.replayer.forget(info["token"])
+            logger.debug("ai-cache: paced replay ended early: %s", flow.error)
+        elif info["status"] in ("MISS", "REFRESH"):
+            logger.info("ai-cache: %s", flow_line(info, 0, f"not stored: {flow.error}"))

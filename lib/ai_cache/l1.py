@@ -1,0 +1,88 @@
+"""L1: diskcache on local disk, the embedded default. Every call runs off the event loop.
+
+A store that breaks (unwritable directory, full disk, corrupt database) degrades to
+"miss / skip the write" with one warning until it works again: never a failed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import diskcache
+
+from .entry import Entry, EntryError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+class DiskStore:
+    layer = "l1"
+
+    def __init__(self, directory: str | Path) -> None:
+        """Opens (creating) the cache directory; raises the OS/SQLite error if it cannot."""
+        self.directory = Path(directory).expanduser()
+        # No eviction: recorded fixtures must not disappear behind the user's back.
+        self._cache = diskcache.Cache(
+            str(self.directory), eviction_policy="none", size_limit=2**62, timeout=1
+        )
+        self._broken = False
+
+    def _guarded(self, what: str, call: Callable[[], T], default: T) -> T:
+        try:
+            result = call()
+        except STORE_ERRORS as e:
+            if not self._broken:
+                logger.warning("ai-cache: L1 %s failed in %s, passing through: %s", what, self.directory, e)
+                self._broken = True
+            return default
+        if self._broken:
+            logger.warning("ai-cache: L1 in %s works again", self.directory)
+            self._broken = False
+        return result
+
+    # Synchronous API, for threads and the CLI.
+
+    def get_sync(self, key: str) -> Entry | None:
+        data = self._guarded("read", lambda: self._cache.get(key), None)
+        if data is None:
+            return None
+        try:
+            return Entry.from_bytes(data)
+        except EntryError as e:
+            logger.warning("ai-cache: discarding unreadable L1 entry %s: %s", key[:12], e)
+            self._guarded("delete", lambda: self._cache.delete(key), False)
+            return None
+
+    def put_sync(self, entry: Entry, expire: float | None) -> bool:
+        data = entry.to_bytes()
+        return self._guarded("write", lambda: self._cache.set(entry.key, data, expire=expire), False)
+
+    def delete_sync(self, key: str) -> bool:
+        return self._guarded("delete", lambda: self._cache.delete(key), False)
+
+    def keys(self) -> Iterator[str]:
+        yield from self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
+
+    def clear(self) -> int:
+        return self._guarded("clear", self._cache.clear, 0)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    # Async API for hooks: the same calls in a worker thread.
+
+    async def get(self, key: str) -> Entry | None:
+        return await asyncio.to_thread(self.get_sync, key)
+
+    async def put(self, entry: Entry, expire: float | None) -> bool:
+        return await asyncio.to_thread(self.put_sync, entry, expire)
+
+    async def delete(self, key: str) -> bool:
+        return await asyncio.to_thread(self.delete_sync, key)

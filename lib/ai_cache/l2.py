@@ -1,0 +1,154 @@
+"""L2: Redis shared by a team or CI fleet, behind one fail-open `with_redis` wrapper.
+
+Every Redis call goes through `RedisStore.with_redis`: it bounds the call by the
+timeout, turns every failure into the caller's default, and keeps a circuit breaker so
+a Redis that is down costs one timeout per cool-down, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .entry import Entry, EntryError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for log lines."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':' if user else ''}***@{host}"
+
+
+def connect(url: str, timeout: float) -> Any:
+    """A redis.asyncio client for `url`; `redis+cluster://host:port` selects Redis Cluster."""
+    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+    scheme, _, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+    # No client-side retries: the breaker decides when Redis is worth asking again.
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+
+
+class CircuitBreaker:
+    """Closed until a failure; then open for a cool-down that doubles while failures go on.
+
+    When the cool-down ends a single probe is let through; its outcome closes or reopens.
+    """
+
+    def __init__(self, name: str, base: float = 1.0, cap: float = 30.0) -> None:
+        self.name = name
+        self.base, self.cap = base, cap
+        self.cooldown = 0.0
+        self.open_until = 0.0
+        self.probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.cooldown > 0
+
+    def allow(self) -> bool:
+        if not self.is_open:
+            return True
+        if self.probing or time.monotonic() < self.open_until:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        if self.is_open:
+            logger.warning("ai-cache: %s is back, circuit closed", self.name)
+        self.cooldown = 0.0
+        self.probing = False
+
+    def failure(self, error: BaseException) -> None:
+        if self.probing:
+            self.cooldown = min(self.cap, self.cooldown * 2)
+        elif not self.is_open:
+            logger.warning(
+                "ai-cache: %s failed (%s), skipping it for a while: requests go on without it",
+                self.name, describe(error),
+            )
+            self.cooldown = self.base
+        else:  # a call that started before the breaker opened: already counted
+            return
+        self.open_until = time.monotonic() + self.cooldown
+        self.probing = False
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+class RedisStore:
+    layer = "l2"
+
+    def __init__(self, url: str, timeout: float, prefix: str) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.prefix = prefix
+        self.client = connect(url, timeout)
+        self.breaker = CircuitBreaker(f"Redis L2 at {redact(url)}")
+
+    async def with_redis(self, op: Callable[[Any], Awaitable[T]], default: T) -> T:
+        """Run `op(client)` bounded by the timeout; any failure yields `default`."""
+        if not self.breaker.allow():
+            return default
+        try:
+            result = await asyncio.wait_for(op(self.client), self.timeout)
+        except asyncio.CancelledError:
+            self.breaker.probing = False
+            raise
+        except Exception as e:  # fail open: no Redis problem may reach a request
+            self.breaker.failure(e)
+            return default
+        self.breaker.success()
+        return result
+
+    def redis_key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def get(self, key: str) -> Entry | None:
+        data = await self.with_redis(lambda r: r.get(self.redis_key(key)), None)
+        if data is None:
+            return None
+        try:
+            entry = Entry.from_bytes(data)
+        except EntryError as e:
+            logger.warning("ai-cache: discarding unreadable L2 value for %s: %s", key[:12], e)
+            return None
+        if entry.key != key:
+            logger.warning("ai-cache: discarding L2 value stored under the wrong key %s", key[:12])
+            return None
+        return entry
+
+    async def put(self, entry: Entry, expire: float | None) -> bool:
+        ex = max(1, round(expire)) if expire else None
+        data = entry.to_bytes()
+        return bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False))
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.with_redis(lambda r: r.delete(self.redis_key(key)), 0))
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.aclose(), self.timeout)
+        except Exception:  # closing a broken connection must not fail shutdown
+            pass

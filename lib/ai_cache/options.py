@@ -1,0 +1,139 @@
+"""The addon's options: declarations, parsing, and one immutable Settings value.
+
+Numbers are declared as `str` and parsed here, as mitmproxy does for body_size_limit:
+an int option given a non-int makes the script fail to load silently. Every parse error
+names its option, so a bad value stops startup with a clear message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import exceptions
+
+from .keys import KeyPolicy
+
+MODES = ("record", "replay", "refresh", "off")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+              "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+# name, type, default, help
+OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
+    ("ai_cache_dir", str, "~/.cache/ai-cache",
+     "Directory of the L1 cache (diskcache), created if missing. An unusable directory "
+     "degrades the addon to pass-through with one warning."),
+    ("ai_cache_mode", str, "record",
+     "record: read-through cache (answer hits, fetch and store misses). replay: never "
+     "contact upstream; a miss answers 504 explaining that no recording exists. refresh: "
+     "always fetch and overwrite. off: pass everything through."),
+    ("ai_cache_ttl", str, "0",
+     "How long entries stay valid, in seconds or with a unit (90s, 30m, 12h, 7d); 0 keeps "
+     "them forever. Judged from when the answer was recorded, in every layer."),
+    ("ai_cache_max_body", str, "10MiB",
+     "Largest answer stored, in bytes or with a unit (512KiB, 10MiB). Larger answers and "
+     "streams still reach the client in full; they are just not stored."),
+    ("ai_cache_headers", bool, True,
+     "Add X-AI-Cache-Status, -Key, -Age and -Layer to answers of recognised requests."),
+    ("ai_cache_ignore_fields", str, "",
+     "Comma-separated request body fields left out of the key when they do not change "
+     "the answer, e.g. 'user,metadata' or a nested 'metadata.user_id'."),
+    ("ai_cache_scope_headers", str, "",
+     "Comma-separated request headers whose values (hashed, never stored) are folded into "
+     "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key."),
+    ("ai_cache_key_host", bool, True,
+     "Put the upstream host in the key. Turn off to replay recordings against another host "
+     "(a staging gateway, a reverse proxy on another port)."),
+    ("ai_cache_replay_speed", str, "0",
+     "Pace of replayed streams: 0 sends a cached stream at once; 1 replays it at the "
+     "recorded pace; 2 twice as fast, 0.5 half as fast."),
+    ("ai_cache_redis_url", str, "",
+     "Redis for the shared L2 cache, empty for none: redis://[user:pass@]host:6379/0, "
+     "rediss:// for TLS, unix:///path/redis.sock, redis+cluster://host:7000 for a cluster."),
+    ("ai_cache_redis_timeout", str, "100",
+     "Milliseconds any Redis call may take before it counts as failed and the request goes "
+     "on without L2. Failures open a circuit breaker that skips Redis for a growing cool-down."),
+    ("ai_cache_redis_prefix", str, "ai-cache:",
+     "Prefix of every Redis key the cache writes."),
+)
+OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
+
+
+def parse_number(text: str, units: dict[str, float], what: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in units:
+        raise ValueError(f"{text!r} is not a {what}")
+    return float(match.group(1)) * units[match.group(2).lower()]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '3600', '90s', '30m', '12h', '7d', '2w'."""
+    return parse_number(text, DURATION_UNITS, "duration (e.g. 3600, 30m, 12h, 7d)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '1048576', '512KiB', '10MiB', '1g'."""
+    return int(parse_number(text, SIZE_UNITS, "size (e.g. 1048576, 512KiB, 10MiB)"))
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    directory: str
+    mode: str
+    ttl: float
+    max_body: int
+    headers: bool
+    policy: KeyPolicy
+    replay_speed: float
+    redis_url: str
+    redis_timeout: float  # seconds
+    redis_prefix: str
+
+    @classmethod
+    def from_options(cls, options: Any) -> Settings:
+        """Parse the ai_cache_* options; an OptionsError names the first bad one."""
+
+        def parsed(name: str, parse, check=lambda v: True, rule: str = ""):
+            value = getattr(options, name)
+            try:
+                result = parse(value)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"{name}: {e}") from None
+            if not check(result):
+                raise exceptions.OptionsError(f"{name}: {value!r} {rule}")
+            return result
+
+        mode = options.ai_cache_mode.strip().lower()
+        if mode not in MODES:
+            raise exceptions.OptionsError(
+                f"ai_cache_mode: {options.ai_cache_mode!r} is not one of {', '.join(MODES)}"
+            )
+        redis_url = options.ai_cache_redis_url.strip()
+        if redis_url and not re.match(r"^(rediss?|unix|rediss?\+cluster)://", redis_url):
+            raise exceptions.OptionsError(
+                "ai_cache_redis_url: must start with redis://, rediss://, unix:// or redis+cluster://"
+            )
+        return cls(
+            directory=options.ai_cache_dir,
+            mode=mode,
+            ttl=parsed("ai_cache_ttl", parse_duration),
+            max_body=parsed("ai_cache_max_body", parse_size, lambda v: v > 0, "must be above 0"),
+            headers=options.ai_cache_headers,
+            policy=KeyPolicy(
+                ignore_fields=parse_list(options.ai_cache_ignore_fields),
+                scope_headers=tuple(h.lower() for h in parse_list(options.ai_cache_scope_headers)),
+                include_host=options.ai_cache_key_host,
+            ),
+            replay_speed=parsed("ai_cache_replay_speed", float, lambda v: 0 <= v < float("inf"),
+                                "must be 0 (at once) or a positive speed factor"),
+            redis_url=redis_url,
+            redis_timeout=parsed("ai_cache_redis_timeout", float, lambda v: 0 < v <= 60000,
+                                 "must be between 0 and 60000 milliseconds") / 1000,
+            redis_prefix=options.ai_cache_redis_prefix,
+        )

@@ -1,0 +1,93 @@
+"""Replaying entries: at once as a synthetic response, or at the recorded pace.
+
+mitmproxy sends a response made in the `request` hook in one piece, so paced replay
+goes through a tiny HTTP server inside the proxy: the flow is pointed at it with a
+one-time token, and it writes the recorded chunks with the recorded gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from mitmproxy import http
+
+from .entry import Entry
+
+logger = logging.getLogger(__name__)
+TOKEN_HEADER = "x-ai-cache-replay-token"
+
+
+def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> http.Response:
+    response = http.Response.make(entry.status, b"", entry.replay_headers() + extra_headers)
+    response.raw_content = entry.body
+    response.headers["content-length"] = str(len(entry.body))
+    return response
+
+
+def paced_parts(entry: Entry, speed: float) -> list[tuple[float, bytes]]:
+    """(send at, bytes) per recorded chunk, the first one at once."""
+    parts, offset = [], 0
+    for at, size in entry.chunks or [(0.0, len(entry.body))]:
+        parts.append((at / speed, entry.body[offset : offset + size]))
+        offset += size
+    return parts
+
+
+class ReplayServer:
+    """Serves registered entries, each once, chunk by chunk at the recorded pace."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._pending: dict[str, tuple[Entry, list[tuple[str, str]], float]] = {}
+        self.port = 0
+
+    async def ensure_started(self) -> int:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def register(self, entry: Entry, extra_headers: list[tuple[str, str]], speed: float) -> str:
+        token = secrets.token_urlsafe(16)
+        self._pending[token] = (entry, extra_headers, speed)
+        return token
+
+    def forget(self, token: str) -> None:
+        self._pending.pop(token, None)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = http.Headers(
+                [tuple(line.split(b":", 1)) for line in head.split(b"\r\n")[1:] if b":" in line]
+            )
+            await reader.readexactly(int(headers.get("content-length", "0") or 0))
+            registered = self._pending.pop(headers.get(TOKEN_HEADER, "").strip(), None)
+            if registered is None:
+                writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                return
+            entry, extra, speed = registered
+            fields = entry.replay_headers() + extra
+            fields += [("content-length", str(len(entry.body))), ("connection", "close")]
+            head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
+            writer.write(f"HTTP/1.1 {entry.status} OK\r\n{head_lines}\r\n".encode())
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for at, data in paced_parts(entry, speed):
+                delay = start + at - loop.time()
+                if delay > 0:
+                    await writer.drain()
+                    await asyncio.sleep(delay)
+                writer.write(data)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            logger.debug("ai-cache: replay client went away")
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._pending.clear()

@@ -1,0 +1,53 @@
+"""What the proxy tells its user: one line per recognised flow, one summary at shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
+
+
+def tokens_of(meta: dict[str, Any]) -> int:
+    usage = meta.get("usage") or {}
+    return int(usage.get("input", 0)) + int(usage.get("output", 0))
+
+
+def flow_line(info: dict[str, Any], size: int, outcome: str) -> str:
+    """`HIT l1 openai-chat gpt-4o 1.2 KiB sse age 3s, saved 42 tokens` and the like."""
+    parts = [info["status"]]
+    if info.get("layer"):
+        parts.append(info["layer"])
+    parts += [info["protocol"], info.get("model") or "-", human_size(size)]
+    if info.get("format"):
+        parts.append(info["format"])
+    line = " ".join(parts)
+    return f"{line}: {outcome}" if outcome else line
+
+
+@dataclass
+class Tally:
+    hits: int = 0
+    misses: int = 0
+    bypasses: int = 0
+    refreshes: int = 0
+    stored: int = 0
+    tokens_saved: int = 0
+    bytes_served: int = 0
+
+    def count(self, status: str) -> None:
+        name = {"HIT": "hits", "MISS": "misses", "REFRESH": "refreshes"}.get(status, "bypasses")
+        setattr(self, name, getattr(self, name) + 1)
+
+    def summary(self) -> str:
+        return (
+            f"{self.hits} hits, {self.misses} misses, {self.refreshes} refreshes, "
+            f"{self.bypasses} bypasses, {self.stored} stored; served from cache "
+            f"{human_size(self.bytes_served)} and {self.tokens_saved} tokens"
+        )

@@ -1,0 +1,129 @@
+"""Incremental scanners for streamed bodies: SSE events and NDJSON lines.
+
+Chunks arrive per TCP read, not per event, so the scanners keep only the unfinished
+line between calls: the work is linear in the stream's size, never a re-parse per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One dispatched event: its type (`message` when no `event:` line) and joined data."""
+
+    name: str
+    data: str
+
+
+EventSink = Callable[[Event], None]
+
+
+class LineSplitter:
+    """Splits a byte stream into complete lines; a partial line waits for its end."""
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        if b"\n" not in chunk:
+            if chunk:
+                self._partial.append(chunk)
+            return
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial = []
+        *lines, rest = chunk.split(b"\n")
+        if rest:
+            self._partial.append(rest)
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+
+    @property
+    def partial(self) -> bytes:
+        """The bytes after the last newline: non-empty means the stream stopped mid-line."""
+        return b"".join(self._partial)
+
+    def take_partial(self) -> bytes:
+        rest, self._partial = self.partial, []
+        return rest
+
+
+class SSEScanner:
+    """WHATWG event-stream parsing, fed chunk by chunk; calls `sink` per dispatched event.
+
+    Comment lines (`: keepalive`) dispatch nothing. `at_boundary` tells whether the bytes
+    seen so far end between frames, so a cut-off final frame never counts as an event.
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._lines = LineSplitter()
+        self._name = ""
+        self._data: list[str] = []
+        self._pending = False
+
+    def feed(self, chunk: bytes) -> None:
+        for raw in self._lines.feed(chunk):
+            if not raw:
+                self._dispatch()
+                continue
+            if raw.startswith(b":"):
+                continue
+            field, sep, value = raw.partition(b":")
+            if sep and value.startswith(b" "):
+                value = value[1:]
+            self._pending = True
+            if field == b"data":
+                self._data.append(value.decode("utf-8", "replace"))
+            elif field == b"event":
+                self._name = value.decode("utf-8", "replace")
+
+    def _dispatch(self) -> None:
+        if self._data:
+            self._sink(Event(self._name or "message", "\n".join(self._data)))
+        self._name = ""
+        self._data = []
+        self._pending = False
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._pending and not self._lines.partial.strip()
+
+
+class NDJSONScanner:
+    """One event per non-empty line; a final line without newline counts only if it parses."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._lines = LineSplitter()
+
+    def feed(self, chunk: bytes) -> None:
+        for raw in self._lines.feed(chunk):
+            if raw.strip():
+                self._sink(Event("message", raw.decode("utf-8", "replace")))
+
+    def finish(self) -> None:
+        """Flush a trailing line that lacks its newline (it is judged by its content)."""
+        rest = self._lines.take_partial()
+        if rest.strip():
+            self._sink(Event("message", rest.decode("utf-8", "replace")))
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._lines.partial.strip()
+
+
+def iter_events(body: bytes, fmt: str) -> list[Event]:
+    """All events of a stored body, for usage accounting and the CLI (not the hot path)."""
+    events: list[Event] = []
+    if fmt == "ndjson":
+        scanner = NDJSONScanner(events.append)
+        scanner.feed(body)
+        scanner.finish()
+    else:
+        SSEScanner(events.append).feed(body + b"\n\n")
+    return events

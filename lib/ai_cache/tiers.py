@@ -1,0 +1,72 @@
+"""L1 then L2: lookups, back-fill and writes, with the TTL judged from `created_at`.
+
+An entry keeps its original `created_at` through every copy, so a back-filled entry
+reports an honest age and never outlives its TTL by being copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .entry import Entry
+from .l1 import DiskStore
+from .l2 import RedisStore
+
+
+@dataclass
+class TieredCache:
+    l1: DiskStore | None
+    l2: RedisStore | None
+    ttl: float = 0.0  # seconds; 0 keeps entries forever
+    _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    def remaining(self, entry: Entry, now: float | None = None) -> float | None:
+        """Seconds the entry may still live (None: forever; <= 0: expired)."""
+        return self.ttl - entry.age(now) if self.ttl else None
+
+    def fresh(self, entry: Entry, max_age: float | None) -> bool:
+        left = self.remaining(entry)
+        if left is not None and left <= 0:
+            return False
+        return max_age is None or entry.age() <= max_age
+
+    async def lookup(self, key: str, max_age: float | None = None) -> tuple[Entry, str] | None:
+        """The freshest usable entry and the layer it came from; an L2 hit back-fills L1."""
+        for store in (self.l1, self.l2):
+            if store is None:
+                continue
+            entry = await store.get(key)
+            if entry is not None and self.fresh(entry, max_age):
+                if store is self.l2 and self.l1 is not None:
+                    self.background(self.l1.put(entry, self.remaining(entry)))
+                return entry, store.layer
+        return None
+
+    async def store(self, entry: Entry) -> None:
+        left = self.remaining(entry, time.time())
+        writes = [s.put(entry, left) for s in (self.l1, self.l2) if s is not None]
+        await asyncio.gather(*writes)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.gather(*(s.delete(key) for s in (self.l1, self.l2) if s is not None))
+
+    def background(self, work) -> asyncio.Task:
+        """Run store work off the request path, holding a reference until it ends."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Let pending writes finish (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        if self.l2 is not None:
+            await self.l2.close()
+        if self.l1 is not None:
+            self.l1.close()
