@@ -91,7 +91,6 @@ class Proxy:
         return self.start()
 
     def logs(self) -> str:
-        self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def client(self, **kwargs) -> httpx.Client:

@@ -22,7 +22,7 @@ from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
 from .protocols import BY_NAME, recognise
-from .replay import TOKEN_HEADER, ReplayServer, immediate_response
+from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
 from .report import Tally, flow_line, human_size, tokens_of
 from .summary import prompt_preview, token_usage
 from .tiers import TieredCache
@@ -81,8 +81,8 @@ class AICache:
             )
         except ValueError as e:
             raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
-        if self.cache is not None:
-            self.cache.l1 and self.cache.l1.close()
+        if self.cache is not None and self.cache.l1 is not None:
+            self.cache.l1.close()
         self.cache = TieredCache(l1, l2, settings.ttl)
 
     def running(self) -> None:
@@ -177,7 +177,7 @@ class AICache:
                                            "message": message, "key": info["key"]}}
         info["served"] = True
         return http.Response.make(
-            504, json.dumps(body), [("content-type", "application/json"), *self._cache_headers(info)]
+            504, json.dumps(body), make_headers([("content-type", "application/json"), *self._cache_headers(info)])
         )
 
     # Response path

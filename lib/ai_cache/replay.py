@@ -19,8 +19,12 @@ logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-ai-cache-replay-token"
 
 
+def make_headers(pairs: list[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(k.encode(), v.encode()) for k, v in pairs])
+
+
 def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> http.Response:
-    response = http.Response.make(entry.status, b"", entry.replay_headers() + extra_headers)
+    response = http.Response.make(entry.status, b"", make_headers(entry.replay_headers() + extra_headers))
     response.raw_content = entry.body
     response.headers["content-length"] = str(len(entry.body))
     return response
