@@ -226,10 +226,11 @@ def test_gzip_answers_are_stored_decoded_and_replay(shared_proxy, upstream, mark
     assert upstream.count(marker) == 1
 
 
-def wait_for_status(proxy, upstream, body, status: str, path: str = CHAT, tries: int = 50) -> httpx.Response:
+def wait_for_status(proxy, upstream, body, status: str, path: str = CHAT, headers: dict | None = None,
+                    tries: int = 50) -> httpx.Response:
     """Stores are written in the background: poll until the entry is visible."""
     for _ in range(tries):
-        answer = post(proxy, upstream, path, body, {"cache-control": "only-if-cached"})
+        answer = post(proxy, upstream, path, body, {"cache-control": "only-if-cached", **(headers or {})})
         if answer.headers.get("x-ai-cache-status") == status:
             return answer
         time.sleep(0.05)
