@@ -6,7 +6,6 @@ files); the live stream capture rides on `flow.response.stream` itself.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
@@ -30,6 +29,12 @@ from .tiers import TieredCache
 logger = logging.getLogger(__name__)
 META = "ai_cache"
 STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix")
+
+
+def summarise(entry: Entry) -> None:
+    """Metadata for humans and the CLI; parses the whole body, so it runs in a thread."""
+    entry.meta["usage"] = token_usage(entry.body, entry.format)
+    entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
 
 
 class AICache:
@@ -120,7 +125,7 @@ class AICache:
             info["reason"] = "no usable cache store"
         elif settings.mode == "off" or (controls.bypass and not offline):
             info["reason"] = f"ai_cache_mode={settings.mode}" if settings.mode == "off" else "client asked"
-        elif (settings.mode == "refresh" or controls.refresh) and not offline:
+        elif (settings.mode == "refresh" or controls.refresh) and not (offline or controls.only_if_cached):
             info["status"] = "REFRESH"
         else:
             hit = await self.cache.lookup(found.key, controls.max_age)
@@ -214,7 +219,7 @@ class AICache:
             entry, why_not = self._recorded_entry(flow, info)
             if entry is not None:
                 self.tally.stored += 1
-                self.cache.background(self._store(entry))
+                self.cache.store_soon(entry, summarise)
                 outcome = "stored"
             else:
                 outcome = f"not stored: {why_not}"
@@ -257,15 +262,6 @@ class AICache:
                   "stream": info.get("stream", False), "request": info["request"]},
         )
         return entry, ""
-
-    async def _store(self, entry: Entry) -> None:
-        def summarise() -> None:
-            entry.meta["usage"] = token_usage(entry.body, entry.format)
-            entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
-
-        await asyncio.to_thread(summarise)
-        assert self.cache is not None
-        await self.cache.store(entry)
 
     def error(self, flow: http.HTTPFlow) -> None:
         info = flow.metadata.get(META)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from .entry import Entry
 from .l1 import DiskStore
@@ -21,6 +23,8 @@ class TieredCache:
     l2: RedisStore | None
     ttl: float = 0.0  # seconds; 0 keeps entries forever
     _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
+    # Entries whose background write has not finished: lookups already see them.
+    _unwritten: dict[str, Entry] = field(default_factory=dict, repr=False)
 
     def remaining(self, entry: Entry, now: float | None = None) -> float | None:
         """Seconds the entry may still live (None: forever; <= 0: expired)."""
@@ -34,6 +38,9 @@ class TieredCache:
 
     async def lookup(self, key: str, max_age: float | None = None) -> tuple[Entry, str] | None:
         """The freshest usable entry and the layer it came from; an L2 hit back-fills L1."""
+        unwritten = self._unwritten.get(key)
+        if unwritten is not None and self.fresh(unwritten, max_age):
+            return unwritten, "l1" if self.l1 else "l2"
         for store in (self.l1, self.l2):
             if store is None:
                 continue
@@ -44,6 +51,20 @@ class TieredCache:
                 return entry, store.layer
         return None
 
+    def store_soon(self, entry: Entry, prepare: Callable[[Entry], None]) -> None:
+        """Write off the request path (after `prepare` in a thread); visible to lookups at once."""
+        self._unwritten[entry.key] = entry
+
+        async def write() -> None:
+            try:
+                await asyncio.to_thread(prepare, entry)
+                await self.store(entry)
+            finally:
+                if self._unwritten.get(entry.key) is entry:
+                    del self._unwritten[entry.key]
+
+        self.background(write())
+
     async def store(self, entry: Entry) -> None:
         left = self.remaining(entry, time.time())
         writes = [s.put(entry, left) for s in (self.l1, self.l2) if s is not None]
@@ -52,7 +73,7 @@ class TieredCache:
     async def delete(self, key: str) -> None:
         await asyncio.gather(*(s.delete(key) for s in (self.l1, self.l2) if s is not None))
 
-    def background(self, work) -> asyncio.Task:
+    def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""
         task = asyncio.create_task(work)
         self._tasks.add(task)

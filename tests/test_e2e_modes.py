@@ -1,0 +1,111 @@
+"""End to end: record / replay / refresh / off, offline over HTTP, HTTPS (CONNECT) and reverse mode."""
+
+from __future__ import annotations
+
+import ssl
+
+import httpx
+import openai
+import pytest
+
+from fake_upstream import FakeUpstream, make_tls_cert
+from test_e2e_core import CHAT, chat_body, post, wait_for_status
+from test_e2e_streams import stream_raw
+
+
+@pytest.fixture
+def own_upstream():
+    """An upstream a test may stop, to prove replay never needs it."""
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+def test_replay_serves_recordings_with_the_upstream_gone(start_proxy, own_upstream, marker):
+    recorder = start_proxy()
+    json_answer = post(recorder, own_upstream, CHAT, chat_body(marker))
+    _, stream_answer = stream_raw(recorder, own_upstream, CHAT, chat_body(marker, stream=True))
+    wait_for_status(recorder, own_upstream, chat_body(marker, stream=True), "HIT")
+    recorder.stop()
+    url = own_upstream.url
+    own_upstream.stop()
+
+    replayer = start_proxy(ai_cache_dir=recorder.options["ai_cache_dir"], ai_cache_mode="replay")
+    with replayer.client() as client:
+        again = client.post(url + CHAT, json=chat_body(marker))
+        with client.stream("POST", url + CHAT, json=chat_body(marker, stream=True)) as r:
+            streamed = b"".join(r.iter_raw())
+        missing = client.post(url + CHAT, json=chat_body(marker + "-unrecorded"))
+        bypass_asked = client.post(url + CHAT, json=chat_body(marker), headers={"x-ai-cache-bypass": "1"})
+    assert again.content == json_answer.content and again.headers["x-ai-cache-status"] == "HIT"
+    assert streamed == stream_answer
+    assert missing.status_code == 504
+    error = missing.json()["error"]
+    assert "no recording" in error["message"] and "openai-chat" in error["message"]
+    assert "gpt-4o-mini" in error["message"] and "/v1/chat/completions" in error["message"]
+    assert error["key"] == missing.headers["x-ai-cache-key"]
+    assert bypass_asked.headers["x-ai-cache-status"] == "HIT"  # replay never goes upstream
+
+
+def test_replay_miss_surfaces_through_the_sdk(start_proxy, upstream, marker):
+    proxy = start_proxy(ai_cache_mode="replay")
+    client = openai.OpenAI(api_key="sk-x", base_url=upstream.url + "/v1", max_retries=0,
+                           http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": marker}])
+    assert raised.value.status_code == 504
+    assert "no recording" in str(raised.value)
+    assert upstream.count(marker) == 0
+
+
+def test_refresh_mode_always_fetches_and_overwrites(start_proxy, upstream, marker):
+    recorder = start_proxy()
+    first = post(recorder, upstream, CHAT, chat_body(marker))
+    recorder.stop()
+    refresher = start_proxy(ai_cache_dir=recorder.options["ai_cache_dir"], ai_cache_mode="refresh")
+    refreshed = post(refresher, upstream, CHAT, chat_body(marker))
+    assert refreshed.headers["x-ai-cache-status"] == "REFRESH"
+    assert refreshed.json()["id"] != first.json()["id"]
+    hit = wait_for_status(refresher, upstream, chat_body(marker), "HIT")
+    assert hit.json()["id"] == refreshed.json()["id"]
+
+
+def test_off_mode_passes_everything_through(start_proxy, upstream, marker):
+    proxy = start_proxy(ai_cache_mode="off")
+    statuses = [post(proxy, upstream, CHAT, chat_body(marker)).headers["x-ai-cache-status"] for _ in range(2)]
+    assert statuses == ["BYPASS", "BYPASS"]
+    assert upstream.count(marker) == 2
+
+
+def test_https_through_connect_records_and_replays_offline(start_proxy, confdir, tmp_path, marker):
+    cert, key = make_tls_cert(str(tmp_path / "tls"))
+    tls = FakeUpstream(tls=(cert, key)).start()
+    ca = str(confdir / "mitmproxy-ca-cert.pem")
+    recorder = start_proxy(ssl_verify_upstream_trusted_ca=cert)
+    client = openai.OpenAI(api_key="sk-x", base_url=tls.url + "/v1", max_retries=0,
+                           http_client=openai.DefaultHttpxClient(proxy=recorder.url,
+                                                                 verify=ssl.create_default_context(cafile=ca)))
+    ask = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": marker}])
+    first = client.chat.completions.with_raw_response.create(**ask)
+    second = client.chat.completions.with_raw_response.create(**ask)
+    assert [first.headers["x-ai-cache-status"], second.headers["x-ai-cache-status"]] == ["MISS", "HIT"]
+    assert tls.count(marker) == 1
+    recorder.stop()
+    url = tls.url
+    tls.stop()
+
+    replayer = start_proxy(ai_cache_dir=recorder.options["ai_cache_dir"], ai_cache_mode="replay")
+    with httpx.Client(proxy=replayer.url, verify=ssl.create_default_context(cafile=ca)) as http:
+        offline = http.post(url + CHAT, json=ask, headers={"authorization": "Bearer sk-other"})
+    assert offline.status_code == 200
+    assert offline.json()["id"] == first.parse().id
+    assert "server connect" not in replayer.logs()  # no connection to the real host was attempted
+
+
+def test_reverse_mode_needs_no_ca(start_proxy, upstream, marker):
+    proxy = start_proxy("--mode", f"reverse:{upstream.url}")
+    with httpx.Client(base_url=proxy.url) as client:
+        statuses = [client.post(CHAT, json=chat_body(marker)).headers["x-ai-cache-status"] for _ in range(2)]
+    assert statuses == ["MISS", "HIT"]
+    assert upstream.count(marker) == 1
+    assert proxy.proc.poll() is None
