@@ -1,0 +1,221 @@
+"""End to end with real redis-server processes: a shared L2 that can never break a request."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import redis
+
+from conftest import free_port, redis_server_binary, wait_for_port
+from test_e2e_core import CHAT, chat_body, post, wait_for_status
+from test_e2e_streams import stream_raw
+
+
+def redis_key(answer) -> str:
+    return "ai-cache:" + answer.headers["x-ai-cache-key"]
+
+
+def wait_for_redis_key(client: redis.Redis, key: str, tries: int = 100) -> None:
+    for _ in range(tries):
+        if client.exists(key):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{key} never reached Redis")
+
+
+def test_two_proxies_share_l2_and_backfill_l1(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    a = start_proxy(ai_cache_redis_url=server.url)
+    b = start_proxy(ai_cache_redis_url=server.url)
+    first = post(a, upstream, CHAT, chat_body(marker))
+    wait_for_redis_key(redis.Redis(port=server.port), redis_key(first))
+    from_l2 = post(b, upstream, CHAT, chat_body(marker))
+    assert (from_l2.headers["x-ai-cache-status"], from_l2.headers["x-ai-cache-layer"]) == ("HIT", "l2")
+    again = wait_for_status(b, upstream, chat_body(marker), "HIT")
+    for _ in range(50):  # the back-fill is written in the background
+        if again.headers["x-ai-cache-layer"] == "l1":
+            break
+        time.sleep(0.05)
+        again = post(b, upstream, CHAT, chat_body(marker))
+    assert again.headers["x-ai-cache-layer"] == "l1"
+    assert from_l2.content == again.content == first.content
+    assert upstream.count(marker) == 1
+    # The back-filled entry kept its original age: it is not younger than the first hit said.
+    assert int(again.headers["x-ai-cache-age"]) >= int(from_l2.headers["x-ai-cache-age"])
+
+
+def test_streams_travel_through_l2_byte_identical(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    a = start_proxy(ai_cache_redis_url=server.url)
+    b = start_proxy(ai_cache_redis_url=server.url)
+    miss, recorded = stream_raw(a, upstream, CHAT, chat_body(marker, stream=True))
+    wait_for_redis_key(redis.Redis(port=server.port), redis_key(miss))
+    hit, replayed = stream_raw(b, upstream, CHAT, chat_body(marker, stream=True))
+    assert hit.headers["x-ai-cache-layer"] == "l2"
+    assert hit.headers["content-type"].startswith("text/event-stream")
+    assert replayed == recorded
+    assert upstream.count(marker) == 1
+
+
+def test_redis_down_from_the_start(start_proxy, upstream, marker):
+    proxy = start_proxy(ai_cache_redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    answers = [post(proxy, upstream, CHAT, chat_body(marker)) for _ in range(5)]
+    assert all(a.status_code == 200 for a in answers)
+    assert [a.headers["x-ai-cache-status"] for a in answers] == ["MISS"] + ["HIT"] * 4
+    assert {a.headers["x-ai-cache-layer"] for a in answers[1:]} == {"l1"}
+    assert proxy.logs().count("skipping it for a while") == 1
+
+
+def test_redis_killed_mid_run_and_restarted(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    proxy = start_proxy(ai_cache_redis_url=server.url)
+    client = redis.Redis(port=server.port)
+    before = post(proxy, upstream, CHAT, chat_body(marker + "-a"))
+    wait_for_redis_key(client, redis_key(before))
+    server.stop()
+    during = [post(proxy, upstream, CHAT, chat_body(marker + f"-{i}")) for i in "abc"]
+    assert all(a.status_code == 200 for a in during)
+    assert during[0].headers["x-ai-cache-status"] == "HIT"
+    server.start()  # same port, empty
+    key = None
+    for i in range(60):  # the breaker probes again after its cool-down
+        answer = post(proxy, upstream, CHAT, chat_body(f"{marker}-after-{i}"))
+        assert answer.status_code == 200
+        if redis.Redis(port=server.port).exists(redis_key(answer)):
+            key = redis_key(answer)
+            break
+        time.sleep(0.1)
+    assert key is not None, "L2 was never used again"
+    logs = proxy.logs()
+    assert logs.count("skipping it for a while") == 1 and "circuit closed" in logs
+
+
+@pytest.fixture
+def silent_listener():
+    """A TCP server that accepts connections and never answers: the worst Redis."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(100)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    sock.close()
+
+
+def test_a_redis_that_never_answers_costs_a_bounded_time(start_proxy, upstream, marker, silent_listener):
+    proxy = start_proxy(ai_cache_redis_url=f"redis://127.0.0.1:{silent_listener}/0", ai_cache_redis_timeout="500")
+    post(proxy, upstream, CHAT, chat_body(marker))
+    start = time.monotonic()
+    answers = [post(proxy, upstream, CHAT, chat_body(marker if i % 2 else f"{marker}-{i}")) for i in range(20)]
+    elapsed = time.monotonic() - start
+    assert all(a.status_code == 200 for a in answers)
+    # 20 x 500 ms would be 10 s: the breaker keeps it to a few timeouts at most.
+    assert elapsed < 5, elapsed
+    assert proxy.logs().count("skipping it for a while") == 1
+
+
+def test_redis_requiring_a_password_the_url_lacks(start_proxy, start_redis, upstream, marker):
+    server = start_redis("--requirepass", "s3cret-pw")
+    proxy = start_proxy(ai_cache_redis_url=server.url)
+    answers = [post(proxy, upstream, CHAT, chat_body(marker)) for _ in range(3)]
+    assert [a.headers["x-ai-cache-status"] for a in answers] == ["MISS", "HIT", "HIT"]
+    assert "skipping it for a while" in proxy.logs()
+    with_password = start_proxy(ai_cache_redis_url=f"redis://:s3cret-pw@127.0.0.1:{server.port}/0")
+    stored = post(with_password, upstream, CHAT, chat_body(marker + "-pw"))
+    wait_for_redis_key(redis.Redis(port=server.port, password="s3cret-pw"), redis_key(stored))
+    assert "s3cret-pw" not in with_password.logs()
+
+
+def test_garbage_values_are_discarded_and_replaced(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    client = redis.Redis(port=server.port)
+    a = start_proxy(ai_cache_redis_url=server.url)
+    first = post(a, upstream, CHAT, chat_body(marker))
+    key = redis_key(first)
+    wait_for_redis_key(client, key)
+    client.set(key, b"\x00garbage that is no entry")
+    b = start_proxy(ai_cache_redis_url=server.url)
+    answer = post(b, upstream, CHAT, chat_body(marker))
+    assert answer.status_code == 200 and answer.headers["x-ai-cache-status"] == "MISS"
+    assert "discarding unreadable L2 value" in b.logs()
+    for _ in range(100):  # the next write replaced the garbage
+        if client.get(key).startswith(b"AIC"):
+            break
+        time.sleep(0.05)
+    assert client.get(key).startswith(b"AIC")
+
+
+def test_ttl_is_visible_on_redis_keys(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_ttl="1h")
+    answer = post(proxy, upstream, CHAT, chat_body(marker))
+    client = redis.Redis(port=server.port)
+    wait_for_redis_key(client, redis_key(answer))
+    assert 3500 < client.ttl(redis_key(answer)) <= 3600
+
+
+def redis_cli() -> str | None:
+    found = shutil.which("redis-cli", path="/usr/bin:/usr/local/bin")
+    bundled = os.path.join(os.path.dirname(redis_server_binary()), "redis-cli")
+    return found or (bundled if os.path.exists(bundled) else None)
+
+
+def test_redis_cluster(start_proxy, upstream, marker, tmp_path):
+    cli = redis_cli()
+    if cli is None:
+        pytest.skip("no redis-cli to create a cluster with")
+    ports = [free_port() for _ in range(3)]
+    nodes = []
+    try:
+        for port in ports:
+            node_dir = tmp_path / f"node-{port}"
+            node_dir.mkdir()
+            nodes.append(subprocess.Popen(
+                [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_for_port(port)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        for _ in range(100):
+            if b"cluster_state:ok" in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"],
+                                                      capture_output=True).stdout:
+                break
+            time.sleep(0.1)
+        url = f"redis+cluster://127.0.0.1:{ports[0]}"
+        a = start_proxy(ai_cache_redis_url=url, ai_cache_redis_timeout="1000")
+        b = start_proxy(ai_cache_redis_url=url, ai_cache_redis_timeout="1000")
+        bodies = [chat_body(f"{marker}-{i}") for i in range(6)]  # spread over the slots
+        for body in bodies:
+            post(a, upstream, CHAT, body)
+        cluster = redis.RedisCluster(host="127.0.0.1", port=ports[0])
+        for body in bodies:
+            wait_for_redis_key(cluster, redis_key(post(a, upstream, CHAT, body)))
+            answer = post(b, upstream, CHAT, body)
+            assert (answer.headers["x-ai-cache-status"], answer.headers["x-ai-cache-layer"]) == ("HIT", "l2")
+        assert sum(upstream.count(f"{marker}-{i}") for i in range(6)) == 6
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
