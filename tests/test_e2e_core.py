@@ -307,7 +307,8 @@ def test_logs_one_line_per_flow_and_a_summary(start_proxy, upstream, marker):
     proxy.stop()
     logs = proxy.logs()
     assert "ai-cache: mode=record" in logs
-    assert "MISS openai-chat gpt-4o-mini" in logs and ": stored" in logs
+    assert f"MISS openai-chat gpt-4o-mini 127.0.0.1:{upstream.port}/v1/chat/completions" in logs
+    assert ": stored" in logs
     assert "HIT l1 openai-chat gpt-4o-mini" in logs and "tokens" in logs
     assert "1 misses" in logs and "hits" in logs
 

@@ -16,7 +16,7 @@ from mitmproxy import ctx, exceptions, http
 from .capture import StreamCapture, body_format
 from .controls import take_controls
 from .entry import Entry, replayable_headers
-from .keys import cacheable_request
+from .keys import cacheable_request, host_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
@@ -35,6 +35,11 @@ def summarise(entry: Entry) -> None:
     """Metadata for humans and the CLI; parses the whole body, so it runs in a thread."""
     entry.meta["usage"] = token_usage(entry.body, entry.format)
     entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
+
+
+def where(flow: http.HTTPFlow) -> str:
+    """Host and path for log lines; never the query, which may carry a key."""
+    return host_of(flow.request) + flow.request.path.split("?", 1)[0]
 
 
 class AICache:
@@ -213,7 +218,7 @@ class AICache:
             outcome = f"age {info['age']:.0f}s" + (
                 f", saved {info['saved_tokens']} tokens" if info["saved_tokens"] else ""
             )
-            logger.info("ai-cache: %s", flow_line(info, info["size"], outcome))
+            logger.info("ai-cache: %s", flow_line(info, where(flow), info["size"], outcome))
             return
         if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
             entry, why_not = self._recorded_entry(flow, info)
@@ -228,7 +233,7 @@ class AICache:
         size = len(flow.response.raw_content or b"")
         if isinstance(flow.response.stream, StreamCapture):
             size = flow.response.stream.size
-        logger.info("ai-cache: %s", flow_line(info, size, outcome))
+        logger.info("ai-cache: %s", flow_line(info, where(flow), size, outcome))
 
     def _recorded_entry(self, flow: http.HTTPFlow, info: dict[str, Any]) -> tuple[Entry | None, str]:
         assert self.settings is not None and flow.response is not None
@@ -271,4 +276,4 @@ class AICache:
             self.replayer.forget(info["token"])
             logger.debug("ai-cache: paced replay ended early: %s", flow.error)
         elif info["status"] in ("MISS", "REFRESH"):
-            logger.info("ai-cache: %s", flow_line(info, 0, f"not stored: {flow.error}"))
+            logger.info("ai-cache: %s", flow_line(info, where(flow), 0, f"not stored: {flow.error}"))

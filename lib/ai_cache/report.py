@@ -19,12 +19,12 @@ def tokens_of(meta: dict[str, Any]) -> int:
     return int(usage.get("input", 0)) + int(usage.get("output", 0))
 
 
-def flow_line(info: dict[str, Any], size: int, outcome: str) -> str:
-    """`HIT l1 openai-chat gpt-4o 1.2 KiB sse age 3s, saved 42 tokens` and the like."""
+def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
+    """`HIT l1 openai-chat gpt-4o api.openai.com/v1/chat/completions 1.2 KiB sse: age 3s, saved 42 tokens`."""
     parts = [info["status"]]
     if info.get("layer"):
         parts.append(info["layer"])
-    parts += [info["protocol"], info.get("model") or "-", human_size(size)]
+    parts += [info["protocol"], info.get("model") or "-", where, human_size(size)]
     if info.get("format"):
         parts.append(info["format"])
     line = " ".join(parts)
