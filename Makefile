@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py $(ARGS)
+	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
