@@ -160,3 +160,15 @@ def test_redact_hides_redis_passwords():
     assert redact("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact("redis://:pw@host") == "redis://***@host"
     assert redact("redis://host:6379") == "redis://host:6379"
+
+
+async def test_replay_mode_never_goes_upstream_even_without_a_usable_store(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    addon = AICache()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(blocker / "cache"), ai_cache_mode="replay")
+        flow = chat_flow({"model": "m"}, x_ai_cache_bypass="1")
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.status_code == 504
+        assert flow.metadata["ai_cache"]["status"] == "MISS"

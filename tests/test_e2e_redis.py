@@ -181,11 +181,25 @@ def redis_cli() -> str | None:
     return found or (bundled if os.path.exists(bundled) else None)
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid, free port too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def test_redis_cluster(start_proxy, upstream, marker, tmp_path):
     cli = redis_cli()
     if cli is None:
         pytest.skip("no redis-cli to create a cluster with")
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     nodes = []
     try:
         for port in ports:

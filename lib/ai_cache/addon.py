@@ -14,7 +14,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from .capture import StreamCapture, body_format
-from .controls import take_controls
+from .controls import Controls, take_controls
 from .entry import Entry, replayable_headers
 from .keys import cacheable_request, host_of
 from .l1 import DiskStore
@@ -114,36 +114,39 @@ class AICache:
         protocol = recognise(flow.request.method, flow.request.path.split("?", 1)[0])
         if protocol is None:
             return
-        settings = self.settings
         controls = take_controls(flow.request)
-        found = cacheable_request(flow.request, protocol, settings.policy)
+        found = cacheable_request(flow.request, protocol, self.settings.policy)
         info: dict[str, Any] = {"protocol": protocol.name, "status": "BYPASS", "key": ""}
         flow.metadata[META] = info
         if found is None:
             info["reason"] = "request body is not a JSON object"
         else:
             info.update(key=found.key, model=found.model, stream=found.stream, request=found.described)
-        offline = settings.mode == "replay"
-        if found is None:
-            pass
-        elif not (self.cache.l1 or self.cache.l2):
-            info["reason"] = "no usable cache store"
-        elif settings.mode == "off" or (controls.bypass and not offline):
-            info["reason"] = f"ai_cache_mode={settings.mode}" if settings.mode == "off" else "client asked"
-        elif (settings.mode == "refresh" or controls.refresh) and not (offline or controls.only_if_cached):
-            info["status"] = "REFRESH"
-        else:
-            hit = await self.cache.lookup(found.key, controls.max_age)
-            if hit is not None:
-                await self._serve_hit(flow, info, *hit)
-            else:
-                info["status"] = "MISS"
-                if offline or controls.only_if_cached:
-                    flow.response = self._no_recording(info, offline)
+            await self._route(flow, info, controls)
         self.tally.count(info["status"])
         if info["status"] in ("MISS", "REFRESH") and flow.response is None:
             # Plain bytes are what the capture can scan and the cache can replay.
             flow.request.headers["accept-encoding"] = "identity"
+
+    async def _route(self, flow: http.HTTPFlow, info: dict[str, Any], controls: Controls) -> None:
+        """BYPASS, REFRESH, or look up: HIT, or MISS (answered 504 when upstream is off-limits)."""
+        assert self.settings is not None and self.cache is not None
+        mode = self.settings.mode
+        offline = mode == "replay"
+        if mode == "off":
+            info["reason"] = "ai_cache_mode=off"
+        elif controls.bypass and not offline:
+            info["reason"] = "client asked"
+        elif not (self.cache.l1 or self.cache.l2) and not offline:
+            info["reason"] = "no usable cache store"
+        elif (mode == "refresh" or controls.refresh) and not (offline or controls.only_if_cached):
+            info["status"] = "REFRESH"
+        elif hit := await self.cache.lookup(info["key"], controls.max_age):
+            await self._serve_hit(flow, info, *hit)
+        else:
+            info["status"] = "MISS"
+            if offline or controls.only_if_cached:
+                flow.response = self._no_recording(info, offline)
 
     def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
         if not (self.settings and self.settings.headers):

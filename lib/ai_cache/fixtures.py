@@ -1,0 +1,282 @@
+"""Fixture files: cache entries as reviewable JSON, one file per entry, byte-exact both ways.
+
+A file is `{protocol}-{model}-{key[:16]}.json`, pretty-printed with sorted keys, so a
+re-export of an unchanged cache rewrites identical bytes and diffs stay small:
+
+    {
+      "ai_cache_fixture": 1,
+      "body": [
+        {"at": 0.0, "text": "data: {\"choices\": ...}\n\n"},
+        {"at": 0.412, "text": "data: [DONE]\n\n"}
+      ],
+      "created_at": 1732615200.5,
+      "format": "sse",
+      "headers": [["content-type", "text/event-stream"]],
+      "key": "3f2a...",
+      "meta": {"model": "gpt-4o", "protocol": "openai-chat", "request": {...}, ...},
+      "status": 200
+    }
+
+The body, by format:
+
+- `sse` / `ndjson`: the recorded chunks in order, each `{"at": seconds since the first
+  chunk, "text": the chunk as UTF-8}`, so the stream reads as text and keeps its pace.
+  A chunk that is not UTF-8 on its own (a read that split a character) is stored as
+  `{"at", "base64"}` instead; the others stay readable.
+- `json`: `body` is the parsed answer, for reading and editing. The exact bytes come
+  from `body_text`, written unless they are exactly `keys.canonical_json(body)` (provider
+  answers never are: key order and spacing differ). On import `body_text` wins but must
+  parse to `body`, so an edit of one without the other is an error, not a silent loss;
+  a hand-written fixture may give `body` alone. Text that is not JSON has only
+  `body_text`; bytes that are not UTF-8 have only `body_base64`. The chunk timing, which
+  replay ignores for JSON, is kept as `chunks`: `[[seconds, length], ...]`.
+
+Credentials never reach a file: credential headers (and `set-cookie`) are dropped from
+the stored headers and `meta.request.headers`, credential parameters from
+`meta.request.query`. A stream entry recorded without timing exports as a single chunk
+at 0.0; everything else imports back equal to what was exported.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .entry import FORMATS, Entry
+from .keys import CREDENTIAL_HEADERS, CREDENTIAL_PARAMS, canonical_json
+
+FIXTURE_VERSION = 1
+# A response's set-cookie carries a session credential too.
+SECRET_HEADERS = CREDENTIAL_HEADERS | {"set-cookie"}
+KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
+SLUG_LENGTH = 40
+
+
+class FixtureError(ValueError):
+    """A fixture file that cannot become an entry; the message says why."""
+
+
+# Export
+
+
+def scrubbed(entry: Entry) -> Entry:
+    """A copy of the entry without credentials, whatever an older version stored."""
+    meta = copy.deepcopy(entry.meta)
+    request = meta.get("request")
+    if isinstance(request, dict):
+        if isinstance(request.get("headers"), dict):
+            request["headers"] = {
+                k: v for k, v in request["headers"].items() if k.lower() not in SECRET_HEADERS
+            }
+        if isinstance(request.get("query"), list):
+            request["query"] = [
+                pair for pair in request["query"] if str(pair[0]).lower() not in CREDENTIAL_PARAMS
+            ]
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in SECRET_HEADERS]
+    return Entry(entry.key, entry.format, entry.body, headers, entry.created_at, entry.status,
+                 list(entry.chunks), meta)
+
+
+def slug(text: str) -> str:
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-")
+    return cleaned[:SLUG_LENGTH].rstrip("-") or "unknown"
+
+
+def file_name(entry: Entry) -> str:
+    meta = entry.meta
+    return f"{slug(str(meta.get('protocol', '')))}-{slug(str(meta.get('model', '')))}-{slug(entry.key[:16])}.json"
+
+
+def _stream_body(entry: Entry) -> list[dict[str, Any]]:
+    chunks = entry.chunks or ([(0.0, len(entry.body))] if entry.body else [])
+    body, offset = [], 0
+    for at, size in chunks:
+        piece = entry.body[offset : offset + size]
+        offset += size
+        try:
+            body.append({"at": round(at, 6), "text": piece.decode("utf-8")})
+        except UnicodeDecodeError:
+            body.append({"at": round(at, 6), "base64": base64.b64encode(piece).decode("ascii")})
+    return body
+
+
+def _json_body(entry: Entry) -> dict[str, Any]:
+    fields: dict[str, Any] = {"chunks": [[round(at, 6), size] for at, size in entry.chunks]}
+    try:
+        text = entry.body.decode("utf-8")
+    except UnicodeDecodeError:
+        return fields | {"body_base64": base64.b64encode(entry.body).decode("ascii")}
+    try:
+        fields["body"] = json.loads(text)
+    except ValueError:
+        return fields | {"body_text": text}
+    if canonical_json(fields["body"]) != text:
+        fields["body_text"] = text
+    return fields
+
+
+def to_fixture(entry: Entry) -> dict[str, Any]:
+    """The fixture document of an entry, credentials removed."""
+    entry = scrubbed(entry)
+    document = {
+        "ai_cache_fixture": FIXTURE_VERSION,
+        "key": entry.key,
+        "format": entry.format,
+        "status": entry.status,
+        "created_at": entry.created_at,
+        "headers": [list(h) for h in entry.headers],
+        "meta": entry.meta,
+    }
+    if entry.format == "json":
+        return document | _json_body(entry)
+    return document | {"body": _stream_body(entry)}
+
+
+def dumps(entry: Entry) -> str:
+    return json.dumps(to_fixture(entry), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def export_dir(entries: list[Entry], directory: Path) -> list[Path]:
+    """Write one fixture per entry into `directory` (created); files already there stay."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for entry in entries:
+        path = directory / file_name(entry)
+        path.write_bytes(dumps(entry).encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+# Import
+
+
+def _field(document: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in document:
+        raise FixtureError(f"missing field {name!r}")
+    value = document[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FixtureError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _b64(text: Any, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise FixtureError(f"{where} is not base64") from None
+
+
+def _timing(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise FixtureError(f"chunk time {value!r} is not a number of seconds")
+    return float(value)
+
+
+def _read_stream_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, int]]]:
+    pieces, chunks = [], []
+    for i, chunk in enumerate(_field(document, "body", list)):
+        if not isinstance(chunk, dict) or "at" not in chunk or ("text" in chunk) == ("base64" in chunk):
+            raise FixtureError(f"body chunk {i} needs 'at' and one of 'text' or 'base64'")
+        if "text" in chunk:
+            if not isinstance(chunk["text"], str):
+                raise FixtureError(f"body chunk {i}: 'text' is not a string")
+            piece = chunk["text"].encode("utf-8")
+        else:
+            piece = _b64(chunk["base64"], f"body chunk {i}")
+        pieces.append(piece)
+        chunks.append((_timing(chunk["at"]), len(piece)))
+    return b"".join(pieces), chunks
+
+
+def _read_json_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, int]]]:
+    if "body_base64" in document:
+        body = _b64(document["body_base64"], "body_base64")
+    elif "body_text" in document:
+        text = _field(document, "body_text", str)
+        if "body" in document:
+            try:
+                same = canonical_json(json.loads(text)) == canonical_json(document["body"])
+            except ValueError:
+                same = False
+            if not same:
+                raise FixtureError("'body' and 'body_text' disagree: edit one and delete the other")
+        body = text.encode("utf-8")
+    elif "body" in document:
+        body = canonical_json(document["body"]).encode("utf-8")
+    else:
+        raise FixtureError("missing field 'body'")
+    chunks = []
+    for pair in document.get("chunks", []):
+        if not isinstance(pair, list) or len(pair) != 2 or isinstance(pair[1], bool) or not isinstance(pair[1], int):
+            raise FixtureError(f"chunk {pair!r} is not [seconds, length]")
+        chunks.append((_timing(pair[0]), pair[1]))
+    if chunks and sum(size for _, size in chunks) != len(body):
+        raise FixtureError(
+            f"chunk lengths add up to {sum(size for _, size in chunks)}, the body has {len(body)} bytes"
+        )
+    return body, chunks
+
+
+def from_fixture(document: Any) -> Entry:
+    """The entry a fixture document describes; FixtureError says what is wrong with it."""
+    if not isinstance(document, dict) or document.get("ai_cache_fixture") != FIXTURE_VERSION:
+        raise FixtureError(f"not an ai-cache fixture (needs \"ai_cache_fixture\": {FIXTURE_VERSION})")
+    key = _field(document, "key", str)
+    if not KEY_PATTERN.fullmatch(key):
+        raise FixtureError("'key' is not 64 lowercase hex digits")
+    fmt = _field(document, "format", str)
+    if fmt not in FORMATS:
+        raise FixtureError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    headers = _field(document, "headers", list)
+    if not all(isinstance(h, list) and len(h) == 2 and all(isinstance(s, str) for s in h) for h in headers):
+        raise FixtureError("'headers' must be a list of [name, value] strings")
+    status = _field(document, "status", int)
+    if not 100 <= status <= 599:
+        raise FixtureError(f"status {status} is not an HTTP status")
+    body, chunks = (_read_json_body if fmt == "json" else _read_stream_body)(document)
+    return Entry(
+        key=key,
+        format=fmt,
+        body=body,
+        headers=[(name, value) for name, value in headers],
+        created_at=float(_field(document, "created_at", (int, float))),
+        status=status,
+        chunks=chunks,
+        meta=_field(document, "meta", dict),
+    )
+
+
+def load_file(path: Path) -> Entry:
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise FixtureError(f"unreadable: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise FixtureError("not UTF-8") from None
+    except ValueError as e:
+        raise FixtureError(f"not valid JSON: {e}") from None
+    return from_fixture(document)
+
+
+def import_dir(directory: Path) -> tuple[list[Entry], list[tuple[Path, str]]]:
+    """Every `*.json` in `directory` as entries, plus (file, reason) for each one skipped."""
+    entries: list[Entry] = []
+    errors: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.json")):
+        try:
+            entry = load_file(path)
+        except FixtureError as e:
+            errors.append((path, str(e)))
+            continue
+        if entry.key in seen:
+            errors.append((path, f"same key as {seen[entry.key].name}"))
+            continue
+        seen[entry.key] = path
+        entries.append(entry)
+    return entries, errors

