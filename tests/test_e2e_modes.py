@@ -109,3 +109,24 @@ def test_reverse_mode_needs_no_ca(start_proxy, upstream, marker):
     assert statuses == ["MISS", "HIT"]
     assert upstream.count(marker) == 1
     assert proxy.proc.poll() is None
+
+
+def test_paced_replay_over_https_through_connect(start_proxy, confdir, tmp_path, marker):
+    cert, key = make_tls_cert(str(tmp_path / "tls"))
+    tls = FakeUpstream(tls=(cert, key)).start()
+    proxy = start_proxy(ssl_verify_upstream_trusted_ca=cert, ai_cache_replay_speed="4")
+    verify = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
+    body = chat_body(marker, stream=True)
+    with httpx.Client(proxy=proxy.url, verify=verify) as client:
+        with client.stream("POST", tls.url + CHAT, json=body, headers={"x-fake-scenario": "slow"}) as r:
+            recorded = b"".join(r.iter_raw())
+        tls.stop()  # the paced replay must not need the real host either
+        for _ in range(50):
+            with client.stream("POST", tls.url + CHAT, json=body) as r:
+                status = r.headers["x-ai-cache-status"]
+                replayed = b"".join(r.iter_raw())
+            if status == "HIT":
+                break
+    assert status == "HIT" and replayed == recorded
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert tls.count(marker) == 1

@@ -1,0 +1,508 @@
+"""`ai-cache`: look into, export, import and prune what the addon recorded, offline.
+
+Acts on L1 (the cache directory) and, given --redis-url, on L2 too: listings are the
+union of both layers (L1's copy wins), deletions and imports reach both. Errors go to
+stderr as `ai-cache: ...`; exit status 0 is success, 1 failure, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+from diskcache.core import DBNAME
+
+from .entry import FORMATS, Entry
+from .fixtures import export_dir, import_dir
+from .l1 import DiskStore
+from .l2 import RedisStore, redact
+from .options import OPTIONS, parse_duration
+from .protocols import BY_NAME
+from .report import human_size
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# Seconds: unlike a proxied request, a person at a terminal can wait for Redis.
+REDIS_TIMEOUT = 5.0
+
+
+class CLIError(Exception):
+    """Reported as `ai-cache: <message>`; the command exits with `status`."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def option_default(name: str) -> Any:
+    """The addon's default, so the CLI finds the cache the proxy writes without flags."""
+    return next(default for option, _, default, _ in OPTIONS if option == name)
+
+
+# The cache, both layers
+
+
+@dataclass
+class Stored:
+    entry: Entry
+    layers: list[str]
+
+
+async def l2_keys(store: RedisStore) -> list[str]:
+    """Every cache key under the prefix (SCAN, never KEYS: a shared Redis stays responsive)."""
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", store.prefix) + "*"
+
+    async def scan(client: Any) -> list[bytes]:
+        return [k async for k in client.scan_iter(match=pattern, count=1000)]
+
+    return [k.decode()[len(store.prefix) :] for k in await store.with_redis(scan, [])]
+
+
+class Cache:
+    """L1 when the directory holds a cache (or `create`), L2 when a Redis URL is given."""
+
+    def __init__(self, directory: Path, redis_url: str, redis_prefix: str, create: bool) -> None:
+        self.directory = directory
+        self.redis_url = redis_url
+        self.redis_prefix = redis_prefix
+        self.l1: DiskStore | None = None
+        if create or (directory / DBNAME).exists():
+            try:
+                self.l1 = DiskStore(directory)
+            except (OSError, sqlite3.Error) as e:
+                raise CLIError(f"cannot open the cache in {directory}: {e}") from None
+        elif not redis_url:
+            raise CLIError(f"no cache in {directory} (--dir chooses another directory)")
+
+    @property
+    def where(self) -> str:
+        places = [str(self.directory)] if self.l1 else []
+        return " + ".join(places + ([redact(self.redis_url)] if self.redis_url else []))
+
+    def _redis(self, work: Callable[[RedisStore], Awaitable[T]]) -> T:
+        """Run `work` on a fresh L2 connection; the store fails open, the CLI must not."""
+
+        async def session() -> T:
+            try:
+                store = RedisStore(self.redis_url, REDIS_TIMEOUT, self.redis_prefix)
+            except ValueError as e:
+                raise CLIError(f"--redis-url: {e}") from None
+            try:
+                result = await work(store)
+            finally:
+                await store.close()
+            if store.breaker.is_open:
+                raise CLIError(f"Redis at {redact(self.redis_url)} failed; L2 was not fully read or written")
+            return result
+
+        return asyncio.run(session())
+
+    def keys(self) -> list[str]:
+        keys = set(self.l1.keys()) if self.l1 else set()
+        if self.redis_url:
+            keys.update(self._redis(l2_keys))
+        return sorted(keys)
+
+    def entries(self, keys: Iterable[str] | None = None) -> list[Stored]:
+        """The entries under `keys` (default: all), each with the layers holding it."""
+        wanted = None if keys is None else list(keys)
+        found: dict[str, Stored] = {}
+        if self.l1:
+            for key in self.l1.keys() if wanted is None else wanted:
+                if entry := self.l1.get_sync(key):
+                    found[key] = Stored(entry, ["l1"])
+        if self.redis_url:
+
+            async def fetch(store: RedisStore) -> list[Entry]:
+                keys = await l2_keys(store) if wanted is None else wanted
+                return [e for key in keys if (e := await store.get(key))]
+
+            for entry in self._redis(fetch):
+                found.setdefault(entry.key, Stored(entry, [])).layers.append("l2")
+        return list(found.values())
+
+    def find(self, prefix: str) -> Stored:
+        """The one entry whose key starts with `prefix`."""
+        prefix = prefix.strip().lower()
+        matches = [k for k in self.keys() if k.startswith(prefix)] if prefix else []
+        if len(matches) > 1:
+            shown = ", ".join(k[:12] for k in matches[:5]) + (", ..." if len(matches) > 5 else "")
+            raise CLIError(f"key prefix {prefix!r} is ambiguous: {len(matches)} entries match ({shown})")
+        found = self.entries(matches)
+        if not found:
+            raise CLIError(f"no entry with a key starting {prefix!r} in {self.where}")
+        return found[0]
+
+    def put(self, entries: list[Entry]) -> None:
+        """Store without an expiry: the addon judges freshness from each `created_at`."""
+        if self.l1:
+            failed = sum(not self.l1.put_sync(entry, None) for entry in entries)
+            if failed:
+                raise CLIError(f"could not write {failed} entries to {self.directory}")
+        if self.redis_url:
+
+            async def put_all(store: RedisStore) -> None:
+                for entry in entries:
+                    await store.put(entry, None)
+
+            self._redis(put_all)
+
+    def delete(self, keys: list[str]) -> None:
+        if self.l1:
+            for key in keys:
+                self.l1.delete_sync(key)
+        if self.redis_url:
+
+            async def delete_all(store: RedisStore) -> None:
+                for key in keys:
+                    await store.delete(key)
+
+            self._redis(delete_all)
+
+    def close(self) -> None:
+        if self.l1:
+            self.l1.close()
+
+
+# Presentation
+
+
+def human_age(seconds: float) -> str:
+    """5s, 3m, 2h, 4d: whole units, rounded down."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell; the last one is left ragged."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    return ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + row[-1:]) for row in rows]
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def readable_body(entry: Entry) -> str:
+    text = entry.body.decode("utf-8", errors="replace")
+    if entry.format == "json":
+        try:
+            return pretty_json(json.loads(text))
+        except ValueError:
+            pass
+    return text
+
+
+def tokens(entry: Entry) -> tuple[int, int]:
+    usage = entry.meta.get("usage") or {}
+    return int(usage.get("input", 0)), int(usage.get("output", 0))
+
+
+def listing(stored: Stored, now: float) -> dict[str, Any]:
+    """What `ls --json` says about an entry."""
+    entry, meta = stored.entry, stored.entry.meta
+    tokens_in, tokens_out = tokens(entry)
+    return {
+        "key": entry.key,
+        "created_at": entry.created_at,
+        "age": round(entry.age(now), 3),
+        "format": entry.format,
+        "status": entry.status,
+        "protocol": meta.get("protocol", ""),
+        "model": meta.get("model", ""),
+        "stream": meta.get("stream", False),
+        "size": len(entry.body),
+        "chunks": len(entry.chunks),
+        "tokens": {"input": tokens_in, "output": tokens_out},
+        "preview": meta.get("preview", ""),
+        "layers": stored.layers,
+    }
+
+
+def counts(values: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(values).items(), key=lambda item: (-item[1], item[0])))
+
+
+def statistics(stored: list[Stored], now: float) -> dict[str, Any]:
+    entries = [s.entry for s in stored]
+    ages = [e.age(now) for e in entries]
+    usage = [tokens(e) for e in entries]
+    return {
+        "entries": len(entries),
+        "bytes": sum(len(e.body) for e in entries),
+        "formats": counts(e.format for e in entries),
+        "protocols": counts(e.meta.get("protocol") or "-" for e in entries),
+        "models": counts(e.meta.get("model") or "-" for e in entries),
+        "oldest_age": round(max(ages), 3) if ages else None,
+        "newest_age": round(min(ages), 3) if ages else None,
+        "tokens": {"input": sum(i for i, _ in usage), "output": sum(o for _, o in usage)},
+    }
+
+
+# Commands
+
+
+def selected(args: argparse.Namespace, cache: Cache, now: float) -> list[Stored]:
+    """The entries passing the filter options, newest first."""
+
+    def wanted(entry: Entry) -> bool:
+        age = entry.age(now)
+        return (
+            (args.model is None or fnmatch.fnmatchcase(str(entry.meta.get("model", "")).lower(), args.model.lower()))
+            and (args.protocol is None or entry.meta.get("protocol") == args.protocol)
+            and (args.format is None or entry.format == args.format)
+            and (args.older_than is None or age > args.older_than)
+            and (args.newer_than is None or age < args.newer_than)
+        )
+
+    return sorted((s for s in cache.entries() if wanted(s.entry)), key=lambda s: -s.entry.created_at)
+
+
+def cmd_stats(args: argparse.Namespace, cache: Cache) -> int:
+    stats = statistics(selected(args, cache, now := time.time()), now)
+    if args.json:
+        print(pretty_json(stats))
+        return 0
+
+    def tally(name: str) -> str:
+        return ", ".join(f"{value} {n}" for value, n in stats[name].items()) or "-"
+
+    ages = "-"
+    if stats["entries"]:
+        ages = f"newest {human_age(stats['newest_age'])}, oldest {human_age(stats['oldest_age'])}"
+    lines = [
+        ["cache", cache.where],
+        ["entries", f"{stats['entries']} ({human_size(stats['bytes'])})"],
+        ["formats", tally("formats")],
+        ["protocols", tally("protocols")],
+        ["models", tally("models")],
+        ["age", ages],
+        ["tokens", f"{stats['tokens']['input']} input, {stats['tokens']['output']} output"],
+    ]
+    print("\n".join(table(lines)))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, cache: Cache) -> int:
+    stored = selected(args, cache, now := time.time())
+    if args.json:
+        print(pretty_json([listing(s, now) for s in stored]))
+        return 0
+    rows = [
+        [
+            s.entry.key[:12],
+            human_age(s.entry.age(now)),
+            s.entry.format,
+            s.entry.meta.get("protocol") or "-",
+            s.entry.meta.get("model") or "-",
+            human_size(len(s.entry.body)),
+            s.entry.meta.get("preview", ""),
+        ]
+        for s in stored
+    ]
+    for line in table(rows):
+        print(line)
+    return 0
+
+
+def request_line(request: dict[str, Any]) -> str:
+    query = request.get("query") or []
+    url = f"{request.get('scheme', 'https')}://{request.get('host', '')}{request.get('path', '')}"
+    return f"{request.get('method', 'POST')} {url}{'?' + urlencode(query) if query else ''}"
+
+
+def cmd_show(args: argparse.Namespace, cache: Cache) -> int:
+    stored = cache.find(args.key)
+    entry, meta = stored.entry, stored.entry.meta
+    if args.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(entry.body)
+        sys.stdout.buffer.flush()
+        return 0
+    created = datetime.fromtimestamp(entry.created_at, timezone.utc).isoformat(timespec="seconds")
+    shape = entry.format
+    if entry.chunks and entry.format != "json":
+        shape += f", {len(entry.chunks)} chunks over {entry.chunks[-1][0]:.3f}s"
+    request = meta.get("request") or {}
+    tokens_in, tokens_out = tokens(entry)
+    fields = [
+        ["key", entry.key],
+        ["format", shape],
+        ["status", str(entry.status)],
+        ["protocol", meta.get("protocol") or "-"],
+        ["model", meta.get("model") or "-"],
+        ["created", f"{created} ({human_age(entry.age())} ago)"],
+        ["size", human_size(len(entry.body))],
+        ["tokens", f"{tokens_in} input, {tokens_out} output"],
+        ["layers", ", ".join(stored.layers)],
+        ["request", request_line(request) if request else "-"],
+        ["preview", meta.get("preview") or "-"],
+        *(["header", f"{name}: {value}"] for name, value in entry.headers),
+    ]
+    print("\n".join(table(fields)))
+    if "body" in request:
+        print(f"\nrequest body:\n{pretty_json(request['body'])}")
+    print(f"\nresponse body:\n{readable_body(entry)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, cache: Cache) -> int:
+    paths = export_dir([s.entry for s in selected(args, cache, time.time())], args.target)
+    print(f"exported {len(paths)} entries to {args.target}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, cache: Cache) -> int:
+    if not args.source.is_dir():
+        raise CLIError(f"{args.source} is not a directory")
+    entries, errors = import_dir(args.source)
+    for path, reason in errors:
+        print(f"ai-cache: {path}: {reason}", file=sys.stderr)
+    cache.put(entries)
+    skipped = f"; skipped {len(errors)} bad files" if errors else ""
+    print(f"imported {len(entries)} entries into {cache.where}{skipped}")
+    return 1 if errors else 0
+
+
+def cmd_purge(args: argparse.Namespace, cache: Cache) -> int:
+    doomed = [s.entry.key for s in selected(args, cache, time.time())]
+    cache.delete(doomed)
+    print(f"purged {len(doomed)} entries from {cache.where}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, cache: Cache) -> int:
+    stored = cache.find(args.key)
+    cache.delete([stored.entry.key])
+    print(f"deleted {stored.entry.key[:12]} from {', '.join(stored.layers)}")
+    return 0
+
+
+def cmd_clear(args: argparse.Namespace, cache: Cache) -> int:
+    keys = cache.keys()
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"refusing to delete all {len(keys)} entries in {cache.where} "
+                           "without --yes (no terminal to ask)", status=2)
+        try:
+            answer = input(f"Delete all {len(keys)} entries in {cache.where}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    cache.delete(keys)
+    print(f"deleted {len(keys)} entries from {cache.where}")
+    return 0
+
+
+# Arguments
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_filters(parser: argparse.ArgumentParser, need_age: bool = False) -> None:
+    group = parser.add_argument_group("filters")
+    group.add_argument("--model", metavar="GLOB", help="only this model; a glob like 'gpt-4o*' works")
+    group.add_argument("--protocol", choices=sorted(BY_NAME), help="only this protocol family")
+    group.add_argument("--format", choices=FORMATS, help="only this body format")
+    group.add_argument("--older-than", type=duration, metavar="DURATION", required=need_age,
+                       help="only entries recorded longer ago than this (90s, 30m, 12h, 7d)")
+    group.add_argument("--newer-than", type=duration, metavar="DURATION",
+                       help="only entries recorded more recently than this")
+
+
+def add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Given before the command or after it: a command's copy defaults to SUPPRESS so
+    that, when not given there, it leaves the value given before the command alone."""
+
+    def default(value: str) -> str:
+        return value if defaults else argparse.SUPPRESS
+
+    directory, prefix = option_default("ai_cache_dir"), option_default("ai_cache_redis_prefix")
+    parser.add_argument("--dir", default=default(directory), metavar="DIR",
+                        help=f"the L1 cache directory, as the addon's ai_cache_dir (default: {directory})")
+    parser.add_argument("--redis-url", default=default(""), metavar="URL",
+                        help="also act on this Redis L2 (redis://host:6379/0, rediss://, unix://, "
+                             "redis+cluster://)")
+    parser.add_argument("--redis-prefix", default=default(prefix), metavar="PREFIX",
+                        help=f"prefix of the cache's Redis keys (default: {prefix})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ai-cache",
+        description="Inspect, export, import and prune the cache recorded by the ai-cache mitmproxy addon.",
+    )
+    add_global_options(parser, defaults=True)
+    parser.set_defaults(create=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace, Cache], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_global_options(sub, defaults=False)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("stats", cmd_stats, "Count entries, bytes and tokens by protocol, model and format.")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    add_filters(sub)
+    sub = command("ls", cmd_ls, "List entries, newest first: key, age, format, protocol, model, size, prompt.")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    add_filters(sub)
+    sub = command("show", cmd_show, "Print one entry's metadata, request and answer.")
+    sub.add_argument("key", help="the entry's key or a unique prefix of it")
+    sub.add_argument("--raw", action="store_true", help="print only the exact answer bytes")
+    sub = command("export", cmd_export, "Write entries as reviewable JSON fixture files, one per entry.")
+    sub.add_argument("target", type=Path, metavar="DIR", help="directory for the files (created)")
+    add_filters(sub)
+    sub = command("import", cmd_import, "Store the fixture files of a directory; bad files are reported and skipped.")
+    sub.add_argument("source", type=Path, metavar="DIR", help="directory of *.json fixture files")
+    sub.set_defaults(create=True)
+    sub = command("purge", cmd_purge, "Delete the entries older than a duration.")
+    add_filters(sub, need_age=True)
+    sub = command("delete", cmd_delete, "Delete one entry.")
+    sub.add_argument("key", help="the entry's key or a unique prefix of it")
+    sub = command("clear", cmd_clear, "Delete every entry.")
+    sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")  # the stores' warnings, already `ai-cache: `-prefixed
+    try:
+        cache = Cache(Path(args.dir).expanduser(), args.redis_url, args.redis_prefix, args.create)
+        try:
+            return args.run(args, cache)
+        finally:
+            cache.close()
+    except CLIError as e:
+        print(f"ai-cache: {e}", file=sys.stderr)
+        return e.status
+    except BrokenPipeError:
+        # `ai-cache ls | head`: the reader left early, which is not a failure.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
