@@ -19,17 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ai_cache.wrap import free_port
 from fake_upstream import FakeUpstream, make_tls_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
