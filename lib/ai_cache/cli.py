@@ -35,7 +35,6 @@ from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
 from .report import human_size
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seconds: unlike a proxied request, a person at a terminal can wait for Redis.
 REDIS_TIMEOUT = 5.0
@@ -264,8 +263,9 @@ def selected(args: argparse.Namespace, cache: Cache, now: float) -> list[Stored]
 
     def wanted(entry: Entry) -> bool:
         age = entry.age(now)
+        model = str(entry.meta.get("model", "")).lower()
         return (
-            (args.model is None or fnmatch.fnmatchcase(str(entry.meta.get("model", "")).lower(), args.model.lower()))
+            (args.model is None or fnmatch.fnmatchcase(model, args.model.lower()))
             and (args.protocol is None or entry.meta.get("protocol") == args.protocol)
             and (args.format is None or entry.format == args.format)
             and (args.older_than is None or age > args.older_than)
@@ -323,7 +323,7 @@ def cmd_ls(args: argparse.Namespace, cache: Cache) -> int:
 
 
 def request_line(request: dict[str, Any]) -> str:
-    query = request.get("query") or []
+    query = [tuple(pair) for pair in request.get("query") or []]  # urlencode wants tuples
     url = f"{request.get('scheme', 'https')}://{request.get('host', '')}{request.get('path', '')}"
     return f"{request.get('method', 'POST')} {url}{'?' + urlencode(query) if query else ''}"
 
@@ -426,7 +426,8 @@ def duration(text: str) -> float:
 def add_filters(parser: argparse.ArgumentParser, need_age: bool = False) -> None:
     group = parser.add_argument_group("filters")
     group.add_argument("--model", metavar="GLOB", help="only this model; a glob like 'gpt-4o*' works")
-    group.add_argument("--protocol", choices=sorted(BY_NAME), help="only this protocol family")
+    group.add_argument("--protocol", choices=sorted(BY_NAME), metavar="NAME",
+                       help=f"only this protocol family: {', '.join(sorted(BY_NAME))}")
     group.add_argument("--format", choices=FORMATS, help="only this body format")
     group.add_argument("--older-than", type=duration, metavar="DURATION", required=need_age,
                        help="only entries recorded longer ago than this (90s, 30m, 12h, 7d)")
@@ -460,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(create=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: Callable[[argparse.Namespace, Cache], int], help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, run: Callable[[argparse.Namespace, Cache], int], help_text: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_global_options(sub, defaults=False)
         sub.set_defaults(run=run)
@@ -469,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("stats", cmd_stats, "Count entries, bytes and tokens by protocol, model and format.")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     add_filters(sub)
-    sub = command("ls", cmd_ls, "List entries, newest first: key, age, format, protocol, model, size, prompt.")
+    sub = command("ls", cmd_ls,
+                  "List entries, newest first: key, age, format, protocol, model, size, prompt.")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     add_filters(sub)
     sub = command("show", cmd_show, "Print one entry's metadata, request and answer.")
@@ -478,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("export", cmd_export, "Write entries as reviewable JSON fixture files, one per entry.")
     sub.add_argument("target", type=Path, metavar="DIR", help="directory for the files (created)")
     add_filters(sub)
-    sub = command("import", cmd_import, "Store the fixture files of a directory; bad files are reported and skipped.")
+    sub = command("import", cmd_import,
+                  "Store the fixture files of a directory; bad files are reported and skipped.")
     sub.add_argument("source", type=Path, metavar="DIR", help="directory of *.json fixture files")
     sub.set_defaults(create=True)
     sub = command("purge", cmd_purge, "Delete the entries older than a duration.")
@@ -491,7 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has reported: 2
+        return int(e.code or 0)
     logging.basicConfig(format="%(message)s")  # the stores' warnings, already `ai-cache: `-prefixed
     try:
         cache = Cache(Path(args.dir).expanduser(), args.redis_url, args.redis_prefix, args.create)

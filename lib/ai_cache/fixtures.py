@@ -88,8 +88,8 @@ def slug(text: str) -> str:
 
 
 def file_name(entry: Entry) -> str:
-    meta = entry.meta
-    return f"{slug(str(meta.get('protocol', '')))}-{slug(str(meta.get('model', '')))}-{slug(entry.key[:16])}.json"
+    protocol, model = (str(entry.meta.get(name, "")) for name in ("protocol", "model"))
+    return f"{slug(protocol)}-{slug(model)}-{slug(entry.key[:16])}.json"
 
 
 def _stream_body(entry: Entry) -> list[dict[str, Any]]:
@@ -211,14 +211,14 @@ def _read_json_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, 
     else:
         raise FixtureError("missing field 'body'")
     chunks = []
-    for pair in document.get("chunks", []):
-        if not isinstance(pair, list) or len(pair) != 2 or isinstance(pair[1], bool) or not isinstance(pair[1], int):
+    for pair in _field(document, "chunks", list) if "chunks" in document else []:
+        length = pair[1] if isinstance(pair, list) and len(pair) == 2 else None
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise FixtureError(f"chunk {pair!r} is not [seconds, length]")
-        chunks.append((_timing(pair[0]), pair[1]))
-    if chunks and sum(size for _, size in chunks) != len(body):
-        raise FixtureError(
-            f"chunk lengths add up to {sum(size for _, size in chunks)}, the body has {len(body)} bytes"
-        )
+        chunks.append((_timing(pair[0]), length))
+    total = sum(size for _, size in chunks)
+    if chunks and total != len(body):
+        raise FixtureError(f"chunk lengths add up to {total}, the body has {len(body)} bytes")
     return body, chunks
 
 
