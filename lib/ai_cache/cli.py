@@ -13,7 +13,6 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -62,16 +61,6 @@ class Stored:
     layers: list[str]
 
 
-async def l2_keys(store: RedisStore) -> list[str]:
-    """Every cache key under the prefix (SCAN, never KEYS: a shared Redis stays responsive)."""
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", store.prefix) + "*"
-
-    async def scan(client: Any) -> list[bytes]:
-        return [k async for k in client.scan_iter(match=pattern, count=1000)]
-
-    return [k.decode()[len(store.prefix) :] for k in await store.with_redis(scan, [])]
-
-
 class Cache:
     """L1 when the directory holds a cache (or `create`), L2 when a Redis URL is given."""
 
@@ -114,7 +103,7 @@ class Cache:
     def keys(self) -> list[str]:
         keys = set(self.l1.keys()) if self.l1 else set()
         if self.redis_url:
-            keys.update(self._redis(l2_keys))
+            keys.update(self._redis(RedisStore.keys))
         return sorted(keys)
 
     def entries(self, keys: Iterable[str] | None = None) -> list[Stored]:
@@ -128,7 +117,7 @@ class Cache:
         if self.redis_url:
 
             async def fetch(store: RedisStore) -> list[Entry]:
-                keys = await l2_keys(store) if wanted is None else wanted
+                keys = await store.keys() if wanted is None else wanted
                 return [e for key in keys if (e := await store.get(key))]
 
             for entry in self._redis(fetch):

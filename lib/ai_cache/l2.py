@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -146,6 +147,15 @@ class RedisStore:
 
     async def delete(self, key: str) -> bool:
         return bool(await self.with_redis(lambda r: r.delete(self.redis_key(key)), 0))
+
+    async def keys(self) -> list[str]:
+        """Every cache key under the prefix (SCAN, never KEYS: a shared Redis stays responsive)."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"
+
+        async def scan(client: Any) -> list[bytes]:
+            return [k async for k in client.scan_iter(match=pattern, count=1000)]
+
+        return [k.decode()[len(self.prefix) :] for k in await self.with_redis(scan, [])]
 
     async def close(self) -> None:
         try:
