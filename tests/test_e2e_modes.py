@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -130,3 +134,37 @@ def test_paced_replay_over_https_through_connect(start_proxy, confdir, tmp_path,
     assert status == "HIT" and replayed == recorded
     assert r.headers["content-type"].startswith("text/event-stream")
     assert tls.count(marker) == 1
+
+
+def test_export_import_replay_round_trip(start_proxy, own_upstream, marker, tmp_path):
+    cli = [str(Path(sys.executable).parent / "ai-cache")]
+    recorder = start_proxy()
+    recorded = {
+        "json": post(recorder, own_upstream, CHAT, chat_body(marker)).content,
+        "stream": stream_raw(recorder, own_upstream, CHAT, chat_body(marker, stream=True),
+                             {"x-fake-scenario": "slow"})[1],
+    }
+    wait_for_status(recorder, own_upstream, chat_body(marker, stream=True), "HIT")
+    recorder.stop()
+    fixtures, again = tmp_path / "fixtures", tmp_path / "re-export"
+    subprocess.run([*cli, "--dir", recorder.options["ai_cache_dir"], "export", str(fixtures)], check=True)
+    (fixtures / "broken.json").write_text("{not json")
+    imported = subprocess.run([*cli, "--dir", str(tmp_path / "imported"), "import", str(fixtures)],
+                              capture_output=True, text=True)
+    assert imported.returncode == 1 and "broken.json" in imported.stderr  # reported, the rest imported
+    (fixtures / "broken.json").unlink()
+    subprocess.run([*cli, "--dir", str(tmp_path / "imported"), "export", str(again)], check=True)
+    assert {p.name: p.read_bytes() for p in fixtures.iterdir()} == {p.name: p.read_bytes() for p in again.iterdir()}
+
+    url = own_upstream.url
+    own_upstream.stop()
+    replayer = start_proxy(ai_cache_dir=str(tmp_path / "imported"), ai_cache_mode="replay",
+                           ai_cache_replay_speed="1")
+    with replayer.client() as client:
+        assert client.post(url + CHAT, json=chat_body(marker)).content == recorded["json"]
+        start = time.monotonic()
+        with client.stream("POST", url + CHAT, json=chat_body(marker, stream=True)) as r:
+            assert r.headers["x-ai-cache-status"] == "HIT"
+            assert b"".join(r.iter_raw()) == recorded["stream"]
+        assert time.monotonic() - start > 0.3  # the recorded pace survived the round trip
+    assert own_upstream.count(marker) == 2
