@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -112,16 +112,15 @@ def log(message: str) -> None:
 def sse_stream(total: int) -> bytes:
     """An OpenAI chat stream of ~1 KB chunk events adding up to about `total` bytes, then [DONE]."""
 
-    def event(obj: dict) -> bytes:
+    def event(delta: dict[str, str], finish: str | None, **extra: object) -> bytes:
+        obj = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_700_000_000,
+               "model": MODEL, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
-    chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_700_000_000,
-             "model": MODEL, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}
-    chunk["choices"][0]["delta"]["content"] = "x" * (EVENT_SIZE - len(event(chunk)))
-    last = dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                usage={"prompt_tokens": 12, "completion_tokens": total // 4, "total_tokens": 12 + total // 4})
-    body = event(chunk) * (total // EVENT_SIZE)
-    return body + event(last) + b"data: [DONE]\n\n"
+    pad = EVENT_SIZE - len(event({"content": ""}, None))
+    usage = {"prompt_tokens": 12, "completion_tokens": total // 4, "total_tokens": 12 + total // 4}
+    body = event({"content": "x" * pad}, None) * (total // EVENT_SIZE)
+    return body + event({}, "stop", usage=usage) + b"data: [DONE]\n\n"
 
 
 def chunked(body: bytes, size: int) -> bytes:
@@ -224,8 +223,9 @@ class Mitm:
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, lines: int = 3) -> str:
-        text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) or "(empty log)"
+        text = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines()]
+        text = [line for line in text if line.strip("^~ ")]  # drop traceback underlines
+        return " / ".join(text[-lines:]) or "(empty log)"
 
     def wait_ready(self) -> None:
         try:
@@ -246,7 +246,8 @@ def launch_mitm(stack: ExitStack, workdir: Path, name: str, script: str | None,
         args += ["--set", f"{option}={value}"]
     log_path = workdir / f"{name}.log"
     log_file = stack.enter_context(open(log_path, "wb"))
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)  # Ctrl-C reaches only us; we stop it in order
     stack.callback(stop_process, proc)
     return Mitm(name, port, proc, log_path)
 
@@ -282,7 +283,7 @@ def start_redis(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     stack.callback(stop_process, proc)
     try:
         wait_for_port(port, lambda: proc.poll() is None, timeout=15)
@@ -406,13 +407,15 @@ def interleave(cases: list[Case], target: str, warmup: int, rounds: int, per_rou
     for case in active:
         for _ in range(warmup):
             case.call(target, record=False, expected_size=expected_size)
-            time.sleep(settle)
+            if settle:
+                time.sleep(settle)
     for r in range(rounds):
         shift = r % max(1, len(active))
         for case in active[shift:] + active[:shift]:
             for _ in range(per_round):
                 case.call(target, record=True, expected_size=expected_size)
-                time.sleep(settle)
+                if settle:
+                    time.sleep(settle)
 
 
 @dataclass
@@ -468,14 +471,15 @@ class Row:
             return "–" if v is None else f"{v:.2f}"
 
         ratio = "–" if self.ratio is None else f"{self.ratio:.2f}×"
-        return [self.scenario, str(self.n or "–"), ms(self.median_ms), ms(self.p95_ms), ratio,
-                self.throughput, self.target, self.result]
+        cells = [self.scenario, str(self.n or "–"), ms(self.median_ms), ms(self.p95_ms), ratio,
+                 self.throughput, self.target, self.result]
+        return [cell.replace("|", "\\|") for cell in cells]
 
 
-def case_row(label: str, case: Case, base: Case | None) -> Row:
+def case_row(label: str, case: Case, base: Case) -> Row:
     if case.skipped or not case.latencies:
         return Row(label, result=f"skipped: {case.skipped or 'no samples'}")
-    usable = base is not None and not base.skipped and base.latencies
+    usable = not base.skipped and bool(base.latencies)
     ratio = case.median() / base.median() if usable else None
     return Row(label, len(case.latencies), case.median() * 1e3, case.p95() * 1e3, ratio)
 
@@ -502,12 +506,12 @@ def cpu_model() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown CPU"
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
     return found.group(1) if found else "unknown CPU"
 
 
 def document(rows: list[Row], notes: list[str], plan: Plan) -> str:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
         "# ai-cache benchmarks",
         "",
@@ -563,8 +567,12 @@ def start_all(stack: ExitStack, plan: Plan, workdir: Path) -> Setup:
         for name in ("l2-a", "l2-b"):
             specs[name] = (ADDON, {"ai_cache_dir": str(workdir / name), "ai_cache_redis_url": redis_url})
     log(f"starting {len(specs)} mitmdump processes")
-    proxies = {name: launch_mitm(stack, workdir, name, script, options)
-               for name, (script, options) in specs.items()}
+    # They share one confdir: the first creates the CA, and only then may the others read
+    # it, or one of them reads a half-written key and fails to start.
+    first, *others = specs
+    proxies = {first: launch_mitm(stack, workdir, first, *specs[first])}
+    proxies[first].wait_ready()
+    proxies |= {name: launch_mitm(stack, workdir, name, *specs[name]) for name in others}
     for proxy in proxies.values():
         proxy.wait_ready()
     return Setup(workdir, target, redis_url, redis_problem, proxies)
@@ -656,11 +664,12 @@ def latency_rows(cases: dict[str, Case], plan: Plan) -> list[Row]:
             case_row("3. MISS JSON (unique prompts, stored)", cases["miss"], base),
             case_row("4. HIT JSON from L1", hit, base)]
     if rows[2].median_ms is not None and base.latencies:
-        judge(rows[2], "≤ 1.10× pass-through", rows[2].ratio <= 1.10, f"{rows[2].ratio:.2f}×")
+        miss = cases["miss"].median() / base.median()
+        judge(rows[2], "≤ 1.10× pass-through", miss <= 1.10, f"{miss:.2f}×")
     if rows[3].median_ms is not None and floor.latencies and base.latencies:
         vs_floor = hit.median() / floor.median()
         judge(rows[3], "≤ 1.20× floor and < pass-through", vs_floor <= 1.20 and hit.median() < base.median(),
-              f"{vs_floor:.2f}× floor, {rows[3].ratio:.2f}× pass")
+              f"{vs_floor:.2f}× floor, {hit.median() / base.median():.2f}× pass")
     if "l2" in cases:
         rows.append(case_row("5. HIT from L2 (empty L1, shared Redis)", cases["l2"], base))
     else:
@@ -728,29 +737,44 @@ def check_notes(cases: list[Case], loads: dict[tuple[str, int], Load]) -> list[s
     return notes or ["Every measured answer passed its check (HTTP 200, expected X-AI-Cache-Status/-Layer, full stream size)."]
 
 
+def log_notes(proxies: dict[str, Mitm]) -> list[str]:
+    """A traceback in a mitmdump log is a bug even when every answer looked right."""
+    notes = []
+    for proxy in proxies.values():
+        lines = proxy.log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if "Traceback" in line or "Addon error" in line]
+        if errors:
+            notes.append(f"mitmdump `{proxy.name}` logged {len(errors)} error(s), first: {errors[0].strip()[:200]}")
+    return notes
+
+
 def method_notes(plan: Plan, setup: Setup) -> list[str]:
-    down_log = setup.proxies["redis-down"]
-    breaker = ("its log shows the breaker opening" if "skipping it for a while" in down_log.log_path.read_text(errors="replace")
-               else "its log does NOT show the breaker opening")
+    down = setup.proxies["redis-down"]
+    if down.problem:
+        breaker = "that proxy did not start"
+    elif "skipping it for a while" in down.log_path.read_text(errors="replace"):
+        breaker = "its log shows the breaker opening"
+    else:
+        breaker = "its log does NOT show the breaker opening"
     return [
-        *(["Quick mode: fewer samples, and L1 scaling uses "
-           f"{plan.l1_large:,} instead of 100,000 entries."] if plan.quick else []),
-        f"Rows 1–5, 7, 8: {plan.rounds} interleaved rounds × {plan.per_round} requests per scenario after "
-        f"{plan.warmup} unrecorded warm-up requests; one keep-alive httpx.Client per scenario; latency is "
-        "the wall time of one POST /v1/chat/completions (~0.6 KB JSON answer). "
-        "“× pass-through” = median / pass-through median of the same phase.",
+        *([f"Quick mode: fewer samples, and L1 scaling uses {plan.l1_large:,} instead of 100,000 entries."]
+          if plan.quick else []),
+        (f"Rows 1–5, 7, 8: {plan.rounds} interleaved rounds × {plan.per_round} requests per scenario after "
+         f"{plan.warmup} unrecorded warm-up requests; one keep-alive httpx.Client per scenario; latency is "
+         "the wall time of one POST /v1/chat/completions (~0.6 KB JSON answer). "
+         "“× pass-through” = median / pass-through median of the same phase."),
         "Upstream: a separate asyncio process answering prepared bytes at once (no think time).",
-        f"Row 5: {plan.l2_entries} distinct entries recorded through proxy A (Redis + own L1), then each "
-        "requested once through proxy B (same Redis, empty L1); every answer must say X-AI-Cache-Layer: l2.",
-        f"Row 6: {plan.stream_rounds} streams of {plan.stream_bytes / 2**20:.0f} MiB per scenario (~1 KB OpenAI "
-        f"chunk events, chunked encoding, ending in data: [DONE]) after one warm-up, interleaved, "
-        f"{plan.settle}s pause after each so the previous store does not bleed into the next sample. "
-        "median/p95 are time to first body byte; throughput = body bytes / total time (median, 1 MB = 10⁶ B).",
+        (f"Row 5: {plan.l2_entries} distinct entries recorded through proxy A (Redis + own L1), then each "
+         "requested once through proxy B (same Redis, empty L1); every answer must say X-AI-Cache-Layer: l2."),
+        (f"Row 6: {plan.stream_rounds} streams of {plan.stream_bytes / 2**20:.0f} MiB per scenario (~1 KB OpenAI "
+         f"chunk events, chunked encoding, ending in data: [DONE]) after one warm-up, interleaved, "
+         f"{plan.settle}s pause after each so the previous store does not bleed into the next sample. "
+         "median/p95 are time to first body byte; throughput = body bytes / total time (median, 1 MB = 10⁶ B)."),
         f"Row 7: ai_cache_redis_url points at a closed port; {breaker}. Added ms = its median minus row 4's.",
-        f"Row 8: L1 pre-filled with DiskStore.put_sync, then one real entry recorded through the proxy and hit.",
-        f"Row 9: asyncio + one httpx.AsyncClient per client, {plan.load_seconds:g}s per cell after "
-        f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
-        "is a lower bound; compare rows at the same concurrency.",
+        "Row 8: L1 pre-filled with DiskStore.put_sync, then one real entry recorded through the proxy and hit.",
+        (f"Row 9: asyncio + one httpx.AsyncClient per client, {plan.load_seconds:g}s per cell after "
+         f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
+         "is a lower bound; compare rows at the same concurrency."),
     ]
 
 
@@ -763,19 +787,30 @@ def run(plan: Plan) -> str:
         loads = load_phase(plan, setup, latency["hit"])
         rows = latency_rows(latency, plan) + stream_rows(streams) + load_rows(loads, plan)
         rows.sort(key=lambda r: int(re.match(r"\d+", r.scenario).group()))  # type: ignore[union-attr]
-        notes = method_notes(plan, setup) + check_notes([*latency.values(), *streams.values()], loads)
+        notes = (method_notes(plan, setup) + check_notes([*latency.values(), *streams.values()], loads)
+                 + log_notes(setup.proxies))
         log("stopping processes")
     return document(rows, notes, plan)
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples, 20k instead of 100k L1 entries; under a minute")
     args = parser.parse_args()
-    # SIGTERM unwinds like Ctrl-C, so the ExitStack stops every child process.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Our own handler for both: asyncio.run would otherwise turn Ctrl-C into a task
+    # cancellation that a load phase can absorb; this unwinds the ExitStack from anywhere.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
     started = time.monotonic()
-    text = run(Plan.make(args.quick))
+    try:
+        text = run(Plan.make(args.quick))
+    except KeyboardInterrupt:
+        log("interrupted; every process it started is stopped")
+        sys.exit(130)
     (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)
     log(f"done in {time.monotonic() - started:.0f}s; wrote {ROOT / 'BENCHMARKS.md'}")
