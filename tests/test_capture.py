@@ -36,7 +36,8 @@ def verdict(protocol: str, body: bytes, fmt: str = "sse", step: int = 7, max_bod
     capture = StreamCapture(BY_NAME[protocol], fmt, max_body)
     forwarded = b"".join(capture(body[i : i + step]) for i in range(0, len(body), step))
     assert forwarded == body  # the tee never alters what the client gets
-    return capture.incompleteness()
+    # The tail check runs at once; the event-by-event error search only for suspects.
+    return capture.incompleteness() or (capture.error_event() if capture.suspect else None)
 
 
 ANTHROPIC_OK = event("message_start", message={"id": "msg_1"}) + event("content_block_delta") + event("message_stop")
@@ -102,6 +103,19 @@ def test_oversized_stream_is_forwarded_whole_and_not_stored():
     assert capture.parts == []  # the copy was dropped, not kept growing
 
 
+def test_only_streams_carrying_an_error_needle_are_searched_event_by_event():
+    def suspect(protocol: str, body: bytes) -> bool:
+        capture = StreamCapture(BY_NAME[protocol], "sse", 10**6)
+        for i in range(0, len(body), 5):  # needles split across chunks are found too
+            capture(body[i : i + 5])
+        return capture.suspect
+
+    assert not suspect("openai-chat", openai_chunk('no "error" here, error, errors') + DONE)
+    assert suspect("openai-chat", b'data: {"error": {"message": "x"}}\n\n' + DONE)
+    assert suspect("anthropic-messages", event("error", error={}) + event("message_stop"))
+    assert not suspect("anthropic-messages", ANTHROPIC_OK)
+
+
 def test_capture_records_chunk_timing_that_adds_up():
     capture = StreamCapture(BY_NAME["openai-chat"], "sse", 10**6)
     for part in (openai_chunk("a"), b"", openai_chunk("b"), DONE):
@@ -113,8 +127,7 @@ def test_capture_records_chunk_timing_that_adds_up():
 
 def test_capture_never_raises_into_mitmproxy():
     capture = StreamCapture(BY_NAME["openai-chat"], "sse", 10**6)
-    capture.scanner = None  # break the capture's internals
-    capture.parts = None  # type: ignore[assignment]
+    capture.parts = None  # type: ignore[assignment]  # break the capture's internals
     assert capture(b"data: x\n\n") == b"data: x\n\n"
     assert "capture failed" in capture.incompleteness()
 

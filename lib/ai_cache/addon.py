@@ -6,6 +6,7 @@ files); the live stream capture rides on `flow.response.stream` itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -24,7 +25,7 @@ from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
 from .report import Tally, flow_line, human_size, tokens_of
 from .summary import prompt_preview, token_usage
-from .tiers import TieredCache
+from .tiers import NotStorable, TieredCache
 
 logger = logging.getLogger(__name__)
 META = "ai_cache"
@@ -224,11 +225,10 @@ class AICache:
             logger.info("ai-cache: %s", flow_line(info, where(flow), info["size"], outcome))
             return
         if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
-            entry, why_not = self._recorded_entry(flow, info)
-            if entry is not None:
-                self.tally.stored += 1
-                self.cache.store_soon(entry, summarise)
-                outcome = "stored"
+            entry, capture, why_not = self._recorded_entry(flow, info)
+            if entry is not None and capture is not None:
+                self._store(entry, capture)
+                outcome = "stored after an error-event check" if capture.suspect else "stored"
             else:
                 outcome = f"not stored: {why_not}"
         else:
@@ -238,27 +238,46 @@ class AICache:
             size = flow.response.stream.size
         logger.info("ai-cache: %s", flow_line(info, where(flow), size, outcome))
 
-    def _recorded_entry(self, flow: http.HTTPFlow, info: dict[str, Any]) -> tuple[Entry | None, str]:
+    def _store(self, entry: Entry, capture: StreamCapture) -> None:
+        """Summarise and write in the background; a stream that showed an error needle is
+        searched event by event there first, and only served once it passed."""
+
+        def prepare(entry: Entry) -> None:
+            if capture.suspect and (error := capture.error_event()):
+                raise NotStorable(error)
+            summarise(entry)
+
+        assert self.cache is not None
+        written = self.cache.store_soon(entry, prepare, visible=not capture.suspect)
+        written.add_done_callback(lambda task: self._count_stored(task))
+
+    def _count_stored(self, task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None and task.result():
+            self.tally.stored += 1
+
+    def _recorded_entry(
+        self, flow: http.HTTPFlow, info: dict[str, Any]
+    ) -> tuple[Entry | None, StreamCapture | None, str]:
         assert self.settings is not None and flow.response is not None
         response = flow.response
         if response.status_code != 200:
-            return None, f"upstream answered {response.status_code}"
+            return None, None, f"upstream answered {response.status_code}"
         capture = response.stream
         if not isinstance(capture, StreamCapture):
             if capture:
-                return None, "the response was streamed without capture"
+                return None, None, "the response was streamed without capture"
             try:
                 body = response.content or b""
             except ValueError as e:
-                return None, f"undecodable body: {e}"
+                return None, None, f"undecodable body: {e}"
             fmt = body_format(response.headers.get("content-type", ""))
             capture = StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
             capture(body)
         elif response.headers.get("content-encoding", "identity").lower() != "identity":
-            return None, f"stream is {response.headers['content-encoding']}-encoded"
+            return None, None, f"stream is {response.headers['content-encoding']}-encoded"
         why_not = capture.incompleteness()
         if why_not:
-            return None, why_not
+            return None, None, why_not
         info["format"] = capture.format
         entry = Entry(
             key=info["key"],
@@ -269,7 +288,7 @@ class AICache:
             meta={"protocol": info["protocol"], "model": info.get("model", ""),
                   "stream": info.get("stream", False), "request": info["request"]},
         )
-        return entry, ""
+        return entry, capture, ""
 
     def error(self, flow: http.HTTPFlow) -> None:
         info = flow.metadata.get(META)

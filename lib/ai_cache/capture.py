@@ -9,13 +9,12 @@ chunk whose callable raised, and the client's bytes come first.
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 from .protocols import Protocol
-from .sse import Event, NDJSONScanner, SSEScanner
+from .sse import Event, iter_events, tail_events
 
-logger = logging.getLogger(__name__)
+SEAM = 32  # longer than any error needle
 
 
 def body_format(content_type: str) -> str:
@@ -39,6 +38,10 @@ def json_body_problem(body: bytes) -> str | None:
     return None
 
 
+def describe_error(event: Event) -> str:
+    return f"error event in stream: {event.data[:120]}"
+
+
 class StreamCapture:
     def __init__(self, protocol: Protocol, fmt: str, max_body: int) -> None:
         self.protocol = protocol
@@ -49,13 +52,10 @@ class StreamCapture:
         self.size = 0
         self.started: float | None = None
         self.failure: str | None = None
-        self.last_event: Event | None = None
-        self.error_event: Event | None = None
-        self.scanner: SSEScanner | NDJSONScanner | None = None
-        if fmt == "sse":
-            self.scanner = SSEScanner(self._on_event)
-        elif fmt == "ndjson":
-            self.scanner = NDJSONScanner(self._on_event)
+        # An error needle was seen: only then are all events searched (off the loop).
+        self.suspect = False
+        self._needles = protocol.error_needles if fmt != "json" else ()
+        self._seam = b""  # the previous chunk's end, for needles split across chunks
 
     def __call__(self, data: bytes) -> bytes:
         if data and self.failure is None:
@@ -77,33 +77,39 @@ class StreamCapture:
             return
         self.parts.append(data)
         self.chunks.append((now - self.started, len(data)))
-        if self.scanner is not None:
-            self.scanner.feed(data)
+        if self._needles and not self.suspect:
+            seam = self._seam + data[:SEAM]
+            self.suspect = any(n in data or n in seam for n in self._needles)
+            self._seam = data[-SEAM:] if len(data) >= SEAM else seam[-SEAM:]
 
     def _release(self) -> None:
-        self.parts, self.chunks, self.scanner = [], [], None
-
-    def _on_event(self, event: Event) -> None:
-        self.last_event = event
-        if self.error_event is None and self.protocol.is_error(event):
-            self.error_event = event
+        self.parts, self.chunks = [], []
 
     @property
     def body(self) -> bytes:
         return b"".join(self.parts)
 
     def incompleteness(self) -> str | None:
-        """Why the captured stream must not be stored, or None when it is complete."""
+        """Why the captured answer must not be stored, or None when it is complete.
+
+        Judges the tail only; when `suspect`, `error_event` must also come back None.
+        """
         if self.failure:
             return self.failure
         if self.format == "json":
             return json_body_problem(self.body)
-        if isinstance(self.scanner, NDJSONScanner):
-            self.scanner.finish()
-        if self.scanner is None or not self.scanner.at_boundary:
+        events, at_boundary = tail_events(self.body, self.format)
+        if not at_boundary:
             return "stream cut off mid-frame"
-        if self.error_event is not None:
-            return f"error event in stream: {self.error_event.data[:120]}"
-        if self.last_event is None or not self.protocol.is_terminal(self.last_event):
+        if events and self.protocol.is_error(events[-1]):
+            return describe_error(events[-1])
+        if not events or not self.protocol.is_terminal(events[-1]):
             return "stream ended without its terminal event"
+        return None
+
+    def error_event(self) -> str | None:
+        """The first error event of the whole stream, described; a full parse, so run it in a thread."""
+        for event in iter_events(self.body, self.format):
+            if self.protocol.is_error(event):
+                return describe_error(event)
         return None

@@ -28,6 +28,9 @@ class Protocol:
     name = "openai-chat"
     path_pattern = re.compile(r"/chat/completions$")
     stream_format = "sse"
+    # Byte strings every error event contains: a stream without any of them needs no
+    # event-by-event search, which keeps the capture at memory speed.
+    error_needles: tuple[bytes, ...] = (b'"error"',)
 
     def matches(self, path: str) -> bool:
         return bool(self.path_pattern.search(path))
@@ -71,6 +74,7 @@ class OpenAIResponses(Protocol):
     name = "openai-responses"
     path_pattern = re.compile(r"/responses$")
     failures = frozenset({"error", "response.failed", "response.incomplete"})
+    error_needles = (b'"error"', b"event: error", b"event:error", b"response.failed", b"response.incomplete")
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "response.completed"
@@ -94,6 +98,7 @@ class AnthropicMessages(Protocol):
     name = "anthropic-messages"
     # Not OpenAI Assistants' /threads/{id}/messages.
     path_pattern = re.compile(r"^(?!.*/threads/).*/messages$")
+    error_needles = (b'"error"', b"event: error", b"event:error")
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"

@@ -117,6 +117,32 @@ class NDJSONScanner:
         return not self._lines.partial.strip()
 
 
+def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event], bool]:
+    """The events in the last frames of a body, and whether it ends between frames.
+
+    Only the tail is parsed (from a frame boundary, widening until an event shows), so
+    judging a many-megabyte stream costs about as much as judging a small one.
+    """
+    if fmt == "ndjson":
+        last = body.rstrip().rsplit(b"\n", 1)[-1]
+        return ([Event("message", last.decode("utf-8", "replace"))] if last.strip() else []), True
+    while True:
+        start = max(0, len(body) - window)
+        if start:
+            ends = [(at, len(sep)) for sep in (b"\n\n", b"\n\r\n") if (at := body.find(sep, start)) >= 0]
+            if not ends:
+                window *= 4
+                continue
+            at, size = min(ends)
+            start = at + size
+        events: list[Event] = []
+        scanner = SSEScanner(events.append)
+        scanner.feed(body[start:])
+        if events or start == 0:
+            return events, scanner.at_boundary
+        window *= 4
+
+
 def iter_events(body: bytes, fmt: str) -> list[Event]:
     """All events of a stored body, for usage accounting and the CLI (not the hot path)."""
     events: list[Event] = []

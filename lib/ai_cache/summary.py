@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from .protocols import json_object
-from .sse import iter_events
+from .sse import Event, iter_events, tail_events
 
 # Provider spellings of (input tokens, output tokens).
 USAGE_FIELDS = (
@@ -33,13 +33,23 @@ def _usage_of(obj: dict[str, Any]) -> tuple[int, int]:
     return found_in, found_out
 
 
+def edge_events(body: bytes, fmt: str, span: int = 16384) -> list[Event]:
+    """The first and last events of a stream: where providers report usage (Anthropic's
+    input tokens in message_start, everyone's totals at the end). Parsing only these keeps
+    a many-megabyte stream cheap to summarise."""
+    if len(body) <= 2 * span:
+        return iter_events(body, fmt)
+    head = body[: body.rfind(b"\n", 0, span) + 1]
+    return iter_events(head, fmt) + tail_events(body, fmt, span)[0]
+
+
 def token_usage(body: bytes, fmt: str) -> dict[str, int]:
     """Input/output tokens the answer reports; streams report them cumulatively, so take maxima."""
     if fmt == "json":
         obj = json_object(body)
         objects = [obj] if obj else []
     else:
-        objects = [o for e in iter_events(body, fmt) if (o := json_object(e.data))]
+        objects = [o for e in edge_events(body, fmt) if (o := json_object(e.data))]
     tokens_in = tokens_out = 0
     for obj in objects:
         i, o = _usage_of(obj)

@@ -7,7 +7,7 @@ reports an honest age and never outlives its TTL by being copied.
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +15,12 @@ from typing import Any
 from .entry import Entry
 from .l1 import DiskStore
 from .l2 import RedisStore
+
+logger = logging.getLogger(__name__)
+
+
+class NotStorable(Exception):
+    """A background check found that an answer must not be stored after all."""
 
 
 @dataclass
@@ -51,24 +57,36 @@ class TieredCache:
                 return entry, store.layer
         return None
 
-    def store_soon(self, entry: Entry, prepare: Callable[[Entry], None]) -> None:
-        """Write off the request path (after `prepare` in a thread); visible to lookups at once."""
-        self._unwritten[entry.key] = entry
+    def store_soon(
+        self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True
+    ) -> asyncio.Task[bool]:
+        """Write off the request path; `prepare` and the L1 write share one worker-thread trip.
 
-        async def write() -> None:
+        A visible entry is served to lookups at once, before it is written; `prepare` may
+        raise NotStorable to drop the entry (then it must not have been visible).
+        """
+        if visible:
+            self._unwritten[entry.key] = entry
+
+        async def write() -> bool:
             try:
-                await asyncio.to_thread(prepare, entry)
-                await self.store(entry)
+                await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare)
+                if self.l2 is not None:
+                    await self.l2.put(entry, self.remaining(entry))
+                return True
+            except NotStorable as e:
+                logger.info("ai-cache: %s not stored after all: %s", entry.key[:12], e)
+                return False
             finally:
                 if self._unwritten.get(entry.key) is entry:
                     del self._unwritten[entry.key]
 
-        self.background(write())
+        return self.background(write())
 
-    async def store(self, entry: Entry) -> None:
-        left = self.remaining(entry, time.time())
-        writes = [s.put(entry, left) for s in (self.l1, self.l2) if s is not None]
-        await asyncio.gather(*writes)
+    def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> None:
+        prepare(entry)
+        if self.l1 is not None:
+            self.l1.put_sync(entry, self.remaining(entry))
 
     async def delete(self, key: str) -> None:
         await asyncio.gather(*(s.delete(key) for s in (self.l1, self.l2) if s is not None))
