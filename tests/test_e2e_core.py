@@ -50,7 +50,7 @@ def test_openai_sdk_miss_then_hit_replays_the_same_answer(shared_proxy, upstream
 
 def test_anthropic_sdk_miss_then_hit(shared_proxy, upstream, marker):
     client = anthropic.Anthropic(api_key="sk-ant-test", base_url=upstream.url, max_retries=0,
-                                 http_client=httpx.Client(proxy=shared_proxy.url))
+                                 http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url))
     ask = dict(model="claude-sonnet-4", max_tokens=64, messages=[{"role": "user", "content": marker}])
     first = client.messages.with_raw_response.create(**ask)
     second = client.messages.with_raw_response.create(**ask)
