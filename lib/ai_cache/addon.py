@@ -17,6 +17,7 @@ from mitmproxy import ctx, exceptions, http
 from .capture import StreamCapture, body_format
 from .controls import Controls, take_controls
 from .entry import Entry, replayable_headers
+from .flights import InFlight
 from .keys import cacheable_request, host_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
@@ -48,6 +49,7 @@ class AICache:
         self.settings: Settings | None = None
         self.cache: TieredCache | None = None
         self.replayer = ReplayServer()
+        self.flights = InFlight()
         self.tally = Tally()
 
     def load(self, loader) -> None:
@@ -144,10 +146,22 @@ class AICache:
             info["status"] = "REFRESH"
         elif hit := await self.cache.lookup(info["key"], controls.max_age):
             await self._serve_hit(flow, info, *hit)
+        elif await self._followed_identical_request(info["key"], offline) and (
+            hit := await self.cache.lookup(info["key"], controls.max_age)
+        ):
+            info["coalesced"] = True
+            await self._serve_hit(flow, info, *hit)
         else:
             info["status"] = "MISS"
             if offline or controls.only_if_cached:
                 flow.response = self._no_recording(info, offline)
+            elif self.settings.coalesce:
+                info["leader"] = self.flights.lead(info["key"])
+
+    async def _followed_identical_request(self, key: str, offline: bool) -> bool:
+        assert self.settings is not None
+        coalesce = self.settings.coalesce
+        return bool(coalesce) and not offline and await self.flights.follow(key, coalesce)
 
     def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
         if not (self.settings and self.settings.headers):
@@ -221,7 +235,7 @@ class AICache:
         if info["status"] == "HIT":
             outcome = f"age {info['age']:.0f}s" + (
                 f", saved {info['saved_tokens']} tokens" if info["saved_tokens"] else ""
-            )
+            ) + (", waited for an identical request in flight" if info.get("coalesced") else "")
             logger.info("ai-cache: %s", flow_line(info, where(flow), info["size"], outcome))
             return
         if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
@@ -231,6 +245,8 @@ class AICache:
                 outcome = "stored after an error-event check" if capture.suspect else "stored"
             else:
                 outcome = f"not stored: {why_not}"
+            if info.get("leader"):
+                self.flights.land(info["key"])
         else:
             outcome = info.get("reason", "")
         size = len(flow.response.raw_content or b"")
@@ -299,3 +315,5 @@ class AICache:
             logger.debug("ai-cache: paced replay ended early: %s", flow.error)
         elif info["status"] in ("MISS", "REFRESH"):
             logger.info("ai-cache: %s", flow_line(info, where(flow), 0, f"not stored: {flow.error}"))
+            if info.get("leader"):
+                self.flights.land(info["key"])

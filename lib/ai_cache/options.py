@@ -46,6 +46,10 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("ai_cache_key_host", bool, True,
      "Put the upstream host in the key. Turn off to replay recordings against another host "
      "(a staging gateway, a reverse proxy on another port)."),
+    ("ai_cache_coalesce", str, "60",
+     "Single flight: an identical request arriving while the first is still in flight waits "
+     "up to this many seconds (or 2m, ...) for that answer instead of paying for it again; "
+     "0 sends every request upstream. Waiting followers of a stream get it once it completed."),
     ("ai_cache_replay_speed", str, "0",
      "Pace of replayed streams: 0 sends a cached stream at once; 1 replays it at the "
      "recorded pace; 2 twice as fast, 0.5 half as fast."),
@@ -90,6 +94,7 @@ class Settings:
     max_body: int
     headers: bool
     policy: KeyPolicy
+    coalesce: float  # seconds a follower waits for an identical in-flight request; 0 = off
     replay_speed: float
     redis_url: str
     redis_timeout: float  # seconds
@@ -130,6 +135,7 @@ class Settings:
                 scope_headers=tuple(h.lower() for h in parse_list(options.ai_cache_scope_headers)),
                 include_host=options.ai_cache_key_host,
             ),
+            coalesce=parsed("ai_cache_coalesce", parse_duration),
             replay_speed=parsed("ai_cache_replay_speed", float, lambda v: 0 <= v < float("inf"),
                                 "must be 0 (at once) or a positive speed factor"),
             redis_url=redis_url,
