@@ -233,3 +233,18 @@ def test_redis_cluster(start_proxy, upstream, marker, tmp_path):
         for node in nodes:
             node.kill()
             node.wait()
+
+
+def test_large_streams_are_compressed_in_redis_and_replay_byte_identical(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    a = start_proxy(ai_cache_redis_url=server.url)
+    b = start_proxy(ai_cache_redis_url=server.url)
+    headers = {"x-fake-scenario": "big", "x-fake-size": "400000"}
+    miss, recorded = stream_raw(a, upstream, CHAT, chat_body(marker, stream=True), headers)
+    client = redis.Redis(port=server.port)
+    wait_for_redis_key(client, redis_key(miss))
+    stored = client.get(redis_key(miss))
+    assert stored.startswith(b"AICZ") and len(stored) < len(recorded) / 5
+    hit, replayed = stream_raw(b, upstream, CHAT, chat_body(marker, stream=True), headers)
+    assert hit.headers["x-ai-cache-layer"] == "l2"
+    assert replayed == recorded
