@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.l1 import DiskStore  # noqa: E402
+from ai_cache.wrap import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
@@ -177,12 +178,6 @@ def run_upstream(port: int, sse_bytes: int) -> None:
 
 
 # Child processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, alive: Callable[[], bool], timeout: float = 60.0) -> None:
