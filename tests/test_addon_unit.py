@@ -28,8 +28,17 @@ def chat_flow(body: bytes | dict, path: str = "/v1/chat/completions", **headers:
 
 
 def answered(flow: http.HTTPFlow, body: dict = ANSWER, status: int = 200) -> http.HTTPFlow:
+    """A complete response in place, as another addon's `request` hook would set it."""
     flow.response = http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
     return flow
+
+
+def upstream_answers(addon: AICache, flow: http.HTTPFlow, body: dict = ANSWER, status: int = 200) -> None:
+    """As mitmproxy does for a server's answer: headers (and the hook) first, then the body."""
+    answered(flow, body, status)
+    content, flow.response.raw_content = flow.response.raw_content, None
+    addon.responseheaders(flow)
+    flow.response.raw_content = content
 
 
 @pytest.fixture
@@ -47,7 +56,7 @@ async def test_miss_is_stored_and_the_next_request_is_answered_from_disk(addon):
     await addon.request(first)
     assert first.metadata["ai_cache"]["status"] == "MISS"
     assert first.request.headers["accept-encoding"] == "identity"
-    addon.responseheaders(answered(first))
+    upstream_answers(addon, first)
     await addon.response(first)
     await addon.cache.drain()
 
@@ -71,7 +80,7 @@ async def test_unrecognised_traffic_is_untouched(addon):
 
 
 async def test_control_headers_are_removed_before_upstream(addon):
-    flow = chat_flow({"model": "m"}, x_ai_cache_bypass="1", x_ai_cache_whatever="x")
+    flow = chat_flow({"model": "m", "messages": []}, x_ai_cache_bypass="1", x_ai_cache_whatever="x")
     await addon.request(flow)
     assert flow.metadata["ai_cache"]["status"] == "BYPASS"
     assert not [h for h in flow.request.headers if h.lower().startswith("x-ai-cache")]
@@ -79,9 +88,10 @@ async def test_control_headers_are_removed_before_upstream(addon):
 
 async def test_error_answers_and_failed_flows_are_not_stored(addon):
     for status in (429, 500):
-        flow = chat_flow({"model": "m", "n": status})
+        flow = chat_flow({"model": "m", "messages": [], "n": status})
         await addon.request(flow)
-        addon.responseheaders(answered(flow, status=status))
+        assert flow.metadata["ai_cache"]["status"] == "MISS"
+        upstream_answers(addon, flow, status=status)
         await addon.response(flow)
     await addon.cache.drain()
     assert list(addon.cache.l1.keys()) == []
@@ -168,7 +178,7 @@ async def test_replay_mode_never_goes_upstream_even_without_a_usable_store(tmp_p
     addon = AICache()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, ai_cache_dir=str(blocker / "cache"), ai_cache_mode="replay")
-        flow = chat_flow({"model": "m"}, x_ai_cache_bypass="1")
+        flow = chat_flow({"model": "m", "messages": []}, x_ai_cache_bypass="1")
         await addon.request(flow)
         assert flow.response is not None and flow.response.status_code == 504
         assert flow.metadata["ai_cache"]["status"] == "MISS"

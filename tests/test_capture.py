@@ -37,7 +37,7 @@ def verdict(protocol: str, body: bytes, fmt: str = "sse", step: int = 7, max_bod
     forwarded = b"".join(capture(body[i : i + step]) for i in range(0, len(body), step))
     assert forwarded == body  # the tee never alters what the client gets
     # The tail check runs at once; the event-by-event error search only for suspects.
-    return capture.incompleteness() or (capture.error_event() if capture.suspect else None)
+    return capture.incompleteness() or (capture.full_check() if capture.needs_full_check else None)
 
 
 ANTHROPIC_OK = event("message_start", message={"id": "msg_1"}) + event("content_block_delta") + event("message_stop")
@@ -54,6 +54,9 @@ COMPLETE = {
     "responses without event lines": (
         "openai-responses", b"data: " + json.dumps({"type": "response.completed"}).encode() + b"\n\n", "sse"),
     "gemini": ("gemini", gemini(None) + gemini("STOP"), "sse"),
+    "lone CR framing": ("openai-chat", (openai_chunk("hi") + DONE).replace(b"\n", b"\r"), "sse"),
+    "error: null is no error": (
+        "openai-chat", b'data: {"choices": [], "error": null}\n\n' + DONE, "sse"),
     "ollama": ("ollama", ollama(False) + ollama(True), "ndjson"),
     "ollama without final newline": ("ollama", ollama(False) + ollama(True)[:-1], "ndjson"),
 }
@@ -114,6 +117,7 @@ def test_only_streams_carrying_an_error_needle_are_searched_event_by_event():
     assert suspect("openai-chat", b'data: {"error": {"message": "x"}}\n\n' + DONE)
     assert suspect("anthropic-messages", event("error", error={}) + event("message_stop"))
     assert not suspect("anthropic-messages", ANTHROPIC_OK)
+    assert not suspect("openai-responses", event("response.completed", response={"error": None}))
 
 
 def test_capture_records_chunk_timing_that_adds_up():

@@ -42,3 +42,15 @@ def test_env_prints_exports_for_a_running_proxy(tmp_path):
 
 def test_a_missing_command_is_a_usage_error():
     assert run().returncode == 2
+
+
+def test_a_busy_port_is_refused_and_signals_exit_as_in_a_shell(tmp_path, confdir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        refused = run("--port", str(busy.getsockname()[1]), "--", "true")
+    assert refused.returncode == 1 and "in use" in refused.stderr
+    killed = run("--dir", str(tmp_path / "c"), "--confdir", str(confdir), "--", "sh", "-c", "kill -TERM $$")
+    assert killed.returncode == 128 + 15

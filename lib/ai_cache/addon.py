@@ -92,11 +92,22 @@ class AICache:
                 if settings.redis_url
                 else None
             )
-        except ValueError as e:
+        except Exception as e:  # redis-py raises several types for a URL it cannot use
             raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
-        if self.cache is not None and self.cache.l1 is not None:
-            self.cache.l1.close()
-        self.cache = TieredCache(l1, l2, settings.ttl)
+        old, self.cache = self.cache, TieredCache(l1, l2, settings.ttl)
+        if old is not None:
+            self._close_later(old)
+
+    def _close_later(self, old: TieredCache) -> None:
+        """Close stores replaced at runtime, once their pending writes are done."""
+        assert self.cache is not None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # configured before the proxy runs: nothing is pending yet
+            if old.l1 is not None:
+                old.l1.close()
+            return
+        self.cache.background(old.close())
 
     def running(self) -> None:
         # A hit must never wait for (or fail on) a connection to the real host.
@@ -117,8 +128,10 @@ class AICache:
         protocol = recognise(flow.request.method, flow.request.path.split("?", 1)[0])
         if protocol is None:
             return
-        controls = take_controls(flow.request)
         found = cacheable_request(flow.request, protocol, self.settings.policy)
+        if found is not None and not protocol.expects(found.body):
+            return  # only the path looked like an LLM call: leave it untouched
+        controls = take_controls(flow.request)
         info: dict[str, Any] = {"protocol": protocol.name, "status": "BYPASS", "key": ""}
         flow.metadata[META] = info
         if found is None:
@@ -146,9 +159,7 @@ class AICache:
             info["status"] = "REFRESH"
         elif hit := await self.cache.lookup(info["key"], controls.max_age):
             await self._serve_hit(flow, info, *hit)
-        elif await self._followed_identical_request(info["key"], offline) and (
-            hit := await self.cache.lookup(info["key"], controls.max_age)
-        ):
+        elif not offline and (hit := await self._answer_of_identical_request(info["key"], controls.max_age)):
             info["coalesced"] = True
             await self._serve_hit(flow, info, *hit)
         else:
@@ -158,10 +169,16 @@ class AICache:
             elif self.settings.coalesce:
                 info["leader"] = self.flights.lead(info["key"])
 
-    async def _followed_identical_request(self, key: str, offline: bool) -> bool:
-        assert self.settings is not None
-        coalesce = self.settings.coalesce
-        return bool(coalesce) and not offline and await self.flights.follow(key, coalesce)
+    async def _answer_of_identical_request(self, key: str, max_age: float | None) -> tuple[Entry, str] | None:
+        """Follow identical requests in flight until one leaves an answer. When a leader
+        fails, its followers follow whichever of them leads next: no stampede upstream."""
+        assert self.settings is not None and self.cache is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.coalesce
+        while (left := deadline - loop.time()) > 0 and await self.flights.follow(key, left):
+            if hit := await self.cache.lookup(key, max_age):
+                return hit
+        return None
 
     def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
         if not (self.settings and self.settings.headers):
@@ -217,9 +234,13 @@ class AICache:
         if info.get("token"):  # paced replay: our own server, just pass it on chunk by chunk
             flow.response.stream = True
             return
+        if flow.response.raw_content is not None and info["status"] in ("MISS", "REFRESH"):
+            # Upstream bodies arrive after this hook; one already here was made by an addon.
+            info["served"] = True
+            info["reason"] = "answered by another addon, not upstream"
         for name, value in self._cache_headers(info):
             flow.response.headers[name] = value
-        if info["status"] not in ("MISS", "REFRESH") or flow.response.status_code != 200:
+        if info["status"] not in ("MISS", "REFRESH") or info.get("served") or flow.response.status_code != 200:
             return
         fmt = body_format(flow.response.headers.get("content-type", ""))
         if (info.get("stream") or fmt != "json") and not flow.response.stream:
@@ -238,34 +259,49 @@ class AICache:
             ) + (", waited for an identical request in flight" if info.get("coalesced") else "")
             logger.info("ai-cache: %s", flow_line(info, where(flow), info["size"], outcome))
             return
-        if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
-            entry, capture, why_not = self._recorded_entry(flow, info)
-            if entry is not None and capture is not None:
-                self._store(entry, capture)
-                outcome = "stored after an error-event check" if capture.suspect else "stored"
+        written: asyncio.Task[bool] | None = None
+        try:
+            if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
+                entry, capture, why_not = self._recorded_entry(flow, info)
+                if entry is not None and capture is not None:
+                    written = self._store(entry, capture)
+                    outcome = "stored after a full check" if capture.needs_full_check else "stored"
+                else:
+                    outcome = f"not stored: {why_not}"
             else:
-                outcome = f"not stored: {why_not}"
-            if info.get("leader"):
-                self.flights.land(info["key"])
-        else:
-            outcome = info.get("reason", "")
+                outcome = info.get("reason", "")
+        finally:  # whatever happened, the followers of a leader must not wait in vain
+            self._release_followers(info, written)
         size = len(flow.response.raw_content or b"")
         if isinstance(flow.response.stream, StreamCapture):
             size = flow.response.stream.size
         logger.info("ai-cache: %s", flow_line(info, where(flow), size, outcome))
 
-    def _store(self, entry: Entry, capture: StreamCapture) -> None:
-        """Summarise and write in the background; a stream that showed an error needle is
-        searched event by event there first, and only served once it passed."""
+    def _store(self, entry: Entry, capture: StreamCapture) -> asyncio.Task[bool] | None:
+        """Summarise and write in the background. An answer that needs a full check (an
+        error needle showed, or a large JSON body) is checked there first and served only
+        once written: then the write's task is returned."""
 
         def prepare(entry: Entry) -> None:
-            if capture.suspect and (error := capture.error_event()):
-                raise NotStorable(error)
+            if capture.needs_full_check and (problem := capture.full_check()):
+                raise NotStorable(problem)
             summarise(entry)
 
         assert self.cache is not None
-        written = self.cache.store_soon(entry, prepare, visible=not capture.suspect)
-        written.add_done_callback(lambda task: self._count_stored(task))
+        visible = not capture.needs_full_check
+        written = self.cache.store_soon(entry, prepare, visible=visible)
+        written.add_done_callback(self._count_stored)
+        return None if visible else written
+
+    def _release_followers(self, info: dict[str, Any], written: asyncio.Task[bool] | None) -> None:
+        """A leader's followers look up as soon as its answer is visible: at once, or when a
+        hidden entry (one that needed a full check) has been written."""
+        if not info.get("leader"):
+            return
+        if written is None:
+            self.flights.land(info["key"])
+        else:
+            written.add_done_callback(lambda _: self.flights.land(info["key"]))
 
     def _count_stored(self, task: asyncio.Task[bool]) -> None:
         if not task.cancelled() and task.exception() is None and task.result():
@@ -314,6 +350,5 @@ class AICache:
             self.replayer.forget(info["token"])
             logger.debug("ai-cache: paced replay ended early: %s", flow.error)
         elif info["status"] in ("MISS", "REFRESH"):
+            self._release_followers(info, None)
             logger.info("ai-cache: %s", flow_line(info, where(flow), 0, f"not stored: {flow.error}"))
-            if info.get("leader"):
-                self.flights.land(info["key"])

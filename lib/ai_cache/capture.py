@@ -8,13 +8,13 @@ chunk whose callable raised, and the client's bytes come first.
 
 from __future__ import annotations
 
-import json
 import time
 
-from .protocols import Protocol
+from .protocols import Protocol, json_value
 from .sse import Event, iter_events, tail_events
 
 SEAM = 32  # longer than any error needle
+JSON_INLINE_LIMIT = 256 * 1024  # larger JSON answers are parsed in a worker thread
 
 
 def body_format(content_type: str) -> str:
@@ -32,8 +32,8 @@ def json_body_problem(body: bytes) -> str | None:
     if not body.strip():
         return "empty body"
     try:
-        json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        json_value(body)
+    except ValueError:
         return "body is not JSON"
     return None
 
@@ -52,7 +52,7 @@ class StreamCapture:
         self.size = 0
         self.started: float | None = None
         self.failure: str | None = None
-        # An error needle was seen: only then are all events searched (off the loop).
+        # An error event may be in the stream: all events are searched, off the loop.
         self.suspect = False
         self._needles = protocol.error_needles if fmt != "json" else ()
         self._seam = b""  # the previous chunk's end, for needles split across chunks
@@ -79,7 +79,9 @@ class StreamCapture:
         self.chunks.append((now - self.started, len(data)))
         if self._needles and not self.suspect:
             seam = self._seam + data[:SEAM]
-            self.suspect = any(n in data or n in seam for n in self._needles)
+            if any(n in data or n in seam for n in self._needles):
+                # Confirm (`"error": null` is no error); this copies the chunk, but only here.
+                self.suspect = bool(self.protocol.error_pattern.search(self._seam + data))
             self._seam = data[-SEAM:] if len(data) >= SEAM else seam[-SEAM:]
 
     def _release(self) -> None:
@@ -89,15 +91,21 @@ class StreamCapture:
     def body(self) -> bytes:
         return b"".join(self.parts)
 
+    @property
+    def needs_full_check(self) -> bool:
+        """Whether `full_check` must pass too: it parses everything, so it runs in a thread."""
+        return self.suspect or (self.format == "json" and self.size > JSON_INLINE_LIMIT)
+
     def incompleteness(self) -> str | None:
         """Why the captured answer must not be stored, or None when it is complete.
 
-        Judges the tail only; when `suspect`, `error_event` must also come back None.
+        Cheap enough for the event loop: streams are judged by their tail, and large JSON
+        bodies are left to `full_check`.
         """
         if self.failure:
             return self.failure
         if self.format == "json":
-            return json_body_problem(self.body)
+            return None if self.needs_full_check else json_body_problem(self.body)
         events, at_boundary = tail_events(self.body, self.format)
         if not at_boundary:
             return "stream cut off mid-frame"
@@ -107,8 +115,10 @@ class StreamCapture:
             return "stream ended without its terminal event"
         return None
 
-    def error_event(self) -> str | None:
-        """The first error event of the whole stream, described; a full parse, so run it in a thread."""
+    def full_check(self) -> str | None:
+        """A large JSON body's parse, or the whole stream's first error event; None if fine."""
+        if self.format == "json":
+            return json_body_problem(self.body)
         for event in iter_events(self.body, self.format):
             if self.protocol.is_error(event):
                 return describe_error(event)

@@ -152,8 +152,9 @@ class Cache:
 
     def delete(self, keys: list[str]) -> None:
         if self.l1:
-            for key in keys:
-                self.l1.delete_sync(key)
+            failures = [f for key in keys if not self.l1.delete_sync(key) and (f := self.l1.failure)]
+            if failures:
+                raise CLIError(f"could not delete {len(failures)} entries in {self.directory}: {failures[-1]}")
         if self.redis_url:
 
             async def delete_all(store: RedisStore) -> None:

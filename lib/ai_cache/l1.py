@@ -37,19 +37,21 @@ class DiskStore:
         self._cache = diskcache.Cache(
             str(self.directory), eviction_policy="none", size_limit=2**62, timeout=1
         )
-        self._broken = False
+        # The last failure while the store is failing (None when it works): callers that
+        # must not fail open, like the CLI, report it.
+        self.failure: str | None = None
 
     def _guarded(self, what: str, call: Callable[[], T], default: T) -> T:
         try:
             result = call()
         except STORE_ERRORS as e:
-            if not self._broken:
+            if self.failure is None:
                 logger.warning("ai-cache: L1 %s failed in %s, passing through: %s", what, self.directory, e)
-                self._broken = True
+            self.failure = f"{what} failed: {e}"
             return default
-        if self._broken:
+        if self.failure is not None:
             logger.warning("ai-cache: L1 in %s works again", self.directory)
-            self._broken = False
+            self.failure = None
         return result
 
     # Synchronous API, for threads and the CLI.

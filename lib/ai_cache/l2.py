@@ -33,13 +33,17 @@ COMPRESS_FROM = 64 * 1024
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for log lines."""
+    """The URL without its password (in the userinfo or the query), for log lines."""
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user + ':' if user else ''}***@{host}"
+    if at:
+        user = creds.split(":", 1)[0]
+        rest = f"{user + ':' if user else ''}***@{host}"
+    return scheme + sep + re.sub(r"(?i)((?:^|[?&])(?:ssl_)?password=)[^&]*", r"\1***", rest)
+
+
+def compressed(entry: Entry) -> bytes:
+    return COMPRESSED + zlib.compress(entry.to_bytes(), 1)
 
 
 def connect(url: str, timeout: float) -> Any:
@@ -137,6 +141,8 @@ class RedisStore:
         if data is None:
             return None
         try:
+            if not isinstance(data, bytes):  # e.g. decode_responses=true in the URL
+                raise EntryError(f"value is {type(data).__name__}, not bytes")
             if data.startswith(COMPRESSED):
                 data = await asyncio.to_thread(zlib.decompress, data[len(COMPRESSED) :])
             entry = Entry.from_bytes(data)
@@ -150,9 +156,10 @@ class RedisStore:
 
     async def put(self, entry: Entry, expire: float | None) -> bool:
         ex = max(1, round(expire)) if expire else None
-        data = entry.to_bytes()
-        if len(data) >= COMPRESS_FROM:
-            data = COMPRESSED + await asyncio.to_thread(zlib.compress, data, 1)
+        if len(entry.body) >= COMPRESS_FROM:
+            data = await asyncio.to_thread(compressed, entry)
+        else:
+            data = entry.to_bytes()
         return bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False))
 
     async def delete(self, key: str) -> bool:

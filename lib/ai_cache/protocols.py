@@ -13,13 +13,26 @@ from typing import Any
 from .sse import Event
 
 
+def json_value(text: str | bytes) -> Any:
+    """The parsed JSON value; raises ValueError for anything that is not JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:  # absurdly deep nesting is no answer worth keeping either
+        raise ValueError("JSON nested too deeply") from None
+
+
 def json_object(text: str | bytes) -> dict[str, Any] | None:
     """The parsed JSON object, or None for anything else (arrays, garbage, truncation)."""
     try:
-        value = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+        value = json_value(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     return value if isinstance(value, dict) else None
+
+
+# An `"error"` key with a value that is not null (`"error": null` is in good answers).
+# The value's first byte must be present, so a chunk ending at `"error": nu` is no match.
+ERROR_KEY = rb'"error"\s*:\s*[\[{"0-9tf-]'
 
 
 class Protocol:
@@ -28,12 +41,19 @@ class Protocol:
     name = "openai-chat"
     path_pattern = re.compile(r"/chat/completions$")
     stream_format = "sse"
-    # Byte strings every error event contains: a stream without any of them needs no
-    # event-by-event search, which keeps the capture at memory speed.
+    # Body fields a real call of this family always has: a JSON POST to a path that only
+    # looks like ours (a chat app's /channels/1/messages) passes through untouched.
+    required_fields: tuple[str, ...] = ("messages",)
+    # Bytes every error event contains, and the pattern that confirms one: a stream
+    # without the needle needs no event-by-event search, keeping the capture at memory speed.
     error_needles: tuple[bytes, ...] = (b'"error"',)
+    error_pattern = re.compile(ERROR_KEY)
 
     def matches(self, path: str) -> bool:
         return bool(self.path_pattern.search(path))
+
+    def expects(self, body: dict[str, Any]) -> bool:
+        return all(name in body for name in self.required_fields)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         """Only a JSON `true` makes a streaming request."""
@@ -58,23 +78,25 @@ class Protocol:
         return event.data == "[DONE]"
 
     def is_error(self, event: Event) -> bool:
-        # Cheap substring test first: this runs for every event of every captured stream.
         if '"error"' not in event.data:
             return False
         obj = json_object(event.data)
-        return obj is not None and "error" in obj
+        return obj is not None and obj.get("error") is not None
 
 
 class OpenAICompletions(Protocol):
     name = "openai-completions"
     path_pattern = re.compile(r"(?<!/chat)/completions$")
+    required_fields = ("prompt",)
 
 
 class OpenAIResponses(Protocol):
     name = "openai-responses"
     path_pattern = re.compile(r"/responses$")
     failures = frozenset({"error", "response.failed", "response.incomplete"})
+    required_fields = ("model",)
     error_needles = (b'"error"', b"event: error", b"event:error", b"response.failed", b"response.incomplete")
+    error_pattern = re.compile(ERROR_KEY + rb"|event: ?error\b|response\.failed|response\.incomplete")
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "response.completed"
@@ -89,6 +111,7 @@ class OpenAIEmbeddings(Protocol):
     name = "openai-embeddings"
     path_pattern = re.compile(r"/embeddings$")
     stream_format = ""
+    required_fields = ("input",)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return False
@@ -98,7 +121,10 @@ class AnthropicMessages(Protocol):
     name = "anthropic-messages"
     # Not OpenAI Assistants' /threads/{id}/messages.
     path_pattern = re.compile(r"^(?!.*/threads/).*/messages$")
+    # Anthropic's API rejects calls without max_tokens, so every real one carries it.
+    required_fields = ("model", "messages", "max_tokens")
     error_needles = (b'"error"', b"event: error", b"event:error")
+    error_pattern = re.compile(ERROR_KEY + rb"|event: ?error\b")
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"
@@ -112,6 +138,7 @@ class AnthropicMessages(Protocol):
 class Gemini(Protocol):
     name = "gemini"
     path_pattern = re.compile(r"/models/[^/]+:(generateContent|streamGenerateContent)$")
+    required_fields = ("contents",)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return path.endswith(":streamGenerateContent")
@@ -133,6 +160,7 @@ class OllamaNative(Protocol):
     name = "ollama"
     path_pattern = re.compile(r"/api/(chat|generate)$")
     stream_format = "ndjson"
+    required_fields = ("model",)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         """Ollama streams unless told `"stream": false`."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 
 from mitmproxy import http
 
@@ -17,6 +18,8 @@ from .entry import Entry
 
 logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-ai-cache-replay-token"
+TOKEN_LIFETIME = 60.0  # a registered replay mitmproxy never fetched (another addon answered)
+READ_TIMEOUT = 10.0
 
 
 def make_headers(pairs: list[tuple[str, str]]) -> http.Headers:
@@ -44,7 +47,8 @@ class ReplayServer:
 
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
-        self._pending: dict[str, tuple[Entry, list[tuple[str, str]], float]] = {}
+        # token -> (entry, extra headers, speed, registered at)
+        self._pending: dict[str, tuple[Entry, list[tuple[str, str]], float, float]] = {}
         self.port = 0
 
     async def ensure_started(self) -> int:
@@ -54,8 +58,11 @@ class ReplayServer:
         return self.port
 
     def register(self, entry: Entry, extra_headers: list[tuple[str, str]], speed: float) -> str:
+        now = time.monotonic()
+        for stale in [t for t, (*_, at) in self._pending.items() if now - at > TOKEN_LIFETIME]:
+            del self._pending[stale]
         token = secrets.token_urlsafe(16)
-        self._pending[token] = (entry, extra_headers, speed)
+        self._pending[token] = (entry, extra_headers, speed, now)
         return token
 
     def forget(self, token: str) -> None:
@@ -63,16 +70,17 @@ class ReplayServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
             headers = http.Headers(
                 [tuple(line.split(b":", 1)) for line in head.split(b"\r\n")[1:] if b":" in line]
             )
-            await reader.readexactly(int(headers.get("content-length", "0") or 0))
+            length = int(headers.get("content-length", "0") or 0)
+            await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
             registered = self._pending.pop(headers.get(TOKEN_HEADER, "").strip(), None)
             if registered is None:
                 writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 return
-            entry, extra, speed = registered
+            entry, extra, speed, _ = registered
             fields = entry.replay_headers() + extra
             fields += [("content-length", str(len(entry.body))), ("connection", "close")]
             head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
@@ -86,7 +94,8 @@ class ReplayServer:
                     await asyncio.sleep(delay)
                 writer.write(data)
             await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                asyncio.TimeoutError):
             logger.debug("ai-cache: replay client went away")
         finally:
             writer.close()

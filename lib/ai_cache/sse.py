@@ -6,6 +6,7 @@ line between calls: the work is linear in the stream's size, never a re-parse pe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -117,6 +118,14 @@ class NDJSONScanner:
         return not self._lines.partial.strip()
 
 
+LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def with_lf(body: bytes) -> bytes:
+    """Lone CR line ends (which the SSE spec allows) as LF; whole bodies only, not chunks."""
+    return LONE_CR.sub(b"\n", body) if b"\r" in body else body
+
+
 def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event], bool]:
     """The events in the last frames of a body, and whether it ends between frames.
 
@@ -128,16 +137,17 @@ def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event],
         return ([Event("message", last.decode("utf-8", "replace"))] if last.strip() else []), True
     while True:
         start = max(0, len(body) - window)
+        tail = with_lf(body[start:])
         if start:
-            ends = [(at, len(sep)) for sep in (b"\n\n", b"\n\r\n") if (at := body.find(sep, start)) >= 0]
+            ends = [(at, len(sep)) for sep in (b"\n\n", b"\n\r\n") if (at := tail.find(sep)) >= 0]
             if not ends:
                 window *= 4
                 continue
             at, size = min(ends)
-            start = at + size
+            tail = tail[at + size :]
         events: list[Event] = []
         scanner = SSEScanner(events.append)
-        scanner.feed(body[start:])
+        scanner.feed(tail)
         if events or start == 0:
             return events, scanner.at_boundary
         window *= 4
@@ -151,5 +161,5 @@ def iter_events(body: bytes, fmt: str) -> list[Event]:
         scanner.feed(body)
         scanner.finish()
     else:
-        SSEScanner(events.append).feed(body + b"\n\n")
+        SSEScanner(events.append).feed(with_lf(body) + b"\n\n")
     return events

@@ -39,6 +39,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_until_listening(proc: subprocess.Popen, port: int, ca: Path, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -85,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {name}={shlex.quote(value)}")
         return 0
     port = args.port or free_port()
+    if args.port and not port_is_free(port):
+        print(f"with-ai-cache: port {port} is in use; choose another --port or leave it out", file=sys.stderr)
+        return 1
     options = {"ai_cache_mode": args.mode, "confdir": str(confdir), "flow_detail": "0"}
     if args.dir:
         options["ai_cache_dir"] = str(Path(args.dir).resolve())
@@ -105,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             try:
                 status = subprocess.call(args.command, env={**os.environ, **proxy_environment(port, confdir)})
+                if status < 0:  # killed by a signal: exit as a shell would
+                    status = 128 - status
             except FileNotFoundError:
                 print(f"with-ai-cache: command not found: {args.command[0]}", file=sys.stderr)
                 return 127
