@@ -67,6 +67,7 @@ class StreamCapture:
         return data
 
     def _record(self, data: bytes) -> None:
+        # Runs for every read of every captured stream: keep it to a few C-level calls.
         now = time.monotonic()
         if self.started is None:
             self.started = now
@@ -79,9 +80,11 @@ class StreamCapture:
         self.chunks.append((now - self.started, len(data)))
         if self._needles and not self.suspect:
             seam = self._seam + data[:SEAM]
-            if any(n in data or n in seam for n in self._needles):
-                # Confirm (`"error": null` is no error); this copies the chunk, but only here.
-                self.suspect = bool(self.protocol.error_pattern.search(self._seam + data))
+            for needle in self._needles:
+                if needle in data or needle in seam:
+                    # Confirm (`"error": null` is no error); copies the chunk, but only here.
+                    self.suspect = bool(self.protocol.error_pattern.search(self._seam + data))
+                    break
             self._seam = data[-SEAM:] if len(data) >= SEAM else seam[-SEAM:]
 
     def _release(self) -> None:
@@ -89,7 +92,10 @@ class StreamCapture:
 
     @property
     def body(self) -> bytes:
-        return b"".join(self.parts)
+        """The captured bytes, joined once (after the stream ended)."""
+        if len(self.parts) > 1:
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0] if self.parts else b""
 
     @property
     def needs_full_check(self) -> bool:
