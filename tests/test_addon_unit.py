@@ -9,7 +9,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from ai_cache.addon import AICache
-from ai_cache.keys import KeyPolicy, cacheable_request
+from ai_cache.keys import KeyPolicy, cacheable_request, header_map
 from ai_cache.l2 import CircuitBreaker, redact
 from ai_cache.options import parse_duration, parse_size
 from ai_cache.protocols import recognise
@@ -140,9 +140,9 @@ def test_keys_ignore_credentials_but_not_answer_headers():
     base = chat_flow({"model": "c"}, "/v1/messages?key=a", x_api_key="one").request
     same = chat_flow({"model": "c"}, "/v1/messages?key=b", x_api_key="two").request
     other = chat_flow({"model": "c"}, "/v1/messages", anthropic_version="2023-06-01").request
-    keys = [cacheable_request(r, protocol, policy).key for r in (base, same, other)]
+    keys = [cacheable_request(r, header_map(r), protocol, policy).key for r in (base, same, other)]
     assert keys[0] == keys[1] != keys[2]
-    described = cacheable_request(base, protocol, policy).described
+    described = cacheable_request(base, header_map(base), protocol, policy).described
     assert "one" not in json.dumps(described) and "key" not in dict(described["query"])
 
 

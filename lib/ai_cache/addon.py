@@ -18,7 +18,7 @@ from .capture import StreamCapture, body_format
 from .controls import Controls, take_controls
 from .entry import Entry, replayable_headers
 from .flights import InFlight
-from .keys import cacheable_request, host_of
+from .keys import cacheable_request, header_map, host_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
@@ -128,10 +128,11 @@ class AICache:
         protocol = recognise(flow.request.method, flow.request.path.split("?", 1)[0])
         if protocol is None:
             return
-        found = cacheable_request(flow.request, protocol, self.settings.policy)
+        headers = header_map(flow.request)
+        found = cacheable_request(flow.request, headers, protocol, self.settings.policy)
         if found is not None and not protocol.expects(found.body):
             return  # only the path looked like an LLM call: leave it untouched
-        controls = take_controls(flow.request)
+        controls = take_controls(flow.request, headers)
         info: dict[str, Any] = {"protocol": protocol.name, "status": "BYPASS", "key": ""}
         flow.metadata[META] = info
         if found is None:

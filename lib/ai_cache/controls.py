@@ -22,16 +22,16 @@ class Controls:
     max_age: float | None = None
 
 
-def take_controls(request: http.Request) -> Controls:
-    """Read the client's directives and remove X-AI-Cache-* headers: they never reach upstream."""
-    bypass = request.headers.get("x-ai-cache-bypass", "").strip().lower() in TRUE_VALUES
-    for name in [n for n in request.headers if n.lower().startswith(CONTROL_PREFIX)]:
+def take_controls(request: http.Request, headers: dict[str, str]) -> Controls:
+    """Read the client's directives (`headers`: see keys.header_map) and remove the
+    X-AI-Cache-* headers from the request: they never reach upstream."""
+    bypass = headers.get("x-ai-cache-bypass", "").strip().lower() in TRUE_VALUES
+    for name in [n for n in headers if n.startswith(CONTROL_PREFIX)]:
         del request.headers[name]
     directives: dict[str, str] = {}
-    for value in request.headers.get_all("cache-control"):
-        for part in value.split(","):
-            name, _, arg = part.strip().partition("=")
-            directives[name.strip().lower()] = arg.strip().strip('"')
+    for part in headers.get("cache-control", "").split(","):
+        name, _, arg = part.strip().partition("=")
+        directives[name.strip().lower()] = arg.strip().strip('"')
     try:
         max_age = float(directives["max-age"]) if "max-age" in directives else None
     except ValueError:

@@ -52,8 +52,21 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def header_map(request: http.Request) -> dict[str, str]:
+    """Lower-cased header names to values (repeats joined by ", "), read once per request:
+    mitmproxy's Headers lookups are case-insensitive scans, costly when repeated."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in request.headers.fields:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("utf-8", "surrogateescape")
+        found[name] = f"{found[name]}, {value}" if name in found else value
+    return found
+
+
 def safe_query(request: http.Request) -> list[tuple[str, str]]:
     """Query pairs without credentials, sorted: parameter order never matters."""
+    if "?" not in request.path:
+        return []
     return sorted(
         (k, v) for k, v in request.query.items(multi=True) if k.lower() not in CREDENTIAL_PARAMS
     )
@@ -80,16 +93,16 @@ def without_fields(body: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
     return body
 
 
-def scope_digest(request: http.Request, names: tuple[str, ...]) -> str:
+def scope_digest(headers: dict[str, str], names: tuple[str, ...]) -> str:
     """A hash of the scoping headers' values: isolates tenants without storing them."""
     if not names:
         return ""
-    material = "\n".join(f"{n}={request.headers.get(n, '')}" for n in names)
+    material = "\n".join(f"{n}={headers.get(n, '')}" for n in names)
     return hashlib.sha256(material.encode()).hexdigest()
 
 
 def cacheable_request(
-    request: http.Request, protocol: Protocol, policy: KeyPolicy
+    request: http.Request, headers: dict[str, str], protocol: Protocol, policy: KeyPolicy
 ) -> CacheableRequest | None:
     """The cacheable view of a recognised request, or None when its body is not a JSON object."""
     try:
@@ -102,14 +115,14 @@ def cacheable_request(
     path = request.path.split("?", 1)[0]
     query = safe_query(request)
     stream = protocol.wants_stream(body, path)
-    headers = {h: request.headers[h] for h in ANSWER_HEADERS if h in request.headers}
+    answer_headers = {h: headers[h] for h in ANSWER_HEADERS if h in headers}
     described = {
         "method": request.method,
         "scheme": request.scheme,
         "host": host_of(request),
         "path": path,
         "query": query,
-        "headers": headers,
+        "headers": answer_headers,
         "body": body,
     }
     material = [
@@ -118,8 +131,8 @@ def cacheable_request(
         described["host"] if policy.include_host else "",
         path,
         query,
-        headers,
-        scope_digest(request, policy.scope_headers),
+        answer_headers,
+        scope_digest(headers, policy.scope_headers),
         stream,
         without_fields(body, policy.ignore_fields),
     ]
