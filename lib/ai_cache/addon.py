@@ -68,12 +68,12 @@ class AICache:
         assert self.cache is not None
         self.cache.ttl = settings.ttl
         logger.info(
-            "ai-cache: mode=%s dir=%s%s ttl=%s max_body=%s replay_speed=%s%s",
+            "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
-            settings.directory,
-            "" if self.cache.l1 else " (unusable)",
+            self.cache.l1.directory if self.cache.l1 else f"{settings.directory} (unusable)",
             f"{settings.ttl:g}s" if settings.ttl else "forever",
             human_size(settings.max_body),
+            f"{settings.coalesce:g}s" if settings.coalesce else "off",
             settings.replay_speed or "instant",
             f" redis={redact(settings.redis_url)}" if settings.redis_url else "",
         )
