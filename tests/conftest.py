@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from ai_cache.wrap import free_port
-from fake_upstream import FakeUpstream, make_tls_cert
+from fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -100,13 +100,6 @@ def confdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[FakeUpstream]:
     server = FakeUpstream().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def tls_upstream(tmp_path_factory) -> Iterator[FakeUpstream]:
-    server = FakeUpstream(tls=make_tls_cert(str(tmp_path_factory.mktemp("tls")))).start()
     yield server
     server.stop()
 

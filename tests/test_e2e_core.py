@@ -132,8 +132,8 @@ def test_path_query_and_host_split_the_key(shared_proxy, upstream, marker):
 
 
 def test_credentials_and_noise_never_split_the_key(shared_proxy, upstream, marker):
-    first = post(shared_proxy, upstream, CHAT + "?key=one", chat_body(marker),
-                 {"authorization": "Bearer sk-one", "x-api-key": "one", "user-agent": "a", "x-request-id": "1"})
+    post(shared_proxy, upstream, CHAT + "?key=one", chat_body(marker),
+         {"authorization": "Bearer sk-one", "x-api-key": "one", "user-agent": "a", "x-request-id": "1"})
     second = post(shared_proxy, upstream, CHAT + "?key=two", chat_body(marker),
                   {"authorization": "Bearer sk-two", "x-api-key": "two", "user-agent": "b", "x-request-id": "2"})
     assert second.headers["x-ai-cache-status"] == "HIT"

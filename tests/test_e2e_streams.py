@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import httpx
-import openai
 import pytest
 
 from test_e2e_core import CHAT, chat_body, openai_client, post, wait_for_status

@@ -15,7 +15,7 @@ from ai_cache.addon import AICache
 from ai_cache.capture import StreamCapture
 from ai_cache.l1 import DiskStore
 from ai_cache.l2 import redact
-from ai_cache.protocols import BY_NAME, recognise
+from ai_cache.protocols import BY_NAME
 from test_addon_unit import answered, chat_flow, upstream_answers
 from test_e2e_streams import STREAMS, stream_raw
 

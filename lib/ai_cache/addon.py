@@ -18,7 +18,7 @@ from .capture import StreamCapture, body_format
 from .controls import Controls, take_controls
 from .entry import Entry, replayable_headers
 from .flights import InFlight
-from .keys import cacheable_request, header_map, host_of
+from .keys import cacheable_request, header_map, host_of, path_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
@@ -31,17 +31,19 @@ from .tiers import NotStorable, TieredCache
 logger = logging.getLogger(__name__)
 META = "ai_cache"
 STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix")
+RECORDING = ("MISS", "REFRESH")  # statuses whose answer comes from upstream and may be stored
 
 
 def summarise(entry: Entry) -> None:
-    """Metadata for humans and the CLI; parses the whole body, so it runs in a thread."""
+    """Metadata for humans and the CLI; parses the answer (a stream only at its edges), so
+    it runs in the write's worker thread."""
     entry.meta["usage"] = token_usage(entry.body, entry.format)
     entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
 
 
 def where(flow: http.HTTPFlow) -> str:
     """Host and path for log lines; never the query, which may carry a key."""
-    return host_of(flow.request) + flow.request.path.split("?", 1)[0]
+    return host_of(flow.request) + path_of(flow.request)
 
 
 class AICache:
@@ -125,7 +127,7 @@ class AICache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if self.settings is None or self.cache is None or flow.response or flow.error:
             return
-        protocol = recognise(flow.request.method, flow.request.path.split("?", 1)[0])
+        protocol = recognise(flow.request.method, path_of(flow.request))
         if protocol is None:
             return
         headers = header_map(flow.request)
@@ -141,7 +143,7 @@ class AICache:
             info.update(key=found.key, model=found.model, stream=found.stream, request=found.described)
             await self._route(flow, info, controls)
         self.tally.count(info["status"])
-        if info["status"] in ("MISS", "REFRESH") and flow.response is None:
+        if info["status"] in RECORDING and flow.response is None:
             # Plain bytes are what the capture can scan and the cache can replay.
             flow.request.headers["accept-encoding"] = "identity"
 
@@ -235,13 +237,13 @@ class AICache:
         if info.get("token"):  # paced replay: our own server, just pass it on chunk by chunk
             flow.response.stream = True
             return
-        if flow.response.raw_content is not None and info["status"] in ("MISS", "REFRESH"):
+        if flow.response.raw_content is not None and info["status"] in RECORDING:
             # Upstream bodies arrive after this hook; one already here was made by an addon.
             info["served"] = True
             info["reason"] = "answered by another addon, not upstream"
         for name, value in self._cache_headers(info):
             flow.response.headers[name] = value
-        if info["status"] not in ("MISS", "REFRESH") or info.get("served") or flow.response.status_code != 200:
+        if info["status"] not in RECORDING or info.get("served") or flow.response.status_code != 200:
             return
         fmt = body_format(flow.response.headers.get("content-type", ""))
         if (info.get("stream") or fmt != "json") and not flow.response.stream:
@@ -262,7 +264,7 @@ class AICache:
             return
         written: asyncio.Task[bool] | None = None
         try:
-            if info["status"] in ("MISS", "REFRESH") and not info.get("served"):
+            if info["status"] in RECORDING and not info.get("served"):
                 entry, capture, why_not = self._recorded_entry(flow, info)
                 if entry is not None and capture is not None:
                     written = self._store(entry, capture)
@@ -350,6 +352,6 @@ class AICache:
         if info.get("token"):
             self.replayer.forget(info["token"])
             logger.debug("ai-cache: paced replay ended early: %s", flow.error)
-        elif info["status"] in ("MISS", "REFRESH"):
+        elif info["status"] in RECORDING:
             self._release_followers(info, None)
             logger.info("ai-cache: %s", flow_line(info, where(flow), 0, f"not stored: {flow.error}"))

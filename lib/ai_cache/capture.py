@@ -1,9 +1,10 @@
 """Stream capture: a tee set as `flow.response.stream` that forwards every chunk untouched.
 
-It keeps a copy with arrival times, scans events incrementally, and at the end says
-whether the stream is complete by the protocol's rules (terminal event, no error event,
-ends on a frame boundary, within the size cap). It can never raise: mitmproxy drops a
-chunk whose callable raised, and the client's bytes come first.
+It keeps a copy with arrival times and only watches each chunk for the protocol's error
+needles. At the end it says whether the stream is complete by the protocol's rules
+(terminal event, no error event, ends on a frame boundary, within the size cap), judging
+by the tail; a full error search runs in a thread only when a needle showed. It can never
+raise: mitmproxy drops a chunk whose callable raised, and the client's bytes come first.
 """
 
 from __future__ import annotations

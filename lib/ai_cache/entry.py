@@ -1,7 +1,8 @@
 """A cache entry: one recorded answer, tagged with its body format, in one byte encoding.
 
-The same bytes go to diskcache, to Redis and (as readable text) into exports, so the
-format tag, the timing of a stream and `created_at` travel with the entry everywhere.
+The same bytes go to diskcache and to Redis (zlib-compressed when large), and the same
+fields into exports, so the format tag, the timing of a stream and `created_at` travel
+with the entry everywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from .controls import CONTROL_PREFIX
 
 MAGIC = b"AIC"
 ENTRY_VERSION = 1
@@ -114,5 +117,5 @@ def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [
         (k, v)
         for k, v in headers
-        if k.lower() not in UNREPLAYABLE_HEADERS and not k.lower().startswith("x-ai-cache-")
+        if k.lower() not in UNREPLAYABLE_HEADERS and not k.lower().startswith(CONTROL_PREFIX)
     ]

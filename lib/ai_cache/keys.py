@@ -39,7 +39,6 @@ class KeyPolicy:
 class CacheableRequest:
     """A recognised request that can be cached, with everything later steps need."""
 
-    protocol: Protocol
     key: str
     stream: bool
     model: str
@@ -70,6 +69,10 @@ def safe_query(request: http.Request) -> list[tuple[str, str]]:
     return sorted(
         (k, v) for k, v in request.query.items(multi=True) if k.lower() not in CREDENTIAL_PARAMS
     )
+
+
+def path_of(request: http.Request) -> str:
+    return request.path.split("?", 1)[0]
 
 
 def host_of(request: http.Request) -> str:
@@ -112,7 +115,7 @@ def cacheable_request(
     body = json_object(raw) if raw else None
     if body is None:
         return None
-    path = request.path.split("?", 1)[0]
+    path = path_of(request)
     query = safe_query(request)
     stream = protocol.wants_stream(body, path)
     answer_headers = {h: headers[h] for h in ANSWER_HEADERS if h in headers}
@@ -137,4 +140,4 @@ def cacheable_request(
         without_fields(body, policy.ignore_fields),
     ]
     key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
-    return CacheableRequest(protocol, key, stream, protocol.model(body, path), body, described)
+    return CacheableRequest(key, stream, protocol.model(body, path), body, described)

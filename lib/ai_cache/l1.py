@@ -1,4 +1,5 @@
-"""L1: diskcache on local disk, the embedded default. Every call runs off the event loop.
+"""L1: diskcache on local disk, the embedded default. Writes and large reads run in a
+worker thread; small reads run inline, being cheaper than the thread hop (see `get`).
 
 A store that breaks (unwritable directory, full disk, corrupt database) degrades to
 "miss / skip the write" with one warning until it works again: never a failed request.
@@ -77,9 +78,6 @@ class DiskStore:
 
     def keys(self) -> Iterator[str]:
         yield from self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
-
-    def clear(self) -> int:
-        return self._guarded("clear", self._cache.clear, 0)
 
     def close(self) -> None:
         self._cache.close()

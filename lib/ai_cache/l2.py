@@ -112,7 +112,6 @@ class RedisStore:
     layer = "l2"
 
     def __init__(self, url: str, timeout: float, prefix: str) -> None:
-        self.url = url
         self.timeout = timeout
         self.prefix = prefix
         self.client = connect(url, timeout)

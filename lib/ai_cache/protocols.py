@@ -40,7 +40,6 @@ class Protocol:
 
     name = "openai-chat"
     path_pattern = re.compile(r"/chat/completions$")
-    stream_format = "sse"
     # Body fields a real call of this family always has: a JSON POST to a path that only
     # looks like ours (a chat app's /channels/1/messages) passes through untouched.
     required_fields: tuple[str, ...] = ("messages",)
@@ -110,7 +109,6 @@ class OpenAIResponses(Protocol):
 class OpenAIEmbeddings(Protocol):
     name = "openai-embeddings"
     path_pattern = re.compile(r"/embeddings$")
-    stream_format = ""
     required_fields = ("input",)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
@@ -159,7 +157,6 @@ class Gemini(Protocol):
 class OllamaNative(Protocol):
     name = "ollama"
     path_pattern = re.compile(r"/api/(chat|generate)$")
-    stream_format = "ndjson"
     required_fields = ("model",)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:

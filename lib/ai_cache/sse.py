@@ -1,7 +1,7 @@
-"""Incremental scanners for streamed bodies: SSE events and NDJSON lines.
+"""Parsers for captured stream bodies: SSE events and NDJSON lines.
 
-Chunks arrive per TCP read, not per event, so the scanners keep only the unfinished
-line between calls: the work is linear in the stream's size, never a re-parse per chunk.
+A capture is judged by its tail (`tail_events`), so a many-megabyte stream costs about
+as much as a small one; `iter_events` parses a whole body, in a worker thread.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class LineSplitter:
 
 
 class SSEScanner:
-    """WHATWG event-stream parsing, fed chunk by chunk; calls `sink` per dispatched event.
+    """WHATWG event-stream parsing; calls `sink` per dispatched event.
 
     Comment lines (`: keepalive`) dispatch nothing. `at_boundary` tells whether the bytes
     seen so far end between frames, so a cut-off final frame never counts as an event.
@@ -154,7 +154,7 @@ def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event],
 
 
 def iter_events(body: bytes, fmt: str) -> list[Event]:
-    """All events of a stored body, for usage accounting and the CLI (not the hot path)."""
+    """All events of a body, for the full error search and summaries (never on the event loop)."""
     events: list[Event] = []
     if fmt == "ndjson":
         scanner = NDJSONScanner(events.append)

@@ -32,9 +32,9 @@ class TieredCache:
     # Entries whose background write has not finished: lookups already see them.
     _unwritten: dict[str, Entry] = field(default_factory=dict, repr=False)
 
-    def remaining(self, entry: Entry, now: float | None = None) -> float | None:
+    def remaining(self, entry: Entry) -> float | None:
         """Seconds the entry may still live (None: forever; <= 0: expired)."""
-        return self.ttl - entry.age(now) if self.ttl else None
+        return self.ttl - entry.age() if self.ttl else None
 
     def fresh(self, entry: Entry, max_age: float | None) -> bool:
         left = self.remaining(entry)
@@ -87,9 +87,6 @@ class TieredCache:
         prepare(entry)
         if self.l1 is not None:
             self.l1.put_sync(entry, self.remaining(entry))
-
-    async def delete(self, key: str) -> None:
-        await asyncio.gather(*(s.delete(key) for s in (self.l1, self.l2) if s is not None))
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .options import MODES
+
 ROOT = Path(__file__).resolve().parents[2]
 ADDON = ROOT / "ai_cache_addon.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Run COMMAND with its HTTP(S) traffic going through the ai-cache proxy.",
         epilog="example: scripts/with-ai-cache --mode replay --dir tests/fixtures -- pytest",
     )
-    parser.add_argument("--mode", choices=("record", "replay", "refresh", "off"), default="record")
+    parser.add_argument("--mode", choices=MODES, default="record")
     parser.add_argument("--dir", help="cache directory (default: the addon's, ~/.cache/ai-cache)")
     parser.add_argument("--redis-url", help="shared L2 cache, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--port", type=int, help="proxy port (default: a free one; 8080 with --env)")
