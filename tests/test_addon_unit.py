@@ -182,3 +182,17 @@ async def test_replay_mode_never_goes_upstream_even_without_a_usable_store(tmp_p
         await addon.request(flow)
         assert flow.response is not None and flow.response.status_code == 504
         assert flow.metadata["ai_cache"]["status"] == "MISS"
+
+
+@pytest.mark.parametrize("hosts,cached", [
+    ("", True), ("api.openai.com", True), ("*.openai.com", True), ("api.openai.com:443", True),
+    ("api.anthropic.com", False), ("localhost:11434,*.anthropic.com", False),
+])
+async def test_host_allow_list(tmp_path, hosts, cached):
+    addon = AICache()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(tmp_path / "cache"), ai_cache_hosts=hosts)
+        flow = chat_flow({"model": "m", "messages": []})
+        await addon.request(flow)
+        await addon.cache.close()
+        assert ("ai_cache" in flow.metadata) is cached

@@ -7,6 +7,7 @@ files); the live stream capture rides on `flow.response.stream` itself.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import sqlite3
@@ -128,7 +129,7 @@ class AICache:
         if self.settings is None or self.cache is None or flow.response or flow.error:
             return
         protocol = recognise(flow.request.method, path_of(flow.request))
-        if protocol is None:
+        if protocol is None or not self._host_wanted(flow.request):
             return
         headers = header_map(flow.request)
         found = cacheable_request(flow.request, headers, protocol, self.settings.policy)
@@ -146,6 +147,14 @@ class AICache:
         if info["status"] in RECORDING and flow.response is None:
             # Plain bytes are what the capture can scan and the cache can replay.
             flow.request.headers["accept-encoding"] = "identity"
+
+    def _host_wanted(self, request: http.Request) -> bool:
+        """The `ai_cache_hosts` allow-list: globs match the host, or host:port."""
+        assert self.settings is not None
+        if not self.settings.hosts:
+            return True
+        names = (request.host.lower(), host_of(request), f"{request.host.lower()}:{request.port}")
+        return any(fnmatch.fnmatchcase(name, glob) for glob in self.settings.hosts for name in names)
 
     async def _route(self, flow: http.HTTPFlow, info: dict[str, Any], controls: Controls) -> None:
         """BYPASS, REFRESH, or look up: HIT, or MISS (answered 504 when upstream is off-limits)."""

@@ -43,6 +43,9 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("ai_cache_scope_headers", str, "",
      "Comma-separated request headers whose values (hashed, never stored) are folded into "
      "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key."),
+    ("ai_cache_hosts", str, "",
+     "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
+     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host."),
     ("ai_cache_key_host", bool, True,
      "Put the upstream host in the key. Turn off to replay recordings against another host "
      "(a staging gateway, a reverse proxy on another port)."),
@@ -94,6 +97,7 @@ class Settings:
     max_body: int
     headers: bool
     policy: KeyPolicy
+    hosts: tuple[str, ...]  # lower-cased globs; empty = any host
     coalesce: float  # seconds a follower waits for an identical in-flight request; 0 = off
     replay_speed: float
     redis_url: str
@@ -130,6 +134,7 @@ class Settings:
             ttl=parsed("ai_cache_ttl", parse_duration),
             max_body=parsed("ai_cache_max_body", parse_size, lambda v: v > 0, "must be above 0"),
             headers=options.ai_cache_headers,
+            hosts=tuple(h.lower() for h in parse_list(options.ai_cache_hosts)),
             policy=KeyPolicy(
                 ignore_fields=parse_list(options.ai_cache_ignore_fields),
                 scope_headers=tuple(h.lower() for h in parse_list(options.ai_cache_scope_headers)),
