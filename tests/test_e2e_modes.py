@@ -49,6 +49,7 @@ def test_replay_serves_recordings_with_the_upstream_gone(start_proxy, own_upstre
     assert "gpt-4o-mini" in error["message"] and "/v1/chat/completions" in error["message"]
     assert error["key"] == missing.headers["x-ai-cache-key"]
     assert bypass_asked.headers["x-ai-cache-status"] == "HIT"  # replay never goes upstream
+    assert "no recording, answered 504 (ai_cache_mode=replay)" in replayer.logs()
 
 
 def test_replay_miss_surfaces_through_the_sdk(start_proxy, upstream, marker):

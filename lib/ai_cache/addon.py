@@ -233,6 +233,7 @@ class AICache:
         body = {"type": "error", "error": {"type": "ai_cache_miss", "code": "ai_cache_no_recording",
                                            "message": message, "key": info["key"]}}
         info["served"] = True
+        info["reason"] = f"no recording, answered 504 ({why})"
         return http.Response.make(
             504, json.dumps(body), make_headers([("content-type", "application/json"), *self._cache_headers(info)])
         )
@@ -246,7 +247,7 @@ class AICache:
         if info.get("token"):  # paced replay: our own server, just pass it on chunk by chunk
             flow.response.stream = True
             return
-        if flow.response.raw_content is not None and info["status"] in RECORDING:
+        if flow.response.raw_content is not None and info["status"] in RECORDING and not info.get("served"):
             # Upstream bodies arrive after this hook; one already here was made by an addon.
             info["served"] = True
             info["reason"] = "answered by another addon, not upstream"
