@@ -25,7 +25,7 @@ from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
-from .report import Tally, flow_line, human_size, tokens_of
+from .report import Tally, flow_line, human_size
 from .summary import prompt_preview, token_usage
 from .tiers import NotStorable, TieredCache
 
@@ -205,7 +205,7 @@ class AICache:
     async def _serve_hit(self, flow: http.HTTPFlow, info: dict[str, Any], entry: Entry, layer: str) -> None:
         assert self.settings is not None
         info.update(status="HIT", layer=layer, age=entry.age(), format=entry.format,
-                    size=len(entry.body), saved_tokens=tokens_of(entry.meta))
+                    size=len(entry.body), saved_tokens=sum(entry.tokens()))
         self.tally.tokens_saved += info["saved_tokens"]
         self.tally.bytes_served += len(entry.body)
         headers = self._cache_headers(info)

@@ -199,15 +199,10 @@ def readable_body(entry: Entry) -> str:
     return text
 
 
-def tokens(entry: Entry) -> tuple[int, int]:
-    usage = entry.meta.get("usage") or {}
-    return int(usage.get("input", 0)), int(usage.get("output", 0))
-
-
 def listing(stored: Stored, now: float) -> dict[str, Any]:
     """What `ls --json` says about an entry."""
     entry, meta = stored.entry, stored.entry.meta
-    tokens_in, tokens_out = tokens(entry)
+    tokens_in, tokens_out = entry.tokens()
     return {
         "key": entry.key,
         "created_at": entry.created_at,
@@ -232,7 +227,7 @@ def counts(values: Iterable[str]) -> dict[str, int]:
 def statistics(stored: list[Stored], now: float) -> dict[str, Any]:
     entries = [s.entry for s in stored]
     ages = [e.age(now) for e in entries]
-    usage = [tokens(e) for e in entries]
+    usage = [e.tokens() for e in entries]
     return {
         "entries": len(entries),
         "bytes": sum(len(e.body) for e in entries),
@@ -331,7 +326,7 @@ def cmd_show(args: argparse.Namespace, cache: Cache) -> int:
     if entry.chunks and entry.format != "json":
         shape += f", {len(entry.chunks)} chunks over {entry.chunks[-1][0]:.3f}s"
     request = meta.get("request") or {}
-    tokens_in, tokens_out = tokens(entry)
+    tokens_in, tokens_out = entry.tokens()
     fields = [
         ["key", entry.key],
         ["format", shape],

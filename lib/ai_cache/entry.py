@@ -52,6 +52,11 @@ class Entry:
     def age(self, now: float | None = None) -> float:
         return max(0.0, (now or time.time()) - self.created_at)
 
+    def tokens(self) -> tuple[int, int]:
+        """(input, output) tokens the recorded answer reported; (0, 0) when it did not say."""
+        usage = self.meta.get("usage") or {}
+        return int(usage.get("input", 0)), int(usage.get("output", 0))
+
     def replay_headers(self) -> list[tuple[str, str]]:
         """Stored headers with the content type the format tag dictates."""
         wanted = CONTENT_TYPES[self.format]

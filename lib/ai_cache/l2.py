@@ -87,6 +87,10 @@ class CircuitBreaker:
         self.cooldown = 0.0
         self.probing = False
 
+    def cancelled(self) -> None:
+        """A call ended without an answer either way: let the next one probe."""
+        self.probing = False
+
     def failure(self, error: BaseException) -> None:
         if self.probing:
             self.cooldown = min(self.cap, self.cooldown * 2)
@@ -124,7 +128,7 @@ class RedisStore:
         try:
             result = await asyncio.wait_for(op(self.client), self.timeout)
         except asyncio.CancelledError:
-            self.breaker.probing = False
+            self.breaker.cancelled()
             raise
         except Exception as e:  # fail open: no Redis problem may reach a request
             self.breaker.failure(e)

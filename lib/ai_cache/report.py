@@ -14,11 +14,6 @@ def human_size(size: float) -> str:
     return f"{size:.1f} GiB"
 
 
-def tokens_of(meta: dict[str, Any]) -> int:
-    usage = meta.get("usage") or {}
-    return int(usage.get("input", 0)) + int(usage.get("output", 0))
-
-
 def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
     """`HIT l1 openai-chat gpt-4o api.openai.com/v1/chat/completions 1.2 KiB sse: age 3s, saved 42 tokens`."""
     parts = [info["status"]]
