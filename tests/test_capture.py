@@ -8,7 +8,7 @@ import pytest
 
 from ai_cache.capture import StreamCapture
 from ai_cache.protocols import BY_NAME
-from ai_cache.sse import SSEScanner
+from ai_cache.sse import parse_sse
 
 DONE = b"data: [DONE]\n\n"
 
@@ -136,9 +136,9 @@ def test_capture_never_raises_into_mitmproxy():
     assert "capture failed" in capture.incompleteness()
 
 
-def test_sse_scanner_joins_data_lines_and_skips_comments():
-    events = []
-    scanner = SSEScanner(events.append)
-    scanner.feed(b": hello\nevent: a\ndata: one\ndata:two\n\ndata: x\r\n\r\n")
+def test_sse_parsing_joins_data_lines_and_skips_comments():
+    events, at_boundary = parse_sse(b": hello\nevent: a\ndata: one\ndata:two\n\ndata: x\r\n\r\n")
     assert [(e.name, e.data) for e in events] == [("a", "one\ntwo"), ("message", "x")]
-    assert scanner.at_boundary
+    assert at_boundary
+    events, at_boundary = parse_sse(b"data: x\n\ndata: cut")
+    assert [e.data for e in events] == ["x"] and not at_boundary

@@ -7,8 +7,9 @@ as much as a small one; `iter_events` parses a whole body, in a worker thread.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+LONE_CR = re.compile(rb"\r(?!\n)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,111 +20,42 @@ class Event:
     data: str
 
 
-EventSink = Callable[[Event], None]
+def with_lf(body: bytes) -> bytes:
+    """Lone CR line ends (which the SSE spec allows) as LF."""
+    return LONE_CR.sub(b"\n", body) if b"\r" in body else body
 
 
-class LineSplitter:
-    """Splits a byte stream into complete lines; a partial line waits for its end."""
+def parse_sse(body: bytes) -> tuple[list[Event], bool]:
+    """The events of an SSE body (WHATWG rules), and whether it ends between frames.
 
-    def __init__(self) -> None:
-        self._partial: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        if b"\n" not in chunk:
-            if chunk:
-                self._partial.append(chunk)
-            return
-        if self._partial:
-            self._partial.append(chunk)
-            chunk = b"".join(self._partial)
-            self._partial = []
-        *lines, rest = chunk.split(b"\n")
-        if rest:
-            self._partial.append(rest)
-        for line in lines:
-            yield line[:-1] if line.endswith(b"\r") else line
-
-    @property
-    def partial(self) -> bytes:
-        """The bytes after the last newline: non-empty means the stream stopped mid-line."""
-        return b"".join(self._partial)
-
-    def take_partial(self) -> bytes:
-        rest, self._partial = self.partial, []
-        return rest
-
-
-class SSEScanner:
-    """WHATWG event-stream parsing; calls `sink` per dispatched event.
-
-    Comment lines (`: keepalive`) dispatch nothing. `at_boundary` tells whether the bytes
-    seen so far end between frames, so a cut-off final frame never counts as an event.
+    Comment lines (`: keepalive`) dispatch nothing; a final frame without its blank line
+    is no event, so a cut-off stream never counts its last, partial frame.
     """
-
-    def __init__(self, sink: EventSink) -> None:
-        self._sink = sink
-        self._lines = LineSplitter()
-        self._name = ""
-        self._data: list[str] = []
-        self._pending = False
-
-    def feed(self, chunk: bytes) -> None:
-        for raw in self._lines.feed(chunk):
-            if not raw:
-                self._dispatch()
-                continue
-            if raw.startswith(b":"):
-                continue
-            field, sep, value = raw.partition(b":")
+    events: list[Event] = []
+    name, data, pending = "", [], False
+    *lines, rest = with_lf(body).split(b"\n")
+    for line in lines:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if data:
+                events.append(Event(name or "message", "\n".join(data)))
+            name, data, pending = "", [], False
+        elif not line.startswith(b":"):
+            field, sep, value = line.partition(b":")
             if sep and value.startswith(b" "):
                 value = value[1:]
-            self._pending = True
+            pending = True
             if field == b"data":
-                self._data.append(value.decode("utf-8", "replace"))
+                data.append(value.decode("utf-8", "replace"))
             elif field == b"event":
-                self._name = value.decode("utf-8", "replace")
-
-    def _dispatch(self) -> None:
-        if self._data:
-            self._sink(Event(self._name or "message", "\n".join(self._data)))
-        self._name = ""
-        self._data = []
-        self._pending = False
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._pending and not self._lines.partial.strip()
+                name = value.decode("utf-8", "replace")
+    return events, not pending and not rest.strip()
 
 
-class NDJSONScanner:
-    """One event per non-empty line; a final line without newline counts only if it parses."""
-
-    def __init__(self, sink: EventSink) -> None:
-        self._sink = sink
-        self._lines = LineSplitter()
-
-    def feed(self, chunk: bytes) -> None:
-        for raw in self._lines.feed(chunk):
-            if raw.strip():
-                self._sink(Event("message", raw.decode("utf-8", "replace")))
-
-    def finish(self) -> None:
-        """Flush a trailing line that lacks its newline (it is judged by its content)."""
-        rest = self._lines.take_partial()
-        if rest.strip():
-            self._sink(Event("message", rest.decode("utf-8", "replace")))
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._lines.partial.strip()
-
-
-LONE_CR = re.compile(rb"\r(?!\n)")
-
-
-def with_lf(body: bytes) -> bytes:
-    """Lone CR line ends (which the SSE spec allows) as LF; whole bodies only, not chunks."""
-    return LONE_CR.sub(b"\n", body) if b"\r" in body else body
+def parse_ndjson(body: bytes) -> list[Event]:
+    """One event per non-empty line; a last line without newline is judged by its content."""
+    return [Event("message", line.decode("utf-8", "replace")) for line in body.split(b"\n") if line.strip()]
 
 
 def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event], bool]:
@@ -134,7 +66,7 @@ def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event],
     """
     if fmt == "ndjson":
         last = body.rstrip().rsplit(b"\n", 1)[-1]
-        return ([Event("message", last.decode("utf-8", "replace"))] if last.strip() else []), True
+        return parse_ndjson(last), True
     while True:
         start = max(0, len(body) - window)
         tail = with_lf(body[start:])
@@ -145,21 +77,12 @@ def tail_events(body: bytes, fmt: str, window: int = 4096) -> tuple[list[Event],
                 continue
             at, size = min(ends)
             tail = tail[at + size :]
-        events: list[Event] = []
-        scanner = SSEScanner(events.append)
-        scanner.feed(tail)
+        events, at_boundary = parse_sse(tail)
         if events or start == 0:
-            return events, scanner.at_boundary
+            return events, at_boundary
         window *= 4
 
 
 def iter_events(body: bytes, fmt: str) -> list[Event]:
-    """All events of a body, for the full error search and summaries (never on the event loop)."""
-    events: list[Event] = []
-    if fmt == "ndjson":
-        scanner = NDJSONScanner(events.append)
-        scanner.feed(body)
-        scanner.finish()
-    else:
-        SSEScanner(events.append).feed(with_lf(body) + b"\n\n")
-    return events
+    """All events of a body, a last unterminated frame included (for error searches)."""
+    return parse_ndjson(body) if fmt == "ndjson" else parse_sse(body + b"\n\n")[0]
