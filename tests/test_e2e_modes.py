@@ -107,13 +107,19 @@ def test_https_through_connect_records_and_replays_offline(start_proxy, confdir,
     assert "server connect" not in replayer.logs()  # no connection to the real host was attempted
 
 
-def test_reverse_mode_needs_no_ca(start_proxy, upstream, marker):
-    proxy = start_proxy("--mode", f"reverse:{upstream.url}")
+def test_reverse_mode_needs_no_ca_and_replays_offline(start_proxy, own_upstream, marker):
+    proxy = start_proxy("--mode", f"reverse:{own_upstream.url}")
     with httpx.Client(base_url=proxy.url) as client:
         statuses = [client.post(CHAT, json=chat_body(marker)).headers["x-ai-cache-status"] for _ in range(2)]
     assert statuses == ["MISS", "HIT"]
-    assert upstream.count(marker) == 1
-    assert proxy.proc.poll() is None
+    assert own_upstream.count(marker) == 1
+    proxy.stop()
+    own_upstream.stop()
+    replayer = start_proxy("--mode", f"reverse:{own_upstream.url}", ai_cache_dir=proxy.options["ai_cache_dir"],
+                           ai_cache_mode="replay")
+    with httpx.Client(base_url=replayer.url) as client:
+        assert client.post(CHAT, json=chat_body(marker)).headers["x-ai-cache-status"] == "HIT"
+        assert client.post(CHAT, json=chat_body(marker + "-new")).status_code == 504
 
 
 def test_paced_replay_over_https_through_connect(start_proxy, confdir, tmp_path, marker):
