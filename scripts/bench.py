@@ -22,7 +22,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.l1 import DiskStore  # noqa: E402
-from ai_cache.wrap import free_port  # noqa: E402
+from ai_cache.wrap import free_port, wait_for_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
@@ -178,19 +177,6 @@ def run_upstream(port: int, sse_bytes: int) -> None:
 
 
 # Child processes
-
-
-def wait_for_port(port: int, alive: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("process exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f}s")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,25 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ai_cache.wrap import free_port
+from ai_cache.wrap import free_port, wait_for_port
 from fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
-
-
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 class Proxy:
@@ -68,7 +53,7 @@ class Proxy:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir)
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 
     def stop(self) -> None:
@@ -155,7 +140,7 @@ class RedisServer:
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 
     def stop(self) -> None:

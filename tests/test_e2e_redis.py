@@ -12,7 +12,8 @@ import time
 import pytest
 import redis
 
-from conftest import free_port, redis_server_binary, wait_for_port
+from ai_cache.wrap import free_port, wait_for_port
+from conftest import redis_server_binary
 from test_e2e_core import CHAT, chat_body, post, wait_for_status
 from test_e2e_streams import stream_raw
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .options import MODES
@@ -50,17 +51,19 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def wait_until_listening(proc: subprocess.Popen, port: int, ca: Path, timeout: float = 30) -> bool:
+def wait_for_port(port: int, alive: Callable[[], bool] = lambda: True, timeout: float = 30.0) -> None:
+    """Return once something listens on 127.0.0.1:port; RuntimeError when `alive()` turns
+    False (the process exited) or nothing listens within `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the process exited")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                if ca.exists():
-                    return True
+                return
         except OSError:
-            pass
-        time.sleep(0.05)
-    return False
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f}s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(log_path, "ab") as log:
         proxy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            if not wait_until_listening(proxy, port, confdir / "mitmproxy-ca-cert.pem"):
-                print(f"with-ai-cache: the proxy did not start; see {log_path}", file=sys.stderr)
+            try:  # mitmproxy writes its CA before it listens
+                wait_for_port(port, lambda: proxy.poll() is None)
+            except RuntimeError as e:
+                print(f"with-ai-cache: the proxy did not start ({e}); see {log_path}", file=sys.stderr)
                 return 1
             try:
                 status = subprocess.call(args.command, env={**os.environ, **proxy_environment(port, confdir)})
