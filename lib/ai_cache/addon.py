@@ -255,9 +255,15 @@ class AICache:
             flow.response.headers[name] = value
         if info["status"] not in RECORDING or info.get("served") or flow.response.status_code != 200:
             return
-        fmt = body_format(flow.response.headers.get("content-type", ""))
-        if (info.get("stream") or fmt != "json") and not flow.response.stream:
-            flow.response.stream = StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
+        capture = self._new_capture(info, flow.response)
+        if (info.get("stream") or capture.format != "json") and not flow.response.stream:
+            flow.response.stream = capture
+
+    def _new_capture(self, info: dict[str, Any], response: http.Response) -> StreamCapture:
+        """A capture for this flow's protocol, tagged by what the answer says it is."""
+        assert self.settings is not None
+        fmt = body_format(response.headers.get("content-type", ""))
+        return StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         info = flow.metadata.get(META)
@@ -335,8 +341,7 @@ class AICache:
                 body = response.content or b""
             except ValueError as e:
                 return None, None, f"undecodable body: {e}"
-            fmt = body_format(response.headers.get("content-type", ""))
-            capture = StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
+            capture = self._new_capture(info, response)
             capture(body)
         elif response.headers.get("content-encoding", "identity").lower() != "identity":
             return None, None, f"stream is {response.headers['content-encoding']}-encoded"
