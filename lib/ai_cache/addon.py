@@ -19,7 +19,7 @@ from .capture import StreamCapture, body_format
 from .controls import Controls, take_controls
 from .entry import Entry, replayable_headers
 from .flights import InFlight
-from .keys import cacheable_request, header_map, host_of, path_of
+from .keys import cacheable_request, header_map, host_of, path_of, stored_request
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
@@ -36,10 +36,11 @@ RECORDING = ("MISS", "REFRESH")  # statuses whose answer comes from upstream and
 
 
 def summarise(entry: Entry) -> None:
-    """Metadata for humans and the CLI; parses the answer (a stream only at its edges), so
-    it runs in the write's worker thread."""
+    """Metadata for humans and the CLI, and the request copy kept; parses the answer (a
+    stream only at its edges), so it runs in the write's worker thread."""
     entry.meta["usage"] = token_usage(entry.body, entry.format)
     entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
+    entry.meta["request"] = stored_request(entry.meta["request"])
 
 
 def where(flow: http.HTTPFlow) -> str:
@@ -138,8 +139,8 @@ class AICache:
         controls = take_controls(flow.request, headers)
         info: dict[str, Any] = {"protocol": protocol.name, "status": "BYPASS", "key": ""}
         flow.metadata[META] = info
-        if found is None:
-            info["reason"] = "request body is not a JSON object"
+        if found is None or found.refused:
+            info["reason"] = found.refused if found else "request body is not a JSON object"
         else:
             info.update(key=found.key, model=found.model, stream=found.stream, request=found.described)
             await self._route(flow, info, controls)
@@ -316,8 +317,11 @@ class AICache:
             if capture.needs_full_check and (problem := capture.full_check()):
                 raise NotStorable(problem)
             summarise(entry)
+            if (size := entry.encoded_size()) > max_body:
+                raise NotStorable(f"too large: the entry has {size} bytes, above ai_cache_max_body")
 
-        assert self.cache is not None
+        assert self.cache is not None and self.settings is not None
+        max_body = self.settings.max_body
         visible = not capture.needs_full_check
         written = self.cache.store_soon(entry, prepare, visible=visible)
         written.add_done_callback(self._count_stored)

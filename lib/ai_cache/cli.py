@@ -344,6 +344,9 @@ def cmd_show(args: argparse.Namespace, cache: Cache) -> int:
     print("\n".join(table(fields)))
     if "body" in request:
         print(f"\nrequest body:\n{pretty_json(request['body'])}")
+    elif "body_preview" in request:  # a large body: its start and its hash were kept
+        print(f"\nrequest body ({request.get('body_size')} bytes, sha256 {request.get('body_sha256')}), "
+              f"beginning:\n{request['body_preview']}")
     print(f"\nresponse body:\n{readable_body(entry)}")
     return 0
 

@@ -43,17 +43,18 @@ import base64
 import binascii
 import copy
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .entry import FORMATS, Entry
+from .entry import FORMATS, Entry, EntryError, validated
 from .keys import CREDENTIAL_HEADERS, CREDENTIAL_PARAMS, canonical_json
 
 FIXTURE_VERSION = 1
 # A response's set-cookie carries a session credential too.
 SECRET_HEADERS = CREDENTIAL_HEADERS | {"set-cookie"}
-KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
 SLUG_LENGTH = 40
 
 
@@ -137,17 +138,36 @@ def to_fixture(entry: Entry) -> dict[str, Any]:
     return document | {"body": _stream_body(entry)}
 
 
-def dumps(entry: Entry) -> str:
-    return json.dumps(to_fixture(entry), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+def dumps(entry: Entry) -> bytes:
+    """The fixture file's bytes. A lone surrogate, which UTF-8 cannot carry, is written as
+    its JSON escape (`\\ud800`), so it reads back the same."""
+    text = json.dumps(to_fixture(entry), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return text.encode("utf-8", "backslashreplace")
+
+
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` as a new file renamed into place: whatever was there, a symlink
+    included, is replaced, never written through."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def export_dir(entries: list[Entry], directory: Path) -> list[Path]:
     """Write one fixture per entry into `directory` (created); files already there stay."""
     directory.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     paths = []
     for entry in entries:
         path = directory / file_name(entry)
-        path.write_bytes(dumps(entry).encode("utf-8"))
+        write_new(path, dumps(entry), 0o666 & ~umask)
         paths.append(path)
     return paths
 
@@ -171,10 +191,14 @@ def _b64(text: Any, where: str) -> bytes:
         raise FixtureError(f"{where} is not base64") from None
 
 
-def _timing(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise FixtureError(f"chunk time {value!r} is not a number of seconds")
-    return float(value)
+def _seconds(value: Any, what: str) -> float:
+    """A JSON number as float seconds; `validated` judges the range."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            pass
+    raise FixtureError(f"{what} {value!r} is not a number of seconds")
 
 
 def _read_stream_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, int]]]:
@@ -189,7 +213,7 @@ def _read_stream_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float
         else:
             piece = _b64(chunk["base64"], f"body chunk {i}")
         pieces.append(piece)
-        chunks.append((_timing(chunk["at"]), len(piece)))
+        chunks.append((_seconds(chunk["at"], "chunk time"), len(piece)))
     return b"".join(pieces), chunks
 
 
@@ -213,22 +237,18 @@ def _read_json_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, 
     chunks = []
     for pair in _field(document, "chunks", list) if "chunks" in document else []:
         length = pair[1] if isinstance(pair, list) and len(pair) == 2 else None
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        if isinstance(length, bool) or not isinstance(length, int):
             raise FixtureError(f"chunk {pair!r} is not [seconds, length]")
-        chunks.append((_timing(pair[0]), length))
-    total = sum(size for _, size in chunks)
-    if chunks and total != len(body):
-        raise FixtureError(f"chunk lengths add up to {total}, the body has {len(body)} bytes")
+        chunks.append((_seconds(pair[0], "chunk time"), length))
     return body, chunks
 
 
 def from_fixture(document: Any) -> Entry:
-    """The entry a fixture document describes; FixtureError says what is wrong with it."""
+    """The entry a fixture document describes, checked like every entry read from outside
+    (see `entry.validated`); FixtureError says what is wrong with it."""
     if not isinstance(document, dict) or document.get("ai_cache_fixture") != FIXTURE_VERSION:
         raise FixtureError(f"not an ai-cache fixture (needs \"ai_cache_fixture\": {FIXTURE_VERSION})")
     key = _field(document, "key", str)
-    if not KEY_PATTERN.fullmatch(key):
-        raise FixtureError("'key' is not 64 lowercase hex digits")
     fmt = _field(document, "format", str)
     if fmt not in FORMATS:
         raise FixtureError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -236,19 +256,20 @@ def from_fixture(document: Any) -> Entry:
     if not all(isinstance(h, list) and len(h) == 2 and all(isinstance(s, str) for s in h) for h in headers):
         raise FixtureError("'headers' must be a list of [name, value] strings")
     status = _field(document, "status", int)
-    if not 100 <= status <= 599:
-        raise FixtureError(f"status {status} is not an HTTP status")
     body, chunks = (_read_json_body if fmt == "json" else _read_stream_body)(document)
-    return Entry(
-        key=key,
-        format=fmt,
-        body=body,
-        headers=[(name, value) for name, value in headers],
-        created_at=float(_field(document, "created_at", (int, float))),
-        status=status,
-        chunks=chunks,
-        meta=_field(document, "meta", dict),
-    )
+    try:
+        return validated(Entry(
+            key=key,
+            format=fmt,
+            body=body,
+            headers=[(name, value) for name, value in headers],
+            created_at=_seconds(_field(document, "created_at", (int, float)), "created_at"),
+            status=status,
+            chunks=chunks,
+            meta=_field(document, "meta", dict),
+        ))
+    except EntryError as e:
+        raise FixtureError(str(e)) from None
 
 
 def load_file(path: Path) -> Entry:
@@ -258,7 +279,7 @@ def load_file(path: Path) -> Entry:
         raise FixtureError(f"unreadable: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise FixtureError("not UTF-8") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FixtureError(f"not valid JSON: {e}") from None
     return from_fixture(document)
 

@@ -9,19 +9,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http
 
-from .protocols import Protocol, json_object
+from .protocols import Protocol
 
 KEY_VERSION = "ai-cache/1"
 # Never in a key, an entry, an export or a log line.
 CREDENTIAL_HEADERS = frozenset(
     {"authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "proxy-authorization"}
 )
-CREDENTIAL_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token"})
+# Query parameters that carry credentials (compared lower-cased): API keys, Azure APIM's
+# subscription-key, Azure Functions' code, SAS signatures, OAuth tokens and secrets.
+CREDENTIAL_PARAMS = frozenset({
+    "key", "api_key", "api-key", "apikey", "x-api-key", "subscription-key", "code", "sig",
+    "signature", "token", "access_token", "access-token", "id_token", "refresh_token",
+    "auth", "auth_token", "secret", "client_secret", "password", "pwd",
+})
+# Deeper request bodies are not cached: nothing real nests this deep, and deep values
+# break recursive encoders (export, exceeding Python's recursion limit) further down.
+MAX_NESTING = 64
+# A stored request copy larger than this keeps a preview and a hash, not the whole body:
+# every hit decodes the entry, and a 50 MB prompt's copy made each one take 0.5 s.
+REQUEST_COPY_LIMIT = 64 * 1024
+PREVIEW_CHARS = 1024
 # Headers that change what the provider answers.
 ANSWER_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta")
 
@@ -33,11 +48,14 @@ class KeyPolicy:
     ignore_fields: tuple[str, ...] = ()
     scope_headers: tuple[str, ...] = ()
     include_host: bool = True
+    secret_params: frozenset[str] = frozenset()  # lower-cased, on top of CREDENTIAL_PARAMS
 
 
 @dataclass(frozen=True)
 class CacheableRequest:
-    """A recognised request that can be cached, with everything later steps need."""
+    """A recognised request with a JSON object body, with everything later steps need.
+
+    When `refused` says why, the body cannot be keyed safely: it is not cached (no key)."""
 
     key: str
     stream: bool
@@ -45,6 +63,7 @@ class CacheableRequest:
     body: dict[str, Any]
     # What the key was computed from, minus credentials: stored with the entry for review.
     described: dict[str, Any] = field(repr=False)
+    refused: str = ""
 
 
 def canonical_json(value: Any) -> str:
@@ -62,12 +81,13 @@ def header_map(request: http.Request) -> dict[str, str]:
     return found
 
 
-def safe_query(request: http.Request) -> list[tuple[str, str]]:
-    """Query pairs without credentials, sorted: parameter order never matters."""
+def safe_query(request: http.Request, secret: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Query pairs without credentials (and the `secret` names), sorted: order never matters."""
     if "?" not in request.path:
         return []
     return sorted(
-        (k, v) for k, v in request.query.items(multi=True) if k.lower() not in CREDENTIAL_PARAMS
+        (k, v) for k, v in request.query.items(multi=True)
+        if k.lower() not in CREDENTIAL_PARAMS and k.lower() not in secret
     )
 
 
@@ -96,12 +116,68 @@ def without_fields(body: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
     return body
 
 
+def nesting(value: Any) -> int:
+    """How many arrays/objects deep `value` goes, counted level by level (no recursion)."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        level = [c for node in level for c in (node.values() if isinstance(node, dict) else node)]
+    return depth
+
+
+def read_body(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The body as a JSON object (None when it is not one) and why it cannot be keyed
+    safely, or "". Readers disagree on duplicate keys (Python keeps the last, others the
+    first: the key would describe another prompt than the provider answers), on NaN and
+    Infinity (not JSON) and on numbers too large for a double."""
+    problems: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) < len(items):
+            twice = next(k for k, n in Counter(k for k, _ in items).items() if n > 1)
+            problems.append(f"duplicate key {twice!r} in the body")
+        return obj
+
+    def constant(name: str) -> float:
+        problems.append(f"{name} in the body (not JSON)")
+        return float(name)
+
+    def number(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            problems.append(f"number {text[:24]} in the body is out of range")
+        return value
+
+    try:
+        body = json.loads(raw, object_pairs_hook=pairs, parse_constant=constant, parse_float=number)
+    except (ValueError, RecursionError):
+        return None, ""
+    if not isinstance(body, dict):
+        return None, ""
+    if not problems and nesting(body) > MAX_NESTING:
+        problems.append(f"body nested deeper than {MAX_NESTING} levels")
+    return body, problems[0] if problems else ""
+
+
+def stored_request(described: dict[str, Any]) -> dict[str, Any]:
+    """The request copy an entry keeps: a body over REQUEST_COPY_LIMIT becomes a preview
+    and the SHA-256 of its canonical JSON (runs in the write's worker thread)."""
+    text = canonical_json(described["body"]).encode()
+    if len(text) <= REQUEST_COPY_LIMIT:
+        return described
+    copy = {k: v for k, v in described.items() if k != "body"}
+    preview = text[:PREVIEW_CHARS].decode("utf-8", "ignore")
+    digest = hashlib.sha256(text).hexdigest()
+    return copy | {"body_preview": preview, "body_size": len(text), "body_sha256": digest}
+
+
 def scope_digest(headers: dict[str, str], names: tuple[str, ...]) -> str:
     """A hash of the scoping headers' values: isolates tenants without storing them."""
     if not names:
         return ""
     material = "\n".join(f"{n}={headers.get(n, '')}" for n in names)
-    return hashlib.sha256(material.encode()).hexdigest()
+    return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def cacheable_request(
@@ -112,11 +188,11 @@ def cacheable_request(
         raw = request.content
     except ValueError:
         return None
-    body = json_object(raw) if raw else None
+    body, refused = read_body(raw) if raw else (None, "")
     if body is None:
         return None
     path = path_of(request)
-    query = safe_query(request)
+    query = safe_query(request, policy.secret_params)
     stream = protocol.wants_stream(body, path)
     answer_headers = {h: headers[h] for h in ANSWER_HEADERS if h in headers}
     described = {
@@ -128,6 +204,9 @@ def cacheable_request(
         "headers": answer_headers,
         "body": body,
     }
+    model = protocol.model(body, path)
+    if refused:
+        return CacheableRequest("", stream, model, body, described, f"not cacheable: {refused}")
     material = [
         KEY_VERSION,
         request.method,
@@ -139,5 +218,9 @@ def cacheable_request(
         stream,
         without_fields(body, policy.ignore_fields),
     ]
-    key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
-    return CacheableRequest(key, stream, protocol.model(body, path), body, described)
+    try:
+        key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): no UTF-8 text, no entry
+        refused = "not cacheable: text that is not valid Unicode (a lone surrogate)"
+        return CacheableRequest("", stream, model, body, described, refused)
+    return CacheableRequest(key, stream, model, body, described)

@@ -59,12 +59,16 @@ class DiskStore:
 
     def get_sync(self, key: str) -> Entry | None:
         data = self._guarded("read", lambda: self._cache.get(key), None)
-        return None if data is None else self._decode(key, data)
+        entry = None if data is None else self._decode(key, data)
+        if data is not None and entry is None:
+            self.delete_sync(key)
+        return entry
 
     def _decode(self, key: str, data: bytes) -> Entry | None:
-        """The entry, or None (with a warning) for bytes the next write will replace."""
+        """The entry, or None (with a warning) for bytes that are no valid entry: the
+        caller drops those, so each one warns once."""
         try:
-            return Entry.from_bytes(data)
+            return Entry.from_bytes(data, key)
         except EntryError as e:
             logger.warning("ai-cache: discarding unreadable L1 entry %s: %s", key[:12], e)
             return None
@@ -92,10 +96,13 @@ class DiskStore:
         values live in files of their own, opened here and read off the loop.
         """
         found = self._guarded("read", lambda: self._cache.get(key, read=True), None)
-        if found is None or isinstance(found, bytes):
-            return None if found is None else self._decode(key, found)
-        data = await asyncio.to_thread(self._guarded, "read", lambda: _read_and_close(found), None)
-        return None if data is None else self._decode(key, data)
+        data = found
+        if found is not None and not isinstance(found, bytes):
+            data = await asyncio.to_thread(self._guarded, "read", lambda: _read_and_close(found), None)
+        entry = None if data is None else self._decode(key, data)
+        if data is not None and entry is None:
+            await self.delete(key)
+        return entry
 
     async def put(self, entry: Entry, expire: float | None) -> bool:
         """Writes take a transaction and may wait for other writers: always in a thread."""

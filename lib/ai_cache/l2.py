@@ -42,8 +42,11 @@ def redact(url: str) -> str:
     return scheme + sep + re.sub(r"(?i)((?:^|[?&])(?:ssl_)?password=)[^&]*", r"\1***", rest)
 
 
-def compressed(entry: Entry) -> bytes:
-    return COMPRESSED + zlib.compress(entry.to_bytes(), 1)
+def encoded(entry: Entry) -> bytes:
+    """The Redis value: the entry's bytes, compressed from COMPRESS_FROM encoded bytes on
+    (the request copy and chunk list count, not only the answer)."""
+    data = entry.to_bytes()
+    return COMPRESSED + zlib.compress(data, 1) if len(data) >= COMPRESS_FROM else data
 
 
 def connect(url: str, timeout: float) -> Any:
@@ -143,26 +146,22 @@ class RedisStore:
         data = await self.with_redis(lambda r: r.get(self.redis_key(key)), None)
         if data is None:
             return None
+        if not isinstance(data, bytes):  # decode_responses=true in the URL: the value may be fine
+            logger.warning("ai-cache: L2 value for %s is %s, not bytes", key[:12], type(data).__name__)
+            return None
         try:
-            if not isinstance(data, bytes):  # e.g. decode_responses=true in the URL
-                raise EntryError(f"value is {type(data).__name__}, not bytes")
             if data.startswith(COMPRESSED):
                 data = await asyncio.to_thread(zlib.decompress, data[len(COMPRESSED) :])
-            entry = Entry.from_bytes(data)
+            entry = Entry.from_bytes(data, key)
         except (EntryError, zlib.error) as e:
             logger.warning("ai-cache: discarding unreadable L2 value for %s: %s", key[:12], e)
-            return None
-        if entry.key != key:
-            logger.warning("ai-cache: discarding L2 value stored under the wrong key %s", key[:12])
+            await self.delete(key)
             return None
         return entry
 
     async def put(self, entry: Entry, expire: float | None) -> bool:
         ex = max(1, round(expire)) if expire else None
-        if len(entry.body) >= COMPRESS_FROM:
-            data = await asyncio.to_thread(compressed, entry)
-        else:
-            data = entry.to_bytes()
+        data = await asyncio.to_thread(encoded, entry)
         return bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False))
 
     async def delete(self, key: str) -> bool:

@@ -43,6 +43,10 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("ai_cache_scope_headers", str, "",
      "Comma-separated request headers whose values (hashed, never stored) are folded into "
      "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key."),
+    ("ai_cache_secret_params", str, "",
+     "Comma-separated query parameters that carry credentials, on top of the built-in ones "
+     "(key, api_key, subscription-key, code, sig, token, access_token, secret, password, ...): "
+     "forwarded upstream, never stored, logged or part of the key. Case-insensitive."),
     ("ai_cache_hosts", str, "",
      "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
      "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host."),
@@ -139,6 +143,7 @@ class Settings:
                 ignore_fields=parse_list(options.ai_cache_ignore_fields),
                 scope_headers=tuple(h.lower() for h in parse_list(options.ai_cache_scope_headers)),
                 include_host=options.ai_cache_key_host,
+                secret_params=frozenset(p.lower() for p in parse_list(options.ai_cache_secret_params)),
             ),
             coalesce=parsed("ai_cache_coalesce", parse_duration),
             replay_speed=parsed("ai_cache_replay_speed", float, lambda v: 0 <= v < float("inf"),

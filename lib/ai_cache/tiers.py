@@ -63,7 +63,8 @@ class TieredCache:
         """Write off the request path; `prepare` and the L1 write share one worker-thread trip.
 
         A visible entry is served to lookups at once, before it is written; `prepare` may
-        raise NotStorable to drop the entry (then it must not have been visible).
+        raise NotStorable to drop the entry (a faulty answer must not have been visible;
+        one merely too large to keep may have been, being complete).
         """
         if visible:
             self._unwritten[entry.key] = entry
