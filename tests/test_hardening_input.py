@@ -85,8 +85,8 @@ def test_scope_header_that_is_not_utf8_is_keyed(start_proxy, upstream, marker):
 
 # 7. An entry whose decoding raises something other than EntryError (RecursionError here)
 #    is a miss and is replaced; it used to be an "Addon error" on every request.
-def test_undecodable_l1_entry_is_a_miss_and_is_replaced(start_proxy, upstream, marker):
-    proxy = start_proxy()
+def test_undecodable_l1_entry_is_a_miss_and_is_replaced(shared_proxy, upstream, marker):
+    proxy = shared_proxy
     first = post(proxy, upstream, CHAT, chat_body(marker))
     wait_for_status(proxy, upstream, chat_body(marker), "HIT")
     key = first.headers["x-ai-cache-key"]
@@ -288,8 +288,8 @@ def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, up
 
 # 2. Entries are bounded: a large request keeps a preview and a hash, the whole encoded
 #    value stays within ai_cache_max_body, and Redis compression follows the encoded size.
-def test_a_large_request_keeps_a_preview_and_a_hash(start_proxy, upstream, marker, cli):  # noqa: F811
-    proxy = start_proxy()
+def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, marker, cli):  # noqa: F811
+    proxy = shared_proxy
     body = chat_body(marker)
     body["messages"].insert(0, {"role": "system", "content": "lorem ipsum " * 100_000})  # 1.2 MB
     first = post(proxy, upstream, CHAT, body)
@@ -351,3 +351,12 @@ def test_export_does_not_write_through_symlinks(cli, cache_dir, tmp_path):  # no
     assert sorted(p.name for p in out.iterdir()) == names
     assert not any(p.is_symlink() for p in out.iterdir())
     assert all(json.loads(p.read_text())["ai_cache_fixture"] == 1 for p in out.iterdir())
+
+
+# 13. Entries written before the checksum (version 1) are still read.
+def test_version_1_entries_are_still_read():
+    entry = sample_entries()[1]
+    head = json.dumps({"version": 1, **entry.header_dict()}).encode()
+    data = b"AIC" + bytes([1]) + len(head).to_bytes(4, "big") + head + entry.body
+    assert Entry.from_bytes(data, entry.key) == entry
+    assert Entry.from_bytes(entry.to_bytes(), entry.key) == entry
