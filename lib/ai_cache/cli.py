@@ -32,7 +32,7 @@ from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
-from .report import human_size
+from .report import human_age, human_size
 
 T = TypeVar("T")
 # Seconds: unlike a proxied request, a person at a terminal can wait for Redis.
@@ -139,7 +139,7 @@ class Cache:
     def put(self, entries: list[Entry]) -> None:
         """Store without an expiry: the addon judges freshness from each `created_at`."""
         if self.l1:
-            failed = sum(not self.l1.put_sync(entry, None) for entry in entries)
+            failed = sum(not self.l1.put_sync(entry) for entry in entries)
             if failed:
                 raise CLIError(f"could not write {failed} entries to {self.directory}")
         if self.redis_url:
@@ -169,14 +169,6 @@ class Cache:
 
 
 # Presentation
-
-
-def human_age(seconds: float) -> str:
-    """5s, 3m, 2h, 4d: whole units, rounded down."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 def table(rows: list[list[str]]) -> list[str]:

@@ -8,15 +8,17 @@ A store that breaks (unwritable directory, full disk, corrupt database) degrades
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import diskcache
 
-from .entry import Entry, EntryError
+from .entry import Entry, EntryError, read_header
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,15 +71,31 @@ class DiskStore:
             logger.warning("ai-cache: discarding unreadable L1 entry %s: %s", key[:12], e)
             return None
 
-    def put_sync(self, entry: Entry, expire: float | None) -> bool:
+    def put_sync(self, entry: Entry) -> bool:
+        """No expiry: the TTL is judged from `created_at` at lookup (see tiers.py)."""
         data = entry.to_bytes()
-        return self._guarded("write", lambda: self._cache.set(entry.key, data, expire=expire), False)
+        return self._guarded("write", lambda: self._cache.set(entry.key, data), False)
 
     def delete_sync(self, key: str) -> bool:
         return self._guarded("delete", lambda: self._cache.delete(key), False)
 
     def keys(self) -> Iterator[str]:
         yield from self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
+
+    def headers(self, limit: int) -> list[dict[str, Any]]:
+        """The headers (`Entry.header_dict`, no body) of at most `limit` entries, in key
+        order: a bounded read for diagnostics. Entries that cannot be read are left out."""
+        found: list[dict[str, Any]] = []
+        for key in self._guarded("listing", lambda: list(itertools.islice(self._cache.iterkeys(), limit)), []):
+            value = self._guarded("read", lambda: self._cache.get(key, read=True), None)
+            if value is None:
+                continue
+            with io.BytesIO(value) if isinstance(value, bytes) else value as handle:
+                try:
+                    found.append(read_header(handle))
+                except (EntryError, OSError):
+                    continue
+        return found
 
     def close(self) -> None:
         self._cache.close()
@@ -97,9 +115,9 @@ class DiskStore:
         data = await asyncio.to_thread(self._guarded, "read", lambda: _read_and_close(found), None)
         return None if data is None else self._decode(key, data)
 
-    async def put(self, entry: Entry, expire: float | None) -> bool:
+    async def put(self, entry: Entry) -> bool:
         """Writes take a transaction and may wait for other writers: always in a thread."""
-        return await asyncio.to_thread(self.put_sync, entry, expire)
+        return await asyncio.to_thread(self.put_sync, entry)
 
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self.delete_sync, key)
