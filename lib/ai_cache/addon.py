@@ -23,7 +23,7 @@ from .keys import cacheable_request, header_map, host_of, path_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .nearest import explain_miss
-from .options import OPTION_NAMES, OPTIONS, Settings
+from .options import OPTION_NAMES, OPTIONS, Settings, misset_options
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
 from .report import Tally, flow_line, human_size
@@ -59,16 +59,27 @@ class AICache:
     def load(self, loader) -> None:
         for name, typespec, default, help_text in OPTIONS:
             loader.add_option(name, typespec, default, help_text)
+        # Errors logged while the proxy starts stop it; raising here would not (see misset_options).
+        for problem in misset_options(loader.master.options.deferred):
+            logger.error("ai-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
         if not updated & OPTION_NAMES:
             return
-        settings = Settings.from_options(ctx.options)
-        previous, self.settings = self.settings, settings
-        if previous is None or any(
-            getattr(previous, f) != getattr(settings, f) for f in STORE_SETTINGS
-        ):
-            self._open_stores(settings)
+        try:
+            settings = Settings.from_options(ctx.options)
+            if self.settings is None or any(
+                getattr(self.settings, f) != getattr(settings, f) for f in STORE_SETTINGS
+            ):
+                self._open_stores(settings)
+        except exceptions.OptionsError as e:
+            if self.settings is not None:
+                raise  # a change while running: mitmproxy rolls it back and reports it
+            # At startup mitmproxy prints a raised error with its traceback; one logged error
+            # line stops the proxy just the same, and the addon stays unconfigured meanwhile.
+            logger.error("ai-cache: %s", e)
+            return
+        self.settings = settings
         assert self.cache is not None
         self.cache.ttl = settings.ttl
         logger.info(
