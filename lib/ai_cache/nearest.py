@@ -21,8 +21,9 @@ from .keys import KeyPolicy, canonical_json, without_fields
 from .l1 import DiskStore
 from .summary import prompt_preview
 
-# Entries whose headers are read per miss: bounds the work (~5 ms per 100 small entries,
-# in a worker thread). Larger caches are searched in part, in key order.
+# Entries whose headers are read per miss, in a worker thread: bounds the work (measured
+# with 2 KB prompts: 6 ms per 100 entries, 144 ms for 2000). Larger caches are searched in
+# part, in key order.
 MAX_EXAMINED = 2000
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
