@@ -77,7 +77,7 @@ def sample_entries() -> list[Entry]:
 def fill(directory: Path, entries: list[Entry]) -> Path:
     store = DiskStore(directory)
     for entry in entries:
-        assert store.put_sync(entry)
+        assert store.put_sync(entry, None)
     store.close()
     return directory
 

@@ -83,7 +83,7 @@ def test_cli_delete_fails_loudly_when_the_store_cannot_delete(tmp_path, monkeypa
     directory = tmp_path / "cache"
     store = DiskStore(directory)
     key = "ab" * 32
-    assert store.put_sync(Entry(key, "json", b"{}", []))
+    assert store.put_sync(Entry(key, "json", b"{}", []), None)
     store.close()
 
     def locked(self, *args, **kwargs):

@@ -75,7 +75,7 @@ def test_the_nearest_recording_of_the_same_call_is_found(store):
         recording("d", described(chat("be brief", "what is 2+2?"), host="other.example")),  # other host
         recording("e", described(chat("be brief", "what is 2+2?"), path="/v1/completions")),  # other path
     ]:
-        assert store.put_sync(entry)
+        assert store.put_sync(entry, None)
     nearest = find_nearest(store, request, "gpt-4o", KeyPolicy())
     assert (nearest.key, nearest.field, nearest.differences) == ("b" * 64, "messages[1].content", 1)
     # Without the host in the key, a recording made against another host counts.
@@ -86,15 +86,15 @@ def test_the_nearest_recording_of_the_same_call_is_found(store):
 
 def test_ties_go_to_the_newest_recording(store):
     request = described(chat("q"))
-    store.put_sync(recording("a", described(chat("p")), created_at=1000.0))
-    store.put_sync(recording("b", described(chat("r")), created_at=2000.0))
+    store.put_sync(recording("a", described(chat("p")), created_at=1000.0), None)
+    store.put_sync(recording("b", described(chat("r")), created_at=2000.0), None)
     assert find_nearest(store, request, "gpt-4o", KeyPolicy()).key == "b" * 64
 
 
 def test_the_search_is_bounded_and_reads_large_entries_by_their_header(store):
     big = b"x" * 200_000  # diskcache keeps values this large in files of their own
     for digit in "0123456789":
-        store.put_sync(recording(digit, described(chat(f"prompt {digit}")), body=big))
+        store.put_sync(recording(digit, described(chat(f"prompt {digit}")), body=big), None)
     assert len(store.headers(4)) == 4
     assert find_nearest(store, described(chat("prompt 7")), "gpt-4o", KeyPolicy(), limit=4).key != "7" * 64
     assert find_nearest(store, described(chat("prompt 7")), "gpt-4o", KeyPolicy()).key == "7" * 64
@@ -102,7 +102,7 @@ def test_the_search_is_bounded_and_reads_large_entries_by_their_header(store):
 
 
 async def test_explain_miss_reads_off_the_event_loop(store):
-    store.put_sync(recording("a", described(chat("sys", "hello"))))
+    store.put_sync(recording("a", described(chat("sys", "hello"))), None)
     readers: list[str] = []
     original = store.headers
 

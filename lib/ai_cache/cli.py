@@ -139,7 +139,7 @@ class Cache:
     def put(self, entries: list[Entry]) -> None:
         """Store without an expiry: the addon judges freshness from each `created_at`."""
         if self.l1:
-            failed = sum(not self.l1.put_sync(entry) for entry in entries)
+            failed = sum(not self.l1.put_sync(entry, None) for entry in entries)
             if failed:
                 raise CLIError(f"could not write {entry_count(failed)} to {self.directory}")
         if self.redis_url:

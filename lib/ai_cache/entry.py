@@ -104,36 +104,18 @@ class Entry:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Entry:
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes) or not data.startswith(MAGIC) or len(data) < 8:
             raise EntryError("not an ai-cache entry")
-        size = _header_length(data[:8])
-        return cls.from_header_dict(_parse_header(data[8 : 8 + size]), data[8 + size :])
-
-
-def _header_length(prefix: bytes) -> int:
-    """The header's length, from the first 8 bytes of an entry's encoding."""
-    if len(prefix) < 8 or not prefix.startswith(MAGIC):
-        raise EntryError("not an ai-cache entry")
-    version, size = struct.unpack(">BI", prefix[3:8])
-    if version != ENTRY_VERSION:
-        raise EntryError(f"unsupported entry version {version}")
-    return size
-
-
-def _parse_header(data: bytes) -> dict[str, Any]:
-    try:
-        head = json.loads(data)
-    except ValueError as e:
-        raise EntryError(f"malformed entry header: {e}") from e
-    if not isinstance(head, dict):
-        raise EntryError("malformed entry header")
-    return head
-
-
-def read_header(handle: BinaryIO) -> dict[str, Any]:
-    """Everything but the body (`header_dict`), reading only the start of an entry's
-    encoding: cheap even for a many-megabyte stream."""
-    return _parse_header(handle.read(_header_length(handle.read(8))))
+        version, size = struct.unpack(">BI", data[3:8])
+        if version != ENTRY_VERSION:
+            raise EntryError(f"unsupported entry version {version}")
+        try:
+            head = json.loads(data[8 : 8 + size])
+        except ValueError as e:
+            raise EntryError(f"malformed entry header: {e}") from e
+        if not isinstance(head, dict):
+            raise EntryError("malformed entry header")
+        return cls.from_header_dict(head, data[8 + size :])
 
 
 def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -142,3 +124,18 @@ def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         for k, v in headers
         if k.lower() not in UNREPLAYABLE_HEADERS and not k.lower().startswith(CONTROL_PREFIX)
     ]
+
+
+def read_header(handle: BinaryIO) -> dict[str, Any]:
+    """Everything but the body (`header_dict`) of an encoded entry, reading only its start:
+    cheap even for a many-megabyte stream. For diagnostics: the body is not checked."""
+    prefix = handle.read(8)
+    if len(prefix) < 8 or not prefix.startswith(MAGIC) or prefix[3] != ENTRY_VERSION:
+        raise EntryError("not an ai-cache entry of this version")
+    try:
+        head = json.loads(handle.read(struct.unpack(">I", prefix[4:8])[0]))
+    except ValueError as e:
+        raise EntryError(f"malformed entry header: {e}") from e
+    if not isinstance(head, dict):
+        raise EntryError("malformed entry header")
+    return head

@@ -71,10 +71,9 @@ class DiskStore:
             logger.warning("ai-cache: discarding unreadable L1 entry %s: %s", key[:12], e)
             return None
 
-    def put_sync(self, entry: Entry) -> bool:
-        """No expiry: the TTL is judged from `created_at` at lookup (see tiers.py)."""
+    def put_sync(self, entry: Entry, expire: float | None) -> bool:
         data = entry.to_bytes()
-        return self._guarded("write", lambda: self._cache.set(entry.key, data), False)
+        return self._guarded("write", lambda: self._cache.set(entry.key, data, expire=expire), False)
 
     def delete_sync(self, key: str) -> bool:
         return self._guarded("delete", lambda: self._cache.delete(key), False)
@@ -115,9 +114,9 @@ class DiskStore:
         data = await asyncio.to_thread(self._guarded, "read", lambda: _read_and_close(found), None)
         return None if data is None else self._decode(key, data)
 
-    async def put(self, entry: Entry) -> bool:
+    async def put(self, entry: Entry, expire: float | None) -> bool:
         """Writes take a transaction and may wait for other writers: always in a thread."""
-        return await asyncio.to_thread(self.put_sync, entry)
+        return await asyncio.to_thread(self.put_sync, entry, expire)
 
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self.delete_sync, key)

@@ -74,7 +74,7 @@ class TieredCache:
             found = Found(entry, store.layer, self.staleness(entry, max_age, any_age))
             if not found.stale:
                 if store is self.l2 and self.l1 is not None:
-                    self.background(self.l1.put(entry))
+                    self.background(self.l1.put(entry, None))
                 return found
             unservable = unservable or found
         return unservable
@@ -113,7 +113,7 @@ class TieredCache:
     def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> None:
         prepare(entry)
         if self.l1 is not None:
-            self.l1.put_sync(entry)
+            self.l1.put_sync(entry, None)  # L1 keeps entries past the TTL: see above
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""
