@@ -60,7 +60,7 @@ class AICache:
         for name, typespec, default, help_text in OPTIONS:
             loader.add_option(name, typespec, default, help_text)
         # Errors logged while the proxy starts stop it; raising here would not (see misset_options).
-        for problem in misset_options(loader.master.options.deferred):
+        for problem in misset_options(getattr(loader.master.options, "deferred", {})):
             logger.error("ai-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
