@@ -16,7 +16,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 from .controls import CONTROL_PREFIX
 from .keys import MAX_NESTING, nesting
@@ -191,3 +191,20 @@ def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if k.lower() not in UNREPLAYABLE_HEADERS and not k.lower().startswith(CONTROL_PREFIX)
         and HEADER_NAME.fullmatch(k) and HEADER_VALUE.fullmatch(v)
     ]
+
+
+def read_header(handle: BinaryIO) -> dict[str, Any]:
+    """Everything but the body (`header_dict`) of an encoded entry, reading only its start:
+    cheap even for a many-megabyte stream. For diagnostics: the body is not checked."""
+    prefix = handle.read(8)
+    if len(prefix) < 8 or not prefix.startswith(MAGIC) or prefix[3] not in READABLE_VERSIONS:
+        raise EntryError("not an ai-cache entry of a readable version")
+    if prefix[3] > 1:
+        handle.read(4)  # the checksum covers the body too: not checked here
+    try:
+        head = json.loads(handle.read(struct.unpack(">I", prefix[4:8])[0]))
+    except (ValueError, RecursionError) as e:
+        raise EntryError(f"malformed entry header: {e}") from e
+    if not isinstance(head, dict):
+        raise EntryError("malformed entry header")
+    return head
