@@ -119,6 +119,7 @@ BAD_FIXTURES = {
     "101.json": (lambda d: {**d, "status": 101}, "status 101 is not 200"),
     "slow.json": (lambda d: {**d, "body": [*d["body"][:-1], {**d["body"][-1], "at": 1e308}]}, "chunk times must"),
     "nan.json": (lambda d: {**d, "body": [*d["body"][:-1], {**d["body"][-1], "at": math.nan}]}, "chunk times must"),
+    "surrogate.json": (lambda d: {**d, "body": [{"at": 0, "text": "\ud800"}]}, "holds a lone surrogate"),
     "created.json": (lambda d: {**d, "created_at": math.inf}, "created_at inf is not a time"),
     "format.json": (lambda d: {**d, "format": "html"}, "format 'html' is not one of"),
     "usage.json": (lambda d: {**d, "meta": {**d["meta"], "usage": {"input": "9"}}}, "'usage' counts are not integers"),

@@ -191,6 +191,13 @@ def _b64(text: Any, where: str) -> bytes:
         raise FixtureError(f"{where} is not base64") from None
 
 
+def _utf8(text: str, where: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a "\ud800" escape: no bytes to answer with
+        raise FixtureError(f"{where} holds a lone surrogate, which is not text") from None
+
+
 def _seconds(value: Any, what: str) -> float:
     """A JSON number as float seconds; `validated` judges the range."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -209,7 +216,7 @@ def _read_stream_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float
         if "text" in chunk:
             if not isinstance(chunk["text"], str):
                 raise FixtureError(f"body chunk {i}: 'text' is not a string")
-            piece = chunk["text"].encode("utf-8")
+            piece = _utf8(chunk["text"], f"body chunk {i}")
         else:
             piece = _b64(chunk["base64"], f"body chunk {i}")
         pieces.append(piece)
@@ -229,9 +236,9 @@ def _read_json_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, 
                 same = False
             if not same:
                 raise FixtureError("'body' and 'body_text' disagree: edit one and delete the other")
-        body = text.encode("utf-8")
+        body = _utf8(text, "'body_text'")
     elif "body" in document:
-        body = canonical_json(document["body"]).encode("utf-8")
+        body = _utf8(canonical_json(document["body"]), "'body'")
     else:
         raise FixtureError("missing field 'body'")
     chunks = []
