@@ -131,9 +131,10 @@ class Entry:
         if version not in READABLE_VERSIONS:
             raise EntryError(f"unsupported entry version {version}")
         start = 8 if version == 1 else 12
-        checksum = zlib.crc32(memoryview(data)[12:], zlib.crc32(data[:8]))
-        if version > 1 and struct.unpack(">I", data[8:12])[0] != checksum:
-            raise EntryError("checksum mismatch: the stored bytes are corrupt")
+        if version > 1:
+            (checksum,) = struct.unpack(">I", data[8:12])
+            if checksum != zlib.crc32(memoryview(data)[12:], zlib.crc32(data[:8])):
+                raise EntryError("checksum mismatch: the stored bytes are corrupt")
         try:
             head = json.loads(data[start : start + size])
         except (ValueError, RecursionError) as e:
