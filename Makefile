@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 $(ARGS)
+	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 \
+		--set ai_cache_connection_log=false $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -7,6 +7,7 @@ names its option, so a bad value stops startup with a clear message.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,9 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "on without L2. Failures open a circuit breaker that skips Redis for a growing cool-down."),
     ("ai_cache_redis_prefix", str, "ai-cache:",
      "Prefix of every Redis key the cache writes."),
+    ("ai_cache_connection_log", bool, True,
+     "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
+     "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay."),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
 
@@ -103,6 +107,7 @@ class Settings:
     redis_url: str
     redis_timeout: float  # seconds
     redis_prefix: str
+    connection_log: bool
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
@@ -147,4 +152,11 @@ class Settings:
             redis_timeout=parsed("ai_cache_redis_timeout", float, lambda v: 0 < v <= 60000,
                                  "must be between 0 and 60000 milliseconds") / 1000,
             redis_prefix=options.ai_cache_redis_prefix,
+            connection_log=options.ai_cache_connection_log,
         )
+
+
+def allow_hosts(globs: tuple[str, ...]) -> list[str]:
+    """mitmproxy's allow_hosts for ai_cache_hosts: regexes searched in "host:port", so each
+    glob is anchored, and one without a port takes any port."""
+    return ["^" + fnmatch.translate(glob if ":" in glob else f"{glob}:*") for glob in globs]
