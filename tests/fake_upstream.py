@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 SCENARIOS = (
     "status-NNN", "gzip", "abort", "no-terminal", "cut-frame", "done-in-content",
     "error-event", "failed", "incomplete", "keepalive", "crlf", "slow", "big",
-    "sse-forced", "json-for-stream", "not-json",
+    "sse-forced", "json-for-stream", "not-json", "late-end-MS",
 )  # fmt: skip
 CREATED = 1_700_000_000
 CREATED_AT = "2023-11-14T22:13:20Z"
@@ -598,6 +598,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if compressor:
             self._write_chunk(compressor.flush())
+        if late := next((int(s[9:]) for s in self.scn if re.fullmatch(r"late-end-\d+", s)), 0):
+            time.sleep(late / 1000)  # real servers end the body a moment after the last event
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 

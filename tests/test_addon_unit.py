@@ -6,6 +6,7 @@ import json
 
 import pytest
 from mitmproxy import exceptions, http
+from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow, tutils
 
 from ai_cache.addon import AICache
@@ -196,3 +197,39 @@ async def test_host_allow_list(tmp_path, hosts, cached):
         await addon.request(flow)
         await addon.cache.close()
         assert ("ai_cache" in flow.metadata) is cached
+
+
+
+async def streamed_flow(addon: AICache, body: dict, path: str, frames: list[bytes]) -> http.HTTPFlow:
+    """A MISS whose answer streams in: headers through `responseheaders`, then each frame
+    through the stream callable, as mitmproxy does."""
+    flow = chat_flow(body, path=path)
+    await addon.request(flow)
+    flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+    flow.response.raw_content = None
+    addon.responseheaders(flow)
+    for frame in frames:
+        assert flow.response.stream(frame) == frame
+    return flow
+
+
+SSE_CHAT = [b'data: {"id":"c1","choices":[{"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
+GEMINI_PATH = "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+GEMINI_FINAL = [b'data: {"candidates":[{"content":{"parts":[{"text":"hi"}]},"finishReason":"STOP"}]}\n\n']
+CHAT_STREAM = {"model": "m", "messages": [], "stream": True}
+
+
+@pytest.mark.parametrize("frames,path,body,stored", [
+    (SSE_CHAT, "/v1/chat/completions", CHAT_STREAM, True),
+    (SSE_CHAT[:1], "/v1/chat/completions", CHAT_STREAM, False),
+    (GEMINI_FINAL, GEMINI_PATH, {"contents": []}, False),  # no sentinel: needs a clean end
+], ids=["complete", "cut-before-terminal", "gemini-without-clean-end"])
+async def test_a_stream_that_ended_in_error_is_judged_by_its_capture(addon, frames, path, body, stored):
+    flow = await streamed_flow(addon, body, path, frames)
+    flow.error = Error("Client disconnected.")
+    addon.error(flow)
+    await addon.cache.drain()
+    entry = addon.cache.l1.get_sync(flow.metadata["ai_cache"]["key"])
+    assert (entry is not None) == stored
+    if stored:
+        assert entry.body == b"".join(frames)

@@ -282,23 +282,34 @@ class AICache:
             ) + (", waited for an identical request in flight" if info.get("coalesced") else "")
             logger.info("ai-cache: %s", flow_line(info, where(flow), info["size"], outcome))
             return
+        self._conclude(flow, info)
+
+    def _conclude(self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = "") -> None:
+        """Store what was recorded if it is complete, release followers, log one line.
+
+        `ended_by` is the error a flow ended with: the capture still decides, because a
+        client that closes right after the terminal event leaves a complete stream."""
         written: asyncio.Task[bool] | None = None
         try:
             if info["status"] in RECORDING and not info.get("served"):
-                entry, capture, why_not = self._recorded_entry(flow, info)
+                entry, capture, why_not = self._recorded_entry(flow, info, ended_by)
                 if entry is not None and capture is not None:
                     written = self._store(entry, capture)
                     outcome = "stored after a full check" if capture.needs_full_check else "stored"
+                    if ended_by:
+                        outcome += f" (complete; then {ended_by.rstrip('.')})"
                 else:
                     outcome = f"not stored: {why_not}"
                     self.tally.not_storing(why_not)
             else:
-                outcome = info.get("reason", "")
+                outcome = info.get("reason", "") or ended_by
         finally:  # whatever happened, the followers of a leader must not wait in vain
             self._release_followers(info, written)
-        size = len(flow.response.raw_content or b"")
-        if isinstance(flow.response.stream, StreamCapture):
-            size = flow.response.stream.size
+        size = 0
+        if flow.response is not None:
+            size = len(flow.response.raw_content or b"")
+            if isinstance(flow.response.stream, StreamCapture):
+                size = flow.response.stream.size
         logger.info("ai-cache: %s", flow_line(info, where(flow), size, outcome))
 
     def _store(self, entry: Entry, capture: StreamCapture) -> asyncio.Task[bool] | None:
@@ -336,13 +347,17 @@ class AICache:
             self.tally.not_storing("failed its full check")
 
     def _recorded_entry(
-        self, flow: http.HTTPFlow, info: dict[str, Any]
+        self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = ""
     ) -> tuple[Entry | None, StreamCapture | None, str]:
-        assert self.settings is not None and flow.response is not None
+        assert self.settings is not None
         response = flow.response
+        if response is None:
+            return None, None, ended_by or "no response"
         if response.status_code != 200:
             return None, None, f"upstream answered {response.status_code}"
         capture = response.stream
+        if ended_by and not (isinstance(capture, StreamCapture) and capture.protocol.terminal_proves_end):
+            return None, None, ended_by  # only a stream's terminal event outlives a broken end
         if not isinstance(capture, StreamCapture):
             if capture:
                 return None, None, "the response was streamed without capture"
@@ -377,5 +392,4 @@ class AICache:
             self.replayer.forget(info["token"])
             logger.debug("ai-cache: paced replay ended early: %s", flow.error)
         elif info["status"] in RECORDING:
-            self._release_followers(info, None)
-            logger.info("ai-cache: %s", flow_line(info, where(flow), 0, f"not stored: {flow.error}"))
+            self._conclude(flow, info, str(flow.error.msg if flow.error else "the flow failed"))

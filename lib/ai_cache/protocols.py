@@ -47,6 +47,10 @@ class Protocol:
     # without the needle needs no event-by-event search, keeping the capture at memory speed.
     error_needles: tuple[bytes, ...] = (b'"error"',)
     error_pattern = re.compile(ERROR_KEY)
+    # Whether the terminal event alone proves the stream complete, however the connection
+    # ended after it: SDKs close the response at the sentinel while servers end the body
+    # a moment later, so a complete stream often ends in mitmproxy's `error` hook.
+    terminal_proves_end = True
 
     def matches(self, path: str) -> bool:
         return bool(self.path_pattern.search(path))
@@ -137,6 +141,9 @@ class Gemini(Protocol):
     name = "gemini"
     path_pattern = re.compile(r"/models/[^/]+:(generateContent|streamGenerateContent)$")
     required_fields = ("contents",)
+    # No sentinel: a later event could still follow a finishReason, so only a body that
+    # ended cleanly counts (clients read Gemini streams to the end of the body anyway).
+    terminal_proves_end = False
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return path.endswith(":streamGenerateContent")
