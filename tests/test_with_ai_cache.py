@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from conftest import ROOT
 from fake_upstream import FakeUpstream, make_tls_cert
 
 SCRIPT = str(ROOT / "scripts" / "with-ai-cache")
+NODE_SDKS = ROOT / "tests" / "node" / "node_modules"
 PROGRAM = """
 import httpx, sys
 answer = httpx.post(sys.argv[1] + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": sys.argv[2]}]})
@@ -89,6 +91,21 @@ def test_node_fetch_goes_through_the_proxy_over_https(run, tmp_path, confdir, ma
         assert upstream.count(marker) == 1
     assert summary(replayed.stderr).startswith("ai-cache: 1 LLM call: 1 hit")
     assert "fetch will NOT use the proxy" not in recorded.stderr + replayed.stderr
+
+
+@pytest.mark.skipif(not (NODE_SDKS / "openai").is_dir(), reason="no tests/node/node_modules (make node-deps)")
+def test_the_official_openai_node_sdk_goes_through_the_proxy_with_no_proxy_code(run, tmp_path, confdir, upstream,
+                                                                                  marker):
+    """`with-ai-cache -- node app.js` for an app that just does `new OpenAI()`."""
+    job = {"sdk": "openai", "call": "chat-stream", "baseURL": upstream.url + "/v1", "prompt": marker,
+           "model": "gpt-4o-mini", "headers": {}}
+    ran = run("--dir", str(tmp_path / "cache"), "--confdir", str(confdir),
+              "--", "node", str(NODE_SDKS.parent / "driver.mjs"), json.dumps(job))
+    assert ran.returncode == 0, ran.stderr
+    calls = json.loads(ran.stdout)
+    assert (calls["miss"]["status"], calls["hit"]["status"]) == ("MISS", "HIT")
+    assert calls["miss"]["output"] == calls["hit"]["output"]
+    assert upstream.count(marker) == 1
 
 
 def test_warns_when_no_llm_call_went_through_the_proxy(run, tmp_path, confdir):

@@ -46,7 +46,8 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key."),
     ("ai_cache_hosts", str, "",
      "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
-     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host."),
+     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host. When set, "
+     "mitmproxy decrypts only these hosts (allow_hosts, unless set) and tunnels other TLS untouched."),
     ("ai_cache_key_host", bool, True,
      "Put the upstream host in the key. Turn off to replay recordings against another host "
      "(a staging gateway, a reverse proxy on another port)."),
