@@ -33,10 +33,6 @@ def installed(tmp_path_factory) -> Path:
     (site / "test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                     str(source)], check=True, capture_output=True)
-    # mitmproxy's own console script, as pip writes it when it installs the dependency.
-    mitmdump = venv / "bin" / "mitmdump"
-    mitmdump.write_text(f"#!{python}\nimport sys\nfrom mitmproxy.tools.main import mitmdump\nsys.exit(mitmdump())\n")
-    mitmdump.chmod(0o755)
     return venv
 
 

@@ -59,20 +59,26 @@ exports.nativeEnvProxy = major >= 24 || (major === 22 && minor >= 21);
     Object.defineProperty(globalThis, DISPATCHER, { value, writable: true, configurable: true });
   }
 
+  function warn(e) {
+    process.stderr.write(`ai-cache: Node.js ${process.version} fetch will NOT use the proxy: ${e.message}\n`);
+  }
+
   if (globalThis[DISPATCHER] !== undefined) return; // someone chose a dispatcher already
-  Object.defineProperty(globalThis, DISPATCHER, {
-    configurable: true,
-    get() {
-      settle(undefined); // loading undici reads the dispatcher: no recursion into this getter
-      try {
-        globalThis[DISPATCHER] = proxyAgent(); // writable, also once undici has defined it
-      } catch (e) {
-        // Node's fetch then uses its own direct Agent, as without this preload.
-        process.stderr.write(
-          `ai-cache: Node.js ${process.version} fetch will NOT use the proxy: ${e.message}\n`);
-      }
-      return globalThis[DISPATCHER];
-    },
-    set: settle,
-  });
+  try {
+    Object.defineProperty(globalThis, DISPATCHER, {
+      configurable: true,
+      get() {
+        settle(undefined); // loading undici reads the dispatcher: no recursion into this getter
+        try {
+          globalThis[DISPATCHER] = proxyAgent(); // writable, also once undici has defined it
+        } catch (e) {
+          warn(e); // Node's fetch then uses its own direct Agent, as without this preload
+        }
+        return globalThis[DISPATCHER];
+      },
+      set: settle,
+    });
+  } catch (e) {
+    warn(e);
+  }
 })();

@@ -27,7 +27,9 @@ from .nodejs import (UNDICI_VERSION, ensure_undici, installed_version, needs_und
 from .options import MODES
 from .report import SUMMARY
 
-MITMDUMP = Path(sys.executable).parent / "mitmdump"
+# mitmproxy's mitmdump entry point, run by this interpreter: it has mitmproxy and this
+# package, wherever the installer put the console scripts (a venv, ~/.local/bin, pipx).
+MITMDUMP = [sys.executable, "-c", "import sys; from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())"]
 CA_BUNDLE = "ai-cache-ca-bundle.pem"
 # Where distributions keep their trust store, for Pythons built with another default.
 SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         options[name] = value
-    command = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON_PATH)]
+    command = [*MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON_PATH)]
     for name, value in options.items():
         command += ["--set", f"{name}={value}"]
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ai-cache-", suffix=".log")[1])
