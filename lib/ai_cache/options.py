@@ -7,8 +7,10 @@ names its option, so a bad value stops startup with a clear message.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from mitmproxy import exceptions
 
 from .keys import KeyPolicy
 
+PREFIX = "ai_cache_"
 MODES = ("record", "replay", "refresh", "off")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
@@ -71,6 +74,22 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay."),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
+
+
+def misset_options(deferred: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the `ai_cache_*` settings mitmproxy put aside until the addon
+    declared its options: a misspelt name (ignored without a word by mitmproxy) or an
+    option set twice (the script then fails to load without a word). One message each."""
+    problems = []
+    for name, value in deferred.items():
+        if name in OPTION_NAMES:
+            given = getattr(value, "val", None)  # mitmproxy's unconverted `--set` strings
+            if isinstance(given, list) and len(given) > 1:
+                problems.append(f"{name} is set {len(given)} times; set each option once")
+        elif name.startswith(PREFIX):  # compare what follows the prefix, which all share
+            close = difflib.get_close_matches(name[len(PREFIX):], [n[len(PREFIX):] for n in sorted(OPTION_NAMES)], n=1)
+            problems.append(f"unknown option {name}" + (f" (did you mean {PREFIX}{close[0]}?)" if close else ""))
+    return problems
 
 
 def parse_number(text: str, units: dict[str, float], what: str) -> float:

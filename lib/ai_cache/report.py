@@ -20,6 +20,14 @@ def human_size(size: float) -> str:
     return f"{size:.1f} GiB"
 
 
+def human_age(seconds: float) -> str:
+    """5s, 3m, 2h, 4d: whole units, rounded down."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
     """`HIT l1 openai-chat gpt-4o api.openai.com/v1/chat/completions 1.2 KiB sse: age 3s, saved 42 tokens`."""
     parts = [info["status"]]
@@ -28,6 +36,8 @@ def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
     parts += [info["protocol"], info.get("model") or "-", where, human_size(size)]
     if info.get("format"):
         parts.append(info["format"])
+    if info.get("expired"):  # a miss because the entry was too old, not because there was none
+        outcome = f"{info['expired']}, fetched again" + (f"; {outcome}" if outcome else "")
     line = " ".join(parts)
     return f"{line}: {outcome}" if outcome else line
 
