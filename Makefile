@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
@@ -11,11 +12,16 @@ ARGS ?=
 
 install: $(STAMP)
 
+# The proxy's own dependencies only; the test extra (SDKs, servers) comes with `make test`.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
 
 # The official Node.js SDKs the tests drive (tests/node); without npm those tests skip.
 NODE_STAMP := tests/node/node_modules/.installed
@@ -28,12 +34,13 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	else echo "npm not found: the Node.js SDK tests will be skipped"; fi
 
 run: $(STAMP)
-	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 $(ARGS)
+	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 \
+		--set ai_cache_connection_log=false $(ARGS)
 
-test: $(STAMP) node-deps
+test: $(TEST_STAMP) node-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick,)
 
 clean:

@@ -23,10 +23,10 @@ from .keys import cacheable_request, header_map, host_of, path_of, stored_reques
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .nearest import explain_miss
-from .options import OPTION_NAMES, OPTIONS, Settings, misset_options
+from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
-from .report import Tally, flow_line, human_size
+from .report import Tally, flow_line, human_size, show_connection_lines
 from .summary import prompt_preview, token_usage
 from .tiers import NotStorable, TieredCache
 
@@ -83,6 +83,7 @@ class AICache:
         self.settings = settings
         assert self.cache is not None
         self.cache.ttl = settings.ttl
+        show_connection_lines(settings.connection_log)
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
@@ -129,6 +130,9 @@ class AICache:
         # A hit must never wait for (or fail on) a connection to the real host.
         if not ctx.options.has_changed("connection_strategy"):
             ctx.options.update(connection_strategy="lazy")
+        # Only the listed hosts are decrypted: every other TLS connection is tunnelled.
+        if self.settings and self.settings.hosts and not ctx.options.has_changed("allow_hosts"):
+            ctx.options.update(allow_hosts=allow_hosts(self.settings.hosts))
 
     async def done(self) -> None:
         if self.cache is not None:
@@ -321,6 +325,7 @@ class AICache:
                         outcome += f" (complete; then {ended_by.rstrip('.')})"
                 else:
                     outcome = f"not stored: {why_not}"
+                    self.tally.not_storing(why_not)
             else:
                 outcome = info.get("reason", "") or ended_by
         finally:  # whatever happened, the followers of a leader must not wait in vain
@@ -362,8 +367,12 @@ class AICache:
             written.add_done_callback(lambda _: self.flights.land(info["key"]))
 
     def _count_stored(self, task: asyncio.Task[bool]) -> None:
-        if not task.cancelled() and task.exception() is None and task.result():
+        if task.cancelled() or task.exception() is not None:
+            self.tally.not_storing("the store write failed")
+        elif task.result():
             self.tally.stored += 1
+        else:
+            self.tally.not_storing("failed its full check")
 
     def _recorded_entry(
         self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = ""

@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 from diskcache.core import DBNAME
 
+from . import ADDON_PATH
 from .entry import FORMATS, Entry
 from .fixtures import export_dir, import_dir
 from .l1 import DiskStore
@@ -483,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("key", help="the entry's key or a unique prefix of it")
     sub = command("clear", cmd_clear, "Delete every entry.")
     sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    text = 'Print the path of the addon file for mitmproxy: mitmdump -s "$(ai-cache addon-path)".'
+    commands.add_parser("addon-path", help=text, description=text)
     return parser
 
 
@@ -491,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has reported: 2
         return int(e.code or 0)
+    if args.command == "addon-path":
+        print(ADDON_PATH)
+        return 0
     logging.basicConfig(format="%(message)s")  # the stores' warnings, already `ai-cache: `-prefixed
     try:
         cache = Cache(Path(args.dir).expanduser(), args.redis_url, args.redis_prefix, args.create)

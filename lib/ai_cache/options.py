@@ -8,6 +8,7 @@ names its option, so a bad value stops startup with a clear message.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "forwarded upstream, never stored, logged or part of the key. Case-insensitive."),
     ("ai_cache_hosts", str, "",
      "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
-     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host."),
+     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host. When set, "
+     "mitmproxy decrypts only these hosts (allow_hosts, unless set) and tunnels other TLS untouched."),
     ("ai_cache_key_host", bool, True,
      "Put the upstream host in the key. Turn off to replay recordings against another host "
      "(a staging gateway, a reverse proxy on another port)."),
@@ -71,6 +73,9 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "on without L2. Failures open a circuit breaker that skips Redis for a growing cool-down."),
     ("ai_cache_redis_prefix", str, "ai-cache:",
      "Prefix of every Redis key the cache writes."),
+    ("ai_cache_connection_log", bool, True,
+     "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
+     "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay."),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
 
@@ -126,6 +131,7 @@ class Settings:
     redis_url: str
     redis_timeout: float  # seconds
     redis_prefix: str
+    connection_log: bool
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
@@ -171,4 +177,11 @@ class Settings:
             redis_timeout=parsed("ai_cache_redis_timeout", float, lambda v: 0 < v <= 60000,
                                  "must be between 0 and 60000 milliseconds") / 1000,
             redis_prefix=options.ai_cache_redis_prefix,
+            connection_log=options.ai_cache_connection_log,
         )
+
+
+def allow_hosts(globs: tuple[str, ...]) -> list[str]:
+    """mitmproxy's allow_hosts for ai_cache_hosts: regexes searched in "host:port", so each
+    glob is anchored, and one without a port takes any port."""
+    return ["^" + fnmatch.translate(glob if ":" in glob else f"{glob}:*") for glob in globs]
