@@ -2,8 +2,8 @@
 
 Real HTTP/2 servers often end a stream with END_STREAM in an empty DATA frame that comes
 after the last event's frame. This server makes that explicit: every body chunk goes out
-with `more_body=True`, then it waits `late-end-MS` (when the request asks for it) and only
-then sends the empty final chunk, which hypercorn turns into the empty END_STREAM frame.
+with `more_body=True`, then it waits `late-end-MS` (when the request or the server asks for
+it) and only then sends the empty final chunk, which hypercorn turns into that frame.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from hypercorn.asyncio import serve
@@ -26,8 +27,7 @@ class H2Upstream(FakeUpstream):
 
     def __init__(self, tls: tuple[str, str], scenarios: str = "") -> None:
         super().__init__(tls, scenarios)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Event | None = None
+        self._shutdown: Callable[[], object] = lambda: None
 
     def start(self) -> H2Upstream:
         sock = socket.socket()
@@ -40,22 +40,20 @@ class H2Upstream(FakeUpstream):
         config.bind = [f"fd://{sock.detach()}"]
         config.graceful_timeout = 0.5
         config.accesslog = config.errorlog = None
-        self._loop = asyncio.new_event_loop()
-        self._stopped = asyncio.Event()
-        stopped = self._stopped
+        loop, stopped = asyncio.new_event_loop(), asyncio.Event()
+        self._shutdown = lambda: loop.call_soon_threadsafe(stopped.set)
 
         def run() -> None:
-            assert self._loop is not None
-            self._loop.run_until_complete(serve(self._app, config, shutdown_trigger=stopped.wait))  # type: ignore[arg-type]
-            self._loop.close()
+            loop.run_until_complete(serve(self._app, config, shutdown_trigger=stopped.wait))  # type: ignore[arg-type]
+            loop.close()
 
         self._thread = threading.Thread(target=run, name=f"h2-upstream-{self.port}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._loop and self._stopped and self._thread:
-            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread:
+            self._shutdown()
             self._thread.join(timeout=5)
         self._thread = None
 

@@ -4,10 +4,13 @@ tool calls, usage) and reach the upstream once.
 
 The upstreams end every body 150 ms after its last byte, as real servers do: plain HTTP/1.1
 (through `HTTP_PROXY`), HTTPS (through `HTTPS_PROXY`, the client trusting mitmproxy's CA
-from `SSL_CERT_FILE`), and HTTP/2 over TLS (hypercorn; the clients speak HTTP/2 too, so
-mitmproxy does on both sides) whose END_STREAM comes in a later, empty DATA frame. SDKs
-that stop reading at the terminal event (openai's chat streams and what is built on them)
-must leave an entry whose log line says so: the real-timing path, not the happy path.
+from `SSL_CERT_FILE`), and HTTP/2 (hypercorn) whose END_STREAM comes in a later, empty DATA
+frame. mitmproxy offers a server the protocols its client offered, so the HTTP/2 variant
+runs the clients with HTTP/2 enabled; httpx then still prefers HTTP/1.1 towards the proxy,
+and `H2Client` covers HTTP/2 on the client's side, with the RST_STREAM of an early close.
+
+SDKs that stop reading at the terminal event (openai's chat streams and what is built on
+them) must leave an entry whose log line says so: the real-timing path, not the happy path.
 """
 
 from __future__ import annotations
@@ -71,14 +74,15 @@ def openai_chat(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
     with openai_sdk(env) as client:
         if not stream:
             r = client.chat.completions.create(**kwargs)
-            calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls or []]
-            return {"id": r.id, "text": r.choices[0].message.content, "calls": calls, "usage": r.usage.to_dict()}
+            message = r.choices[0].message
+            calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            return {"id": r.id, "text": message.content, "calls": calls, "usage": r.usage.to_dict()}
         chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     text = "".join(d.content or "" for d in deltas)
-    pieces = [t for d in deltas for t in d.tool_calls or []]
-    calls = [(p.id, p.function.name, json.loads("".join(q.function.arguments or "" for q in pieces)))
-             for p in pieces if p.id]  # fmt: skip
+    pieces = [t for d in deltas for t in d.tool_calls or []]  # of one call: the first has its id and name
+    arguments = "".join(p.function.arguments or "" for p in pieces)
+    calls = [(pieces[0].id, pieces[0].function.name, json.loads(arguments))] if pieces else []
     return {"id": chunks[0].id, "text": text or None, "calls": calls, "usage": chunks[-1].usage.to_dict()}
 
 
@@ -99,14 +103,16 @@ def openai_responses(env: Env, prompt: str, tools: bool, stream: bool) -> Output
 def openai_embeddings(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
     with openai_sdk(env) as client:
         r = client.embeddings.create(model="text-embedding-3-small", input=[prompt, "second"])
-    return {"id": None, "text": None, "calls": [], "vectors": [d.embedding for d in r.data], "usage": r.usage.to_dict()}
+    vectors = [d.embedding for d in r.data]
+    return {"id": None, "text": None, "calls": [], "vectors": vectors, "usage": r.usage.to_dict()}
 
 
 def anthropic_messages(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
     kwargs: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 100,
                               "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
     if tools:
-        kwargs["tools"] = [{"name": TOOL["name"], "description": TOOL["description"], "input_schema": TOOL["parameters"]}]
+        kwargs["tools"] = [{"name": TOOL["name"], "description": TOOL["description"],
+                            "input_schema": TOOL["parameters"]}]  # fmt: skip
     with anthropic.Anthropic(api_key="sk-ant-test", base_url=env.url, max_retries=0,
                              http_client=anthropic.DefaultHttpxClient(http2=env.http2)) as client:  # fmt: skip
         if stream:
@@ -196,35 +202,44 @@ def litellm_completion(provider: str) -> Callable[[Env, str, bool, bool], Output
     return run
 
 
+Adapter = Callable[[Env, str, bool, bool], Output]  # (env, prompt, tools, stream) -> output
+# name, adapter, whether the API has streams and tools, whether the SDK stops reading a
+# stream at its terminal event and closes the response (checked against the proxy's log)
+ADAPTERS: tuple[tuple[str, Adapter, bool, bool], ...] = (
+    ("openai-chat", openai_chat, True, True),
+    ("openai-responses", openai_responses, True, False),
+    ("openai-embeddings", openai_embeddings, False, False),
+    ("anthropic", anthropic_messages, True, False),
+    ("gemini", gemini, True, False),
+    ("ollama", ollama_chat, True, False),
+    ("langchain", langchain_chat, True, True),
+    ("litellm-openai", litellm_completion("openai"), True, True),
+    ("litellm-anthropic", litellm_completion("anthropic"), True, True),
+)
+
+
 @dataclass(frozen=True)
 class Client:
+    """One call of the matrix: an adapter, streaming or not, with a tool or not."""
+
     name: str
-    call: Callable[[Env, str, bool, bool], Output]
+    adapter: Adapter
     stream: bool
     tools: bool
-    # The SDK stops reading at the terminal event and closes the response, so with a late
-    # end the proxy sees the client leave after a complete stream.
-    closes_early: bool = False
+    closes_early: bool  # with a late end the proxy sees the client leave after a complete stream
+
+    def run(self, env: Env, prompt: str) -> Output:
+        return self.adapter(env, prompt, self.tools, self.stream)
 
 
 def matrix() -> list[Client]:
-    cases = []
-    for name, call, modes, tools, early in (
-        ("openai-chat", openai_chat, (False, True), (False, True), True),
-        ("openai-responses", openai_responses, (False, True), (False, True), False),
-        ("openai-embeddings", openai_embeddings, (False,), (False,), False),
-        ("anthropic", anthropic_messages, (False, True), (False, True), False),
-        ("gemini", gemini, (False, True), (False, True), False),
-        ("ollama", ollama_chat, (False, True), (False, True), False),
-        ("langchain", langchain_chat, (False, True), (False, True), True),
-        ("litellm-openai", litellm_completion("openai"), (False, True), (False, True), True),
-        ("litellm-anthropic", litellm_completion("anthropic"), (False, True), (False, True), True),
-    ):
-        for stream in modes:
-            for tool in tools:
-                label = f"{name}-{'stream' if stream else 'json'}{'-tool' if tool else ''}"
-                cases.append(Client(label, call, stream, tool, early and stream))
-    return cases
+    return [
+        Client(f"{name}-{'stream' if stream else 'json'}{'-tool' if tools else ''}", adapter, stream, tools,
+               early and stream)
+        for name, adapter, full, early in ADAPTERS
+        for stream in (False, True)[: 1 + full]
+        for tools in (False, True)[: 1 + full]
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- upstreams and the proxy
@@ -265,7 +280,7 @@ def warm_clients() -> Iterator[None]:
             env.delenv(name, raising=False)
         for case in matrix():
             if case.stream and not case.tools:
-                case.call(Env(direct, http2=False), "warm up", False, True)
+                case.run(Env(direct, http2=False), "warm up")
     yield
 
 
@@ -304,8 +319,8 @@ def ai_cache_lines(proxy: Proxy, start: int, count: int) -> list[str]:
 def test_miss_then_hit(client: Client, env: Env, proxy: Proxy, marker: str):
     start = len(proxy.logs())
     prompt = f"What is the weather in Paris? {marker}"
-    first = client.call(env, prompt, client.tools, client.stream)
-    second = client.call(env, prompt, client.tools, client.stream)
+    first = client.run(env, prompt)
+    second = client.run(env, prompt)
 
     assert first == second
     if client.tools:
