@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import openai
 import pytest
 from conftest import Proxy
@@ -160,8 +159,9 @@ def ollama_chat(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
 def langchain_chat(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
     from langchain_openai import ChatOpenAI
 
+    http_client = openai.DefaultHttpxClient(http2=True) if env.http2 else None
     llm: Any = ChatOpenAI(model="gpt-4o-mini", base_url=env.url + "/v1", api_key="sk-test", max_retries=0,
-                          stream_usage=True, http_client=httpx.Client(http2=True) if env.http2 else None)  # fmt: skip
+                          stream_usage=True, http_client=http_client)  # fmt: skip
     if tools:
         llm = llm.bind_tools([{"type": "function", "function": TOOL}])
     m = reduce(add, llm.stream(prompt)) if stream else llm.invoke(prompt)
