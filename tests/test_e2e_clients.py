@@ -322,20 +322,17 @@ def test_miss_then_hit(client: Client, env: Env, proxy: Proxy, marker: str):
     first = client.run(env, prompt)
     second = client.run(env, prompt)
 
+    lines = ai_cache_lines(proxy, start, 2)
+    assert len(lines) == 2 and lines[1].startswith("ai-cache: HIT l1"), lines
+    early = " (complete; then Client disconnected)" if client.closes_early else ""  # it left before the end
+    assert lines[0].startswith("ai-cache: MISS") and lines[0].endswith(f": stored{early}"), lines[0]
+    received = [r for r in env.upstream.requests if r.contains(marker)]
+    assert [r.http_version for r in received] == ["HTTP/2" if env.http2 else "HTTP/1.1"]
     assert first == second
     if client.tools:
         assert [call[1:] for call in first["calls"]] == [CALL]
     elif first["text"] is not None:
         assert first["text"] == f"echo: {prompt}"
-    received = [r for r in env.upstream.requests if r.contains(marker)]
-    assert [r.http_version for r in received] == ["HTTP/2" if env.http2 else "HTTP/1.1"]
-    miss, hit = ai_cache_lines(proxy, start, 2)
-    assert miss.startswith("ai-cache: MISS") and hit.startswith("ai-cache: HIT l1")
-    outcome = miss.split(": ", 2)[2]
-    if client.closes_early:  # the client left after the terminal event, before the body's end
-        assert outcome.startswith("stored (complete; then Client disconnected)"), miss
-    else:
-        assert outcome == "stored", miss
 
 
 # ---------------------------------------------------------------- HTTP/2 from the client
