@@ -4,8 +4,11 @@ Serves OpenAI (chat, legacy completions, responses, embeddings, models),
 Anthropic messages, Gemini generateContent / streamGenerateContent and Ollama
 native endpoints from a daemon thread, records every request it receives and
 misbehaves on demand through the ``x-fake-scenario`` request header (see
-``SCENARIOS``).  Every answer carries a fresh id from a global counter; the
-rest of the answer is deterministic from the request ("echo: <prompt>").
+``SCENARIOS``), or on every request (``FakeUpstream(scenarios=...)``).  Every
+answer carries a fresh id from a global counter; the rest of the answer is
+deterministic from the request ("echo: <prompt>"; a tool in the request makes
+it a call of that tool with ``TOOL_ARGS``).  `h2_upstream` serves the same
+answers over HTTP/2.
 """
 
 from __future__ import annotations
@@ -539,8 +542,8 @@ def answer(rec: RecordedRequest, k: int, scn: frozenset[str]) -> tuple[int, Any]
 
 
 def answer_chunks(rec: RecordedRequest, k: int, scn: frozenset[str]) -> tuple[int, str, list[bytes]]:
-    """Status, content type and body chunks of the answer: for servers other than `_Handler`,
-    which honour the scenarios that shape a stream's frames and ``late-end-MS`` only."""
+    """Status, content type and body chunks of the answer, for servers other than `_Handler`:
+    the scenarios that shape a stream's frames apply; gzip, abort and slow are `_Handler`'s."""
     result = answer(rec, k, scn)
     if isinstance(result, _Stream):
         return 200, result.content_type, [frame.encode() for frame in _shape(result, scn)]
