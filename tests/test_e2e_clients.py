@@ -413,3 +413,4 @@ def test_http2_client_cancels_the_stream_after_done(proxy, upstreams, confdir, m
     assert line.endswith("stored (complete; then stream reset by client (CANCEL))"), line
     assert hit[0]["x-ai-cache-status"] == "HIT" and hit[1] == miss[1]
     assert [r.http_version for r in upstream.requests if r.contains(marker)] == ["HTTP/2"]
+    assert "Lowercased" not in proxy.logs()[start:]  # HTTP/2 forbids upper-case header names
