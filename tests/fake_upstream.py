@@ -24,7 +24,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 SCENARIOS = (
     "status-NNN", "gzip", "abort", "no-terminal", "cut-frame", "done-in-content",
     "error-event", "failed", "incomplete", "keepalive", "crlf", "slow", "big",
-    "sse-forced", "json-for-stream", "not-json", "late-end-MS",
+    "sse-forced", "json-for-stream", "not-json", "late-end-MS", "delay-MS",
 )  # fmt: skip
 CREATED = 1_700_000_000
 CREATED_AT = "2023-11-14T22:13:20Z"
@@ -63,6 +63,7 @@ class RecordedRequest:
     query: str
     headers: dict[str, str]
     body: bytes
+    received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
     def contains(self, marker: str) -> bool:
         """Whether the body or path+query contains ``marker``."""
@@ -503,6 +504,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.upstream._record(rec)
         self.k = _next_id()
         self.scn = frozenset(s.strip() for s in headers.get("x-fake-scenario", "").split(",") if s.strip())
+        if delay := next((int(s[6:]) for s in self.scn if re.fullmatch(r"delay-\d+", s)), 0):
+            time.sleep(delay / 1000)  # a provider that thinks before answering (any status)
         try:
             self._answer(rec)
         except OSError:  # client went away mid-answer
@@ -620,6 +623,7 @@ class _Server(ThreadingHTTPServer):
     """Threading HTTP server that knows its FakeUpstream and stays quiet on client errors."""
 
     daemon_threads = True
+    request_queue_size = 256  # socketserver's 5 drops bursts of parallel connections
 
     def __init__(self, upstream: FakeUpstream) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -679,6 +683,11 @@ class FakeUpstream:
         """Number of received requests whose body or path+query contains ``marker``."""
         with self._lock:
             return sum(r.contains(marker) for r in self.requests)
+
+    def arrivals(self, marker: str) -> list[float]:
+        """Arrival times (time.monotonic) of the requests containing ``marker``, in order."""
+        with self._lock:
+            return sorted(r.received for r in self.requests if r.contains(marker))
 
     def reset(self) -> None:
         """Forget all recorded requests."""

@@ -171,26 +171,28 @@ class AICache:
             info["status"] = "REFRESH"
         elif hit := await self.cache.lookup(info["key"], controls.max_age):
             await self._serve_hit(flow, info, *hit)
-        elif not offline and (hit := await self._answer_of_identical_request(info["key"], controls.max_age)):
+        elif not offline and (hit := await self._answer_of_identical_request(info, controls.max_age)):
             info["coalesced"] = True
             await self._serve_hit(flow, info, *hit)
         else:
             info["status"] = "MISS"
             if offline or controls.only_if_cached:
                 flow.response = self._no_recording(info, offline)
-            elif self.settings.coalesce:
+            elif self.settings.coalesce and not info.get("followed"):
                 info["leader"] = self.flights.lead(info["key"])
 
-    async def _answer_of_identical_request(self, key: str, max_age: float | None) -> tuple[Entry, str] | None:
-        """Follow identical requests in flight until one leaves an answer. When a leader
-        fails, its followers follow whichever of them leads next: no stampede upstream."""
+    async def _answer_of_identical_request(self, info: dict[str, Any], max_age: float | None) -> tuple[Entry, str] | None:
+        """Wait (bounded) for an identical request in flight and take its answer.
+
+        A leader that lands without a usable entry (an error, a reset, an answer too old
+        for this client) sends all its followers upstream at once, none of them leading
+        (Varnish's hit-for-pass): a chain of new leaders would make the last one wait for
+        every answer before it."""
         assert self.settings is not None and self.cache is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.coalesce
-        while (left := deadline - loop.time()) > 0 and await self.flights.follow(key, left):
-            if hit := await self.cache.lookup(key, max_age):
-                return hit
-        return None
+        if not await self.flights.follow(info["key"], self.settings.coalesce):
+            return None
+        info["followed"] = True
+        return await self.cache.lookup(info["key"], max_age)
 
     def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
         if not (self.settings and self.settings.headers):
