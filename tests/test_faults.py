@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from test_e2e_core import CHAT, chat_body, post
 
-DELAY = 0.5  # seconds the fake provider thinks before answering, in the single-flight tests
+DELAY = 1.0  # seconds the fake provider thinks before answering, in the single-flight tests
 
 
 # 3. Single flight: a leader that lands without a usable entry releases all its followers
