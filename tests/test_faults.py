@@ -4,9 +4,17 @@ upstream mode, compressed streams. End to end with real processes where the faul
 
 from __future__ import annotations
 
+import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import redis
+import redis.asyncio
+
+from ai_cache.l2 import RedisStore
 from test_e2e_core import CHAT, chat_body, post
+from test_e2e_redis import wait_for_redis_key
 
 DELAY = 1.0  # seconds the fake provider thinks before answering, in the single-flight tests
 
@@ -41,3 +49,82 @@ def test_followers_rejecting_the_leaders_entry_go_upstream_at_once(start_proxy, 
     answers = concurrent_posts(proxy, upstream, chat_body(marker), headers, 10)
     assert [a.headers["x-ai-cache-status"] for a in answers] == ["MISS"] * 10
     assert_followers_went_upstream_together(upstream, marker, 10)
+
+
+# 4. A healthy Redis must not look broken under load: redis-py's async pool refused the
+#    101st concurrent call (MaxConnectionsError), which opened the breaker and dropped writes.
+def test_200_concurrent_misses_all_reach_redis_and_the_breaker_stays_closed(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    # A generous timeout: on a loaded 2-core machine the proxy's own event loop lags past
+    # 100 ms in a 200-flow burst, and such timeouts are real failures for the breaker.
+    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_redis_timeout="2000")
+    n = 200
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(proxy=proxy.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(
+                client.post(upstream.url + CHAT, json=chat_body(f"{marker} {i}"),
+                            headers={"x-fake-scenario": "delay-300"})
+                for i in range(n)
+            ))
+
+    answers = asyncio.run(burst())
+    assert [a.headers["x-ai-cache-status"] for a in answers] == ["MISS"] * n
+    keys = {"ai-cache:" + a.headers["x-ai-cache-key"] for a in answers}
+    client = redis.Redis(port=server.port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(client.exists(k) for k in keys) < n:
+        time.sleep(0.1)  # the writes finish in the background
+    assert sum(client.exists(k) for k in keys) == n
+    assert "skipping it for a while" not in proxy.logs()
+
+
+# 14. The breaker flapped: calls already in flight when it opened succeeded and closed it
+#     again at once. Only the probe after the cool-down may close it.
+async def test_calls_in_flight_when_the_breaker_opens_do_not_close_it(start_redis):
+    server = start_redis()
+    store = RedisStore(server.url, 5.0, "t:")
+    admin = redis.asyncio.Redis(port=server.port)
+
+    async def blocked_clients() -> list[int]:
+        clients = (await admin.execute_command("CLIENT", "LIST")).decode().splitlines()
+        return [int(c.split("id=")[1].split()[0]) for c in clients if "cmd=blpop" in c]
+
+    async def wait_blocked(n: int) -> list[int]:
+        while len(ids := await blocked_clients()) < n:
+            await asyncio.sleep(0.01)
+        return ids
+
+    failing = asyncio.create_task(store.with_redis(lambda r: r.blpop("a", 10), "default"))
+    [victim] = await wait_blocked(1)
+    in_flight = asyncio.create_task(store.with_redis(lambda r: r.blpop("b", 10), "default"))
+    await wait_blocked(2)
+    await admin.execute_command("CLIENT", "KILL", "ID", victim)  # a real connection failure
+    assert await failing == "default" and store.breaker.is_open
+    await admin.lpush("b", "x")  # the call that was already in flight succeeds
+    assert list(await in_flight) == [b"b", b"x"]
+    assert store.breaker.is_open
+    await store.close()
+    await admin.aclose()
+
+
+# 14. A Redis that refuses writes (out of memory, a read-only replica) still serves reads:
+#     the refusal is not an outage of the whole store.
+def test_a_redis_refusing_writes_still_serves_hits(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    recorder = start_proxy(ai_cache_redis_url=server.url)
+    recorded = post(recorder, upstream, CHAT, chat_body(marker))
+    client = redis.Redis(port=server.port)
+    wait_for_redis_key(client, "ai-cache:" + recorded.headers["x-ai-cache-key"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # every write is refused now: OOM
+    proxy = start_proxy(ai_cache_redis_url=server.url)  # an empty L1: everything comes from L2
+    for i in range(3):
+        assert post(proxy, upstream, CHAT, chat_body(f"{marker} new {i}")).headers["x-ai-cache-status"] == "MISS"
+    hit = post(proxy, upstream, CHAT, chat_body(marker))
+    assert (hit.headers["x-ai-cache-status"], hit.headers.get("x-ai-cache-layer")) == ("HIT", "l2")
+    assert upstream.count(marker) == 4  # the recording and the three new questions
+    logs = proxy.logs()
+    assert "skipping it for a while" not in logs
+    assert logs.count("refuses writes") == 1

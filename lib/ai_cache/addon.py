@@ -31,7 +31,7 @@ from .tiers import NotStorable, TieredCache
 
 logger = logging.getLogger(__name__)
 META = "ai_cache"
-STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix")
+STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix", "redis_pool")
 RECORDING = ("MISS", "REFRESH")  # statuses whose answer comes from upstream and may be stored
 
 
@@ -91,7 +91,7 @@ class AICache:
             l1 = None
         try:
             l2 = (
-                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix)
+                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix, settings.redis_pool)
                 if settings.redis_url
                 else None
             )
