@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -25,9 +27,9 @@ from .l2 import RedisStore, redact
 from .options import OPTION_NAMES, OPTIONS, Settings
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
-from .report import Tally, flow_line, human_size
+from .report import Tally, flow_line, human_size, store_outcome
 from .summary import prompt_preview, token_usage
-from .tiers import NotStorable, TieredCache
+from .tiers import NotStorable, TieredCache, Written
 
 logger = logging.getLogger(__name__)
 META = "ai_cache"
@@ -73,7 +75,8 @@ class AICache:
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
-            self.cache.l1.directory if self.cache.l1 else f"{settings.directory} (unusable)",
+            self.cache.l1.directory if self.cache.l1 and not self.cache.l1.read_only
+            else f"{settings.directory} ({'read-only' if self.cache.l1 else 'unusable'})",
             f"{settings.ttl:g}s" if settings.ttl else "forever",
             human_size(settings.max_body),
             f"{settings.coalesce:g}s" if settings.coalesce else "off",
@@ -283,36 +286,40 @@ class AICache:
         self._conclude(flow, info)
 
     def _conclude(self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = "") -> None:
-        """Store what was recorded if it is complete, release followers, log one line.
+        """Store what was recorded if it is complete, release followers, log one line
+        (for a stored answer once the write finished: it says whether it was stored).
 
         `ended_by` is the error a flow ended with: the capture still decides, because a
         client that closes right after the terminal event leaves a complete stream."""
-        written: asyncio.Task[bool] | None = None
+        written: asyncio.Task[Written] | None = None
+        checked = False
+        outcome = info.get("reason", "") or ended_by
         try:
             if info["status"] in RECORDING and not info.get("served"):
                 entry, capture, why_not = self._recorded_entry(flow, info, ended_by)
                 if entry is not None and capture is not None:
-                    written = self._store(entry, capture)
-                    outcome = "stored after a full check" if capture.needs_full_check else "stored"
-                    if ended_by:
-                        outcome += f" (complete; then {ended_by.rstrip('.')})"
+                    checked = capture.needs_full_check
+                    written = self._store(entry, capture, visible=not checked)
                 else:
                     outcome = f"not stored: {why_not}"
-            else:
-                outcome = info.get("reason", "") or ended_by
         finally:  # whatever happened, the followers of a leader must not wait in vain
-            self._release_followers(info, written)
+            self._release_followers(info, written if checked else None)
         size = 0
         if flow.response is not None:
             size = len(flow.response.raw_content or b"")
             if isinstance(flow.response.stream, StreamCapture):
                 size = flow.response.stream.size
-        logger.info("ai-cache: %s", flow_line(info, where(flow), size, outcome))
+        line = functools.partial(flow_line, info, where(flow), size)
+        if written is None:
+            logger.info("ai-cache: %s", line(outcome))
+        else:
+            then = f" (complete; then {ended_by.rstrip('.')})" if ended_by else ""
+            written.add_done_callback(lambda task: self._report_write(task, line, checked, then))
 
-    def _store(self, entry: Entry, capture: StreamCapture) -> asyncio.Task[bool] | None:
+    def _store(self, entry: Entry, capture: StreamCapture, visible: bool) -> asyncio.Task[Written]:
         """Summarise and write in the background. An answer that needs a full check (an
-        error needle showed, or a large JSON body) is checked there first and served only
-        once written: then the write's task is returned."""
+        error needle showed, or a large JSON body) is checked there first and must not be
+        `visible` (served) before it is written."""
 
         def prepare(entry: Entry) -> None:
             if capture.needs_full_check and (problem := capture.full_check()):
@@ -320,24 +327,28 @@ class AICache:
             summarise(entry)
 
         assert self.cache is not None
-        visible = not capture.needs_full_check
-        written = self.cache.store_soon(entry, prepare, visible=visible)
-        written.add_done_callback(self._count_stored)
-        return None if visible else written
+        return self.cache.store_soon(entry, prepare, visible=visible)
 
-    def _release_followers(self, info: dict[str, Any], written: asyncio.Task[bool] | None) -> None:
+    def _release_followers(self, info: dict[str, Any], hidden: asyncio.Task[Written] | None) -> None:
         """A leader's followers look up as soon as its answer is visible: at once, or when a
-        hidden entry (one that needed a full check) has been written."""
+        `hidden` entry (one that needed a full check) has been written."""
         if not info.get("leader"):
             return
-        if written is None:
+        if hidden is None:
             self.flights.land(info["key"])
         else:
-            written.add_done_callback(lambda _: self.flights.land(info["key"]))
+            hidden.add_done_callback(lambda _: self.flights.land(info["key"]))
 
-    def _count_stored(self, task: asyncio.Task[bool]) -> None:
-        if not task.cancelled() and task.exception() is None and task.result():
+    def _report_write(self, task: asyncio.Task[Written], line: Callable[[str], str], checked: bool, then: str) -> None:
+        if task.cancelled():
+            written = Written(problem="the write was cancelled")
+        elif task.exception() is not None:
+            written = Written(problem=f"the write failed: {task.exception()!r}")
+        else:
+            written = task.result()
+        if written.layers:
             self.tally.stored += 1
+        logger.info("ai-cache: %s", line(store_outcome(written.layers, written.problem, checked) + then))
 
     def _recorded_entry(
         self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = ""

@@ -10,6 +10,7 @@ full disk logged 965 fail/recover warnings in 25 s).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -22,16 +23,21 @@ class Outage:
         self.quiet = quiet
         self.failures = 0  # in the current outage; 0 when there is none
         self.last_failure = 0.0
+        self._lock = threading.Lock()  # L1 writes report from worker threads
 
     def failed(self, warning: str) -> None:
         """Count a failure; `warning` is logged when it starts an outage."""
-        if not self.failures:
-            logger.warning(warning)
-        self.failures += 1
-        self.last_failure = time.monotonic()
+        with self._lock:
+            if not self.failures:
+                logger.warning(warning)
+            self.failures += 1
+            self.last_failure = time.monotonic()
 
     def worked(self) -> None:
         """A success ends the outage once no failure came for `quiet` seconds."""
-        if self.failures and time.monotonic() - self.last_failure >= self.quiet:
-            logger.warning("%s (%d calls failed meanwhile)", self.recovered, self.failures)
-            self.failures = 0
+        if not self.failures:
+            return
+        with self._lock:
+            if self.failures and time.monotonic() - self.last_failure >= self.quiet:
+                logger.warning("%s (%d calls failed meanwhile)", self.recovered, self.failures)
+                self.failures = 0

@@ -23,6 +23,14 @@ class NotStorable(Exception):
     """A background check found that an answer must not be stored after all."""
 
 
+@dataclass(frozen=True)
+class Written:
+    """Where a background write put an entry, and why not in every layer (or at all)."""
+
+    layers: tuple[str, ...] = ()
+    problem: str = ""
+
+
 @dataclass
 class TieredCache:
     l1: DiskStore | None
@@ -59,7 +67,7 @@ class TieredCache:
 
     def store_soon(
         self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True
-    ) -> asyncio.Task[bool]:
+    ) -> asyncio.Task[Written]:
         """Write off the request path; `prepare` and the L1 write share one worker-thread trip.
 
         A visible entry is served to lookups at once, before it is written; `prepare` may
@@ -68,25 +76,32 @@ class TieredCache:
         if visible:
             self._unwritten[entry.key] = entry
 
-        async def write() -> bool:
+        async def write() -> Written:
+            layers: list[str] = []
             try:
-                await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare)
+                problems = [await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare)]
+                if self.l1 is not None and not problems[0]:
+                    layers.append(self.l1.layer)
                 if self.l2 is not None:
-                    await self.l2.put(entry, self.remaining(entry))
-                return True
+                    if await self.l2.put(entry, self.remaining(entry)):
+                        layers.append(self.l2.layer)
+                    else:
+                        problems.append("L2 write failed")
             except NotStorable as e:
-                logger.info("ai-cache: %s not stored after all: %s", entry.key[:12], e)
-                return False
+                return Written(problem=str(e))
             finally:
                 if self._unwritten.get(entry.key) is entry:
                     del self._unwritten[entry.key]
+            return Written(tuple(layers), "; ".join(p for p in problems if p))
 
         return self.background(write())
 
-    def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> None:
+    def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> str:
+        """Why L1 did not take the entry ("" when it did, or when there is no L1)."""
         prepare(entry)
-        if self.l1 is not None:
-            self.l1.put_sync(entry, self.remaining(entry))
+        if self.l1 is None or self.l1.put_sync(entry, self.remaining(entry)):
+            return ""
+        return f"L1 {self.l1.failure or 'write failed'}"
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""
