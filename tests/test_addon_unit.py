@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from mitmproxy import exceptions, http
@@ -12,7 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from ai_cache.addon import AICache
 from ai_cache.keys import KeyPolicy, cacheable_request, header_map
 from ai_cache.l2 import CircuitBreaker, redact
-from ai_cache.options import parse_duration, parse_size
+from ai_cache.options import misset_options, parse_duration, parse_size
 from ai_cache.protocols import recognise
 
 ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [],
@@ -98,16 +99,44 @@ async def test_error_answers_and_failed_flows_are_not_stored(addon):
     assert list(addon.cache.l1.keys()) == []
 
 
-@pytest.mark.parametrize("option,value", [
+BAD_VALUES = [
     ("ai_cache_ttl", "abc"), ("ai_cache_mode", "bogus"), ("ai_cache_max_body", "-5"),
     ("ai_cache_max_body", "0"), ("ai_cache_replay_speed", "-1"), ("ai_cache_redis_timeout", "nan"),
     ("ai_cache_redis_url", "redis://host:notaport"),
-])
-def test_bad_options_raise_an_error_naming_the_option(tmp_path, option, value):
+]
+
+
+@pytest.mark.parametrize("option,value", BAD_VALUES)
+def test_a_bad_option_at_startup_is_one_error_line_naming_it(tmp_path, caplog, option, value):
     addon = AICache()
     with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(tmp_path), **{option: value})
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"ai-cache: {option}: ") and "\n" not in errors[0]
+    assert addon.settings is None and addon.cache is None  # unconfigured: passes everything through
+
+
+@pytest.mark.parametrize("option,value", BAD_VALUES)
+def test_a_bad_option_while_running_is_rolled_back(tmp_path, option, value):
+    addon = AICache()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(tmp_path))
+        settings = addon.settings
         with pytest.raises(exceptions.OptionsError, match=option):
-            tctx.configure(addon, ai_cache_dir=str(tmp_path), **{option: value})
+            tctx.configure(addon, **{option: value})
+        assert addon.settings == settings and getattr(tctx.options, option) != value
+        addon.cache.l1.close()
+
+
+def test_misspelt_and_repeated_options_are_named():
+    with taddons.context() as tctx:
+        tctx.options.set("ai_cache_tll=7d", "ai_cache_mode=replay", "ai_cache_dir=a", "ai_cache_dir=b",
+                         "ai_cache_zzzzzz=1", "other_addon_option=1", defer=True)
+        assert sorted(misset_options(tctx.options.deferred)) == [
+            "ai_cache_dir is set 2 times; set each option once",
+            "unknown option ai_cache_tll (did you mean ai_cache_ttl?)",
+            "unknown option ai_cache_zzzzzz",
+        ]
 
 
 def test_durations_and_sizes():

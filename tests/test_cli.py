@@ -290,6 +290,26 @@ def test_purge_removes_only_old_entries(cli, cache_dir):
     assert cli("--dir", cache_dir, "purge")[0] == 2  # --older-than is required
 
 
+def test_counts_of_one_are_singular(cli, cache_dir, tmp_path):
+    fixtures, copy_dir = tmp_path / "fixtures", tmp_path / "copy"
+    assert cli("--dir", cache_dir, "export", fixtures, "--format", "json") == (
+        0, f"exported 1 entry to {fixtures}\n", "")
+    (fixtures / "broken.json").write_text("{")
+    code, out, _ = cli("--dir", copy_dir, "import", fixtures)
+    assert (code, out) == (1, f"imported 1 entry into {copy_dir}; skipped 1 bad file\n")
+    assert cli("--dir", copy_dir, "purge", "--older-than", "1s") == (0, f"purged 1 entry from {copy_dir}\n", "")
+    assert cli("--dir", copy_dir, "clear", "--yes") == (0, f"deleted 0 entries from {copy_dir}\n", "")
+
+
+def test_import_of_a_directory_without_fixture_files_fails(cli, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a fixture")
+    code, out, err = cli("--dir", tmp_path / "copy", "import", empty)
+    assert (code, out) == (1, "")
+    assert err == f"ai-cache: no fixture files (*.json) in {empty}: nothing imported\n"
+
+
 def test_delete_by_prefix(cli, cache_dir):
     code, out, _ = cli("--dir", cache_dir, "delete", key_of("sse")[:5])
     assert code == 0 and out == f"deleted {key_of('sse')[:12]} from l1\n"

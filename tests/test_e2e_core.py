@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -310,7 +311,16 @@ def test_logs_one_line_per_flow_and_a_summary(start_proxy, upstream, marker):
     assert f"MISS openai-chat gpt-4o-mini 127.0.0.1:{upstream.port}/v1/chat/completions" in logs
     assert ": stored" in logs
     assert "HIT l1 openai-chat gpt-4o-mini" in logs and "tokens" in logs
-    assert "1 misses" in logs and "hits" in logs
+    assert re.search(r"ai-cache: \d+ LLM calls: \d+ hits?, 1 miss; 1 stored, 0 not stored;", logs)
+
+
+def mitmdump_startup(tmp_path, *settings: str) -> subprocess.CompletedProcess:
+    """Start the real mitmdump with the addon and these `--set`s; it must stop on its own."""
+    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ROOT / "ai_cache_addon.py"),
+            "--set", f"confdir={tmp_path}", "--set", f"ai_cache_dir={tmp_path / 'c'}"]
+    for setting in settings:
+        args += ["--set", setting]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.parametrize("option,value", [
@@ -318,10 +328,19 @@ def test_logs_one_line_per_flow_and_a_summary(start_proxy, upstream, marker):
     ("ai_cache_replay_speed", "fast"), ("ai_cache_redis_timeout", "0"), ("ai_cache_redis_url", "http://x"),
 ])
 def test_bad_option_values_stop_startup_naming_the_option(tmp_path, option, value):
-    result = subprocess.run(
-        [MITMDUMP, "-p", "0", "-s", str(ROOT / "ai_cache_addon.py"), "--set", f"confdir={tmp_path}",
-         "--set", f"ai_cache_dir={tmp_path / 'c'}", "--set", f"{option}={value}"],
-        capture_output=True, text=True, timeout=30,
-    )
+    result = mitmdump_startup(tmp_path, f"{option}={value}")
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert f"{option}:" in result.stdout + result.stderr
+    assert [line for line in output.splitlines() if f"{option}:" in line and "ai-cache: " in line]
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["ai_cache_tll=7d"], "ai-cache: unknown option ai_cache_tll (did you mean ai_cache_ttl?)"),
+    (["ai_cache_mode=replay", "ai_cache_mode=record"], "ai-cache: ai_cache_mode is set 2 times; set each option once"),
+])
+def test_misspelt_or_repeated_options_stop_startup(tmp_path, settings, message):
+    result = mitmdump_startup(tmp_path, *settings)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output and "Traceback" not in output

@@ -248,5 +248,5 @@ def test_a_full_disk_never_makes_the_log_say_stored(start_namespaced_proxy, upst
     logs = proxy.logs()
     assert 0 < rows < n  # the disk did fill up
     assert logs.count("json: stored") == rows
-    assert f" {rows} stored;" in logs  # the shutdown summary
+    assert f"; {rows} stored, {n - rows} not stored (L1 write failed: {n - rows});" in logs  # the summary
     assert logs.count("L1 write failed in") == 1 and "work again" not in logs  # one warning

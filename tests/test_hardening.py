@@ -161,5 +161,6 @@ def test_bad_cluster_url_is_an_options_error(tmp_path):
 
     addon = AICache()
     with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(tmp_path))  # running; at startup it is a logged error
         with pytest.raises(exceptions.OptionsError, match="ai_cache_redis_url"):
             tctx.configure(addon, ai_cache_dir=str(tmp_path), ai_cache_redis_url="redis+cluster://127.0.0.1:7000/1")

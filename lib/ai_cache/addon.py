@@ -24,10 +24,11 @@ from .flights import InFlight
 from .keys import cacheable_request, header_map, host_of, path_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
-from .options import OPTION_NAMES, OPTIONS, Settings
+from .nearest import explain_miss
+from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
-from .report import Tally, flow_line, human_size, store_outcome
+from .report import Tally, flow_line, human_size, show_connection_lines, store_outcome
 from .summary import prompt_preview, token_usage
 from .tiers import NotStorable, TieredCache, Written
 
@@ -60,18 +61,30 @@ class AICache:
     def load(self, loader) -> None:
         for name, typespec, default, help_text in OPTIONS:
             loader.add_option(name, typespec, default, help_text)
+        # Errors logged while the proxy starts stop it; raising here would not (see misset_options).
+        for problem in misset_options(getattr(loader.master.options, "deferred", {})):
+            logger.error("ai-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
         if not updated & OPTION_NAMES:
             return
-        settings = Settings.from_options(ctx.options)
-        previous, self.settings = self.settings, settings
-        if previous is None or any(
-            getattr(previous, f) != getattr(settings, f) for f in STORE_SETTINGS
-        ):
-            self._open_stores(settings)
+        try:
+            settings = Settings.from_options(ctx.options)
+            if self.settings is None or any(
+                getattr(self.settings, f) != getattr(settings, f) for f in STORE_SETTINGS
+            ):
+                self._open_stores(settings)
+        except exceptions.OptionsError as e:
+            if self.settings is not None:
+                raise  # a change while running: mitmproxy rolls it back and reports it
+            # At startup mitmproxy prints a raised error with its traceback; one logged error
+            # line stops the proxy just the same, and the addon stays unconfigured meanwhile.
+            logger.error("ai-cache: %s", e)
+            return
+        self.settings = settings
         assert self.cache is not None
         self.cache.ttl = settings.ttl
+        show_connection_lines(settings.connection_log)
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
@@ -119,6 +132,9 @@ class AICache:
         # A hit must never wait for (or fail on) a connection to the real host.
         if not ctx.options.has_changed("connection_strategy"):
             ctx.options.update(connection_strategy="lazy")
+        # Only the listed hosts are decrypted: every other TLS connection is tunnelled.
+        if self.settings and self.settings.hosts and not ctx.options.has_changed("allow_hosts"):
+            ctx.options.update(allow_hosts=allow_hosts(self.settings.hosts))
 
     async def done(self) -> None:
         if self.cache is not None:
@@ -172,17 +188,21 @@ class AICache:
             info["reason"] = "no usable cache store"
         elif (mode == "refresh" or controls.refresh) and not (offline or controls.only_if_cached):
             info["status"] = "REFRESH"
-        elif hit := await self.cache.lookup(info["key"], controls.max_age):
-            await self._serve_hit(flow, info, *hit)
+        elif (found := await self.cache.find(info["key"], controls.max_age, any_age=offline)) and not found.stale:
+            await self._serve_hit(flow, info, found.entry, found.layer)
         elif not offline and (hit := await self._answer_of_identical_request(info, controls.max_age)):
             info["coalesced"] = True
             await self._serve_hit(flow, info, *hit)
         else:
             info["status"] = "MISS"
+            stale = found.stale if found else ""
             if offline or controls.only_if_cached:
-                flow.response = self._no_recording(info, offline)
-            elif self.settings.coalesce and not info.get("followed"):
-                info["leader"] = self.flights.lead(info["key"])
+                flow.response = await self._no_recording(info, offline, stale)
+            else:
+                if stale:
+                    info["expired"] = stale
+                if self.settings.coalesce and not info.get("followed"):
+                    info["leader"] = self.flights.lead(info["key"])
 
     async def _answer_of_identical_request(self, info: dict[str, Any], max_age: float | None) -> tuple[Entry, str] | None:
         """Wait (bounded) for an identical request in flight and take its answer.
@@ -225,23 +245,31 @@ class AICache:
             flow.response = immediate_response(entry, headers)
             flow.is_replay = "response"
 
-    def _no_recording(self, info: dict[str, Any], offline: bool) -> http.Response:
-        """The 504 for a miss that may not go upstream: says what is missing and what to do."""
+    async def _no_recording(self, info: dict[str, Any], offline: bool, stale: str) -> http.Response:
+        """The 504 for a miss that may not go upstream: what is missing, why it missed (the
+        prompt, the nearest recording and where it differs) and what to do. `x-should-retry:
+        false` stops the SDKs' retries, which cannot help."""
+        assert self.settings is not None and self.cache is not None
         why = "ai_cache_mode=replay" if offline else "the client sent Cache-Control: only-if-cached"
         request = info.get("request", {})
+        what = (f"this {info['protocol']} request (model {info.get('model') or '-'}, "
+                f"{request.get('host', '')}{request.get('path', '')}, key {info['key'][:16]})")
+        if stale:
+            missing, explained = f"the recording of {what} is {stale}", {}
+            info["reason"] = f"recording {stale}, answered 504 ({why})"
+        else:
+            explanation = await explain_miss(self.cache.l1, request, info.get("model", ""), self.settings.policy)
+            missing, explained = f"no recording for {what}: {explanation.sentence()}", explanation.as_json()
+            info["reason"] = f"no recording, answered 504 ({why}); {explanation.sentence()}"
         message = (
-            f"ai-cache: no recording for this {info['protocol']} request "
-            f"(model {info.get('model') or '-'}, {request.get('host', '')}{request.get('path', '')}, "
-            f"key {info['key'][:16]}) and {why} forbids contacting upstream. Record it by running "
+            f"ai-cache: {missing}; {why} forbids contacting upstream. Record it by running "
             f"once with ai_cache_mode=record (the default) and the upstream reachable."
         )
         body = {"type": "error", "error": {"type": "ai_cache_miss", "code": "ai_cache_no_recording",
-                                           "message": message, "key": info["key"]}}
+                                           "message": message, "key": info["key"], **explained}}
         info["served"] = True
-        info["reason"] = f"no recording, answered 504 ({why})"
-        return http.Response.make(
-            504, json.dumps(body), make_headers([("content-type", "application/json"), *self._cache_headers(info)])
-        )
+        headers = [("content-type", "application/json"), ("x-should-retry", "false"), *self._cache_headers(info)]
+        return http.Response.make(504, json.dumps(body), make_headers(headers))
 
     # Response path
 
@@ -302,6 +330,7 @@ class AICache:
                     written = self._store(entry, capture, visible=not checked)
                 else:
                     outcome = f"not stored: {why_not}"
+                    self.tally.not_storing(why_not)
         finally:  # whatever happened, the followers of a leader must not wait in vain
             self._release_followers(info, written if checked else None)
         size = 0
@@ -340,14 +369,15 @@ class AICache:
             hidden.add_done_callback(lambda _: self.flights.land(info["key"]))
 
     def _report_write(self, task: asyncio.Task[Written], line: Callable[[str], str], checked: bool, then: str) -> None:
-        if task.cancelled():
-            written = Written(problem="the write was cancelled")
-        elif task.exception() is not None:
-            written = Written(problem=f"the write failed: {task.exception()!r}")
+        """The flow's line once its write finished, and the tally: `stored` only if it was."""
+        if task.cancelled() or task.exception() is not None:
+            written = Written(problem="the store write failed")
         else:
             written = task.result()
         if written.layers:
             self.tally.stored += 1
+        else:
+            self.tally.not_storing(written.problem)
         logger.info("ai-cache: %s", line(store_outcome(written.layers, written.problem, checked) + then))
 
     def _recorded_entry(

@@ -26,13 +26,14 @@ from urllib.parse import urlencode
 
 from diskcache.core import DBNAME
 
+from . import ADDON_PATH
 from .entry import FORMATS, Entry
 from .fixtures import export_dir, import_dir
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
-from .report import human_size
+from .report import human_age, human_size
 
 T = TypeVar("T")
 # Seconds: unlike a proxied request, a person at a terminal can wait for Redis.
@@ -130,7 +131,7 @@ class Cache:
         matches = [k for k in self.keys() if k.startswith(prefix)] if prefix else []
         if len(matches) > 1:
             shown = ", ".join(k[:12] for k in matches[:5]) + (", ..." if len(matches) > 5 else "")
-            raise CLIError(f"key prefix {prefix!r} is ambiguous: {len(matches)} entries match ({shown})")
+            raise CLIError(f"key prefix {prefix!r} is ambiguous: {entry_count(len(matches))} match ({shown})")
         found = self.entries(matches)
         if not found:
             raise CLIError(f"no entry with a key starting {prefix!r} in {self.where}")
@@ -141,7 +142,7 @@ class Cache:
         if self.l1:
             failed = sum(not self.l1.put_sync(entry, None) for entry in entries)
             if failed:
-                raise CLIError(f"could not write {failed} entries to {self.directory}")
+                raise CLIError(f"could not write {entry_count(failed)} to {self.directory}")
         if self.redis_url:
 
             async def put_all(store: RedisStore) -> None:
@@ -154,7 +155,7 @@ class Cache:
         if self.l1:
             failures = [f for key in keys if not self.l1.delete_sync(key) and (f := self.l1.failure)]
             if failures:
-                raise CLIError(f"could not delete {len(failures)} entries in {self.directory}: {failures[-1]}")
+                raise CLIError(f"could not delete {entry_count(len(failures))} in {self.directory}: {failures[-1]}")
         if self.redis_url:
 
             async def delete_all(store: RedisStore) -> None:
@@ -171,18 +172,19 @@ class Cache:
 # Presentation
 
 
-def human_age(seconds: float) -> str:
-    """5s, 3m, 2h, 4d: whole units, rounded down."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
 def table(rows: list[list[str]]) -> list[str]:
     """Columns padded to their widest cell; the last one is left ragged."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
     return ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + row[-1:]) for row in rows]
+
+
+def counted(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def entry_count(n: int) -> str:
+    """"1 entry", "2 entries": every count of entries the CLI prints."""
+    return counted(n, "entry", "entries")
 
 
 def pretty_json(value: Any) -> str:
@@ -350,26 +352,28 @@ def cmd_show(args: argparse.Namespace, cache: Cache) -> int:
 
 def cmd_export(args: argparse.Namespace, cache: Cache) -> int:
     paths = export_dir([s.entry for s in selected(args, cache, time.time())], args.target)
-    print(f"exported {len(paths)} entries to {args.target}")
+    print(f"exported {entry_count(len(paths))} to {args.target}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace, cache: Cache) -> int:
     if not args.source.is_dir():
         raise CLIError(f"{args.source} is not a directory")
-    entries, errors = import_dir(args.source)
+    found, errors = import_dir(args.source)
+    if not found and not errors:
+        raise CLIError(f"no fixture files (*.json) in {args.source}: nothing imported")
     for path, reason in errors:
         print(f"ai-cache: {path}: {reason}", file=sys.stderr)
-    cache.put(entries)
-    skipped = f"; skipped {len(errors)} bad files" if errors else ""
-    print(f"imported {len(entries)} entries into {cache.where}{skipped}")
+    cache.put(found)
+    skipped = f"; skipped {counted(len(errors), 'bad file', 'bad files')}" if errors else ""
+    print(f"imported {entry_count(len(found))} into {cache.where}{skipped}")
     return 1 if errors else 0
 
 
 def cmd_purge(args: argparse.Namespace, cache: Cache) -> int:
     doomed = [s.entry.key for s in selected(args, cache, time.time())]
     cache.delete(doomed)
-    print(f"purged {len(doomed)} entries from {cache.where}")
+    print(f"purged {entry_count(len(doomed))} from {cache.where}")
     return 0
 
 
@@ -384,17 +388,17 @@ def cmd_clear(args: argparse.Namespace, cache: Cache) -> int:
     keys = cache.keys()
     if not args.yes:
         if not sys.stdin.isatty():
-            raise CLIError(f"refusing to delete all {len(keys)} entries in {cache.where} "
+            raise CLIError(f"refusing to delete all {entry_count(len(keys))} in {cache.where} "
                            "without --yes (no terminal to ask)", status=2)
         try:
-            answer = input(f"Delete all {len(keys)} entries in {cache.where}? [y/N] ")
+            answer = input(f"Delete all {entry_count(len(keys))} in {cache.where}? [y/N] ")
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
     cache.delete(keys)
-    print(f"deleted {len(keys)} entries from {cache.where}")
+    print(f"deleted {entry_count(len(keys))} from {cache.where}")
     return 0
 
 
@@ -477,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("key", help="the entry's key or a unique prefix of it")
     sub = command("clear", cmd_clear, "Delete every entry.")
     sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    text = 'Print the path of the addon file for mitmproxy: mitmdump -s "$(ai-cache addon-path)".'
+    commands.add_parser("addon-path", help=text, description=text)
     return parser
 
 
@@ -485,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has reported: 2
         return int(e.code or 0)
+    if args.command == "addon-path":
+        print(ADDON_PATH)
+        return 0
     logging.basicConfig(format="%(message)s")  # the stores' warnings, already `ai-cache: `-prefixed
     try:
         cache = Cache(Path(args.dir).expanduser(), args.redis_url, args.redis_prefix, args.create)

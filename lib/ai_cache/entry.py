@@ -11,7 +11,7 @@ import json
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .controls import CONTROL_PREFIX
 
@@ -124,3 +124,18 @@ def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         for k, v in headers
         if k.lower() not in UNREPLAYABLE_HEADERS and not k.lower().startswith(CONTROL_PREFIX)
     ]
+
+
+def read_header(handle: BinaryIO) -> dict[str, Any]:
+    """Everything but the body (`header_dict`) of an encoded entry, reading only its start:
+    cheap even for a many-megabyte stream. For diagnostics: the body is not checked."""
+    prefix = handle.read(8)
+    if len(prefix) < 8 or not prefix.startswith(MAGIC) or prefix[3] != ENTRY_VERSION:
+        raise EntryError("not an ai-cache entry of this version")
+    try:
+        head = json.loads(handle.read(struct.unpack(">I", prefix[4:8])[0]))
+    except ValueError as e:
+        raise EntryError(f"malformed entry header: {e}") from e
+    if not isinstance(head, dict):
+        raise EntryError("malformed entry header")
+    return head

@@ -10,6 +10,8 @@ is opened read-only: lookups go on, writes are off.
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import logging
 import os
 import sqlite3
@@ -17,12 +19,12 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import diskcache
 from diskcache.core import DBNAME
 
-from .entry import Entry, EntryError
+from .entry import Entry, EntryError, read_header
 from .outage import Outage
 
 logger = logging.getLogger(__name__)
@@ -151,6 +153,21 @@ class DiskStore:
 
     def keys(self) -> Iterator[str]:
         yield from self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
+
+    def headers(self, limit: int) -> list[dict[str, Any]]:
+        """The headers (`Entry.header_dict`, no body) of at most `limit` entries, in key
+        order: a bounded read for diagnostics. Entries that cannot be read are left out."""
+        found: list[dict[str, Any]] = []
+        for key in self._guarded("listing", lambda: list(itertools.islice(self._cache.iterkeys(), limit)), []):
+            value = self._guarded("read", lambda: self._cache.get(key, read=True), None)
+            if value is None:
+                continue
+            with io.BytesIO(value) if isinstance(value, bytes) else value as handle:
+                try:
+                    found.append(read_header(handle))
+                except (EntryError, OSError):
+                    continue
+        return found
 
     def close(self) -> None:
         self._cache.close()

@@ -7,7 +7,10 @@ names its option, so a bad value stops startup with a clear message.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +18,7 @@ from mitmproxy import exceptions
 
 from .keys import KeyPolicy
 
+PREFIX = "ai_cache_"
 MODES = ("record", "replay", "refresh", "off")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
@@ -45,7 +49,8 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key."),
     ("ai_cache_hosts", str, "",
      "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
-     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host."),
+     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host. When set, "
+     "mitmproxy decrypts only these hosts (allow_hosts, unless set) and tunnels other TLS untouched."),
     ("ai_cache_key_host", bool, True,
      "Put the upstream host in the key. Turn off to replay recordings against another host "
      "(a staging gateway, a reverse proxy on another port)."),
@@ -68,8 +73,27 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "Most Redis connections (= concurrent calls) the proxy opens. A call that finds them "
      "all busy waits up to ai_cache_redis_timeout for one, then goes on without L2; busy "
      "connections never count as Redis failing."),
+    ("ai_cache_connection_log", bool, True,
+     "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
+     "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay."),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
+
+
+def misset_options(deferred: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the `ai_cache_*` settings mitmproxy put aside until the addon
+    declared its options: a misspelt name (ignored without a word by mitmproxy) or an
+    option set twice (the script then fails to load without a word). One message each."""
+    problems = []
+    for name, value in deferred.items():
+        if name in OPTION_NAMES:
+            given = getattr(value, "val", None)  # mitmproxy's unconverted `--set` strings
+            if isinstance(given, list) and len(given) > 1:
+                problems.append(f"{name} is set {len(given)} times; set each option once")
+        elif name.startswith(PREFIX):  # compare what follows the prefix, which all share
+            close = difflib.get_close_matches(name[len(PREFIX):], [n[len(PREFIX):] for n in sorted(OPTION_NAMES)], n=1)
+            problems.append(f"unknown option {name}" + (f" (did you mean {PREFIX}{close[0]}?)" if close else ""))
+    return problems
 
 
 def parse_number(text: str, units: dict[str, float], what: str) -> float:
@@ -108,6 +132,7 @@ class Settings:
     redis_timeout: float  # seconds
     redis_prefix: str
     redis_pool: int
+    connection_log: bool
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
@@ -154,4 +179,11 @@ class Settings:
             redis_prefix=options.ai_cache_redis_prefix,
             redis_pool=parsed("ai_cache_redis_pool", int, lambda v: 1 <= v <= 100_000,
                               "must be a number of connections from 1 to 100000"),
+            connection_log=options.ai_cache_connection_log,
         )
+
+
+def allow_hosts(globs: tuple[str, ...]) -> list[str]:
+    """mitmproxy's allow_hosts for ai_cache_hosts: regexes searched in "host:port", so each
+    glob is anchored, and one without a port takes any port."""
+    return ["^" + fnmatch.translate(glob if ":" in glob else f"{glob}:*") for glob in globs]

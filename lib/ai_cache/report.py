@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
+
+# The shutdown summary, as with-ai-cache finds it in the proxy's log.
+SUMMARY = re.compile(r"ai-cache: (\d+) LLM calls?: .*")
 
 
 def human_size(size: float) -> str:
@@ -14,6 +20,14 @@ def human_size(size: float) -> str:
     return f"{size:.1f} GiB"
 
 
+def human_age(seconds: float) -> str:
+    """5s, 3m, 2h, 4d: whole units, rounded down."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
     """`HIT l1 openai-chat gpt-4o api.openai.com/v1/chat/completions 1.2 KiB sse: age 3s, saved 42 tokens`."""
     parts = [info["status"]]
@@ -22,6 +36,8 @@ def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
     parts += [info["protocol"], info.get("model") or "-", where, human_size(size)]
     if info.get("format"):
         parts.append(info["format"])
+    if info.get("expired"):  # a miss because the entry was too old, not because there was none
+        outcome = f"{info['expired']}, fetched again" + (f"; {outcome}" if outcome else "")
     line = " ".join(parts)
     return f"{line}: {outcome}" if outcome else line
 
@@ -34,6 +50,10 @@ def store_outcome(layers: tuple[str, ...], problem: str, checked: bool) -> str:
     return f"{stored} in {' and '.join(layers)} only ({problem})" if problem else stored
 
 
+def plural(count: int, word: str, words: str = "") -> str:
+    return f"{count} {word if count == 1 else words or word + 's'}"
+
+
 @dataclass
 class Tally:
     hits: int = 0
@@ -41,6 +61,7 @@ class Tally:
     bypasses: int = 0
     refreshes: int = 0
     stored: int = 0
+    not_stored: Counter[str] = field(default_factory=Counter)  # by the gist of the reason
     tokens_saved: int = 0
     bytes_served: int = 0
 
@@ -48,9 +69,44 @@ class Tally:
         name = {"HIT": "hits", "MISS": "misses", "REFRESH": "refreshes"}.get(status, "bypasses")
         setattr(self, name, getattr(self, name) + 1)
 
+    def not_storing(self, why: str) -> None:
+        """Count an answer left out of the cache under its reason without the details
+        ("error event in stream: {...}" and "larger than ... (N bytes)" lose their tail)."""
+        self.not_stored[why.split(":")[0].split(" (")[0].rstrip(".")] += 1
+
     def summary(self) -> str:
+        """`3 LLM calls: 2 hits, 1 miss; 0 stored, 1 not stored (upstream answered 500: 1); ...`"""
+        calls = self.hits + self.misses + self.refreshes + self.bypasses
+        counts = [plural(self.hits, "hit"), plural(self.misses, "miss", "misses")]
+        if self.refreshes:
+            counts.append(plural(self.refreshes, "refresh", "refreshes"))
+        if self.bypasses:
+            counts.append(plural(self.bypasses, "bypass", "bypasses"))
+        why = ", ".join(f"{reason}: {n}" for reason, n in self.not_stored.most_common())
         return (
-            f"{self.hits} hits, {self.misses} misses, {self.refreshes} refreshes, "
-            f"{self.bypasses} bypasses, {self.stored} stored; served from cache "
-            f"{human_size(self.bytes_served)} and {self.tokens_saved} tokens"
+            f"{plural(calls, 'LLM call')}: {', '.join(counts)}; {self.stored} stored, "
+            f"{sum(self.not_stored.values())} not stored{f' ({why})' if why else ''}; "
+            f"served from cache {human_size(self.bytes_served)} and {plural(self.tokens_saved, 'token')}"
         )
+
+
+# mitmproxy.proxy.server logs these four around every connection, at INFO like the
+# warnings-worthy "error establishing server connection", hence a filter, not a level.
+CONNECTION_LINES = re.compile(r"(client|server) (connect|disconnect)( |$)")
+
+
+class ConnectionLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not CONNECTION_LINES.match(record.getMessage())
+
+
+CONNECTION_FILTER = ConnectionLines()
+
+
+def show_connection_lines(show: bool) -> None:
+    """ai_cache_connection_log: keep or drop mitmproxy's connect/disconnect lines."""
+    server_log = logging.getLogger("mitmproxy.proxy.server")
+    if show:
+        server_log.removeFilter(CONNECTION_FILTER)
+    else:
+        server_log.addFilter(CONNECTION_FILTER)

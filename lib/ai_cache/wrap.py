@@ -1,16 +1,19 @@
-"""`scripts/with-ai-cache`: run any command with its LLM traffic going through the cache.
+"""`with-ai-cache`: run any command with its LLM traffic going through the cache.
 
-Starts `mitmdump -s ai_cache_addon.py` on a free port, runs the command with the proxy
-and CA variables that Python, Node and curl honour, stops the proxy and exits with the
-command's status. `--env` prints the same variables for a proxy that is already running.
+Starts `mitmdump -s <the packaged addon>` on a free port, runs the command with the proxy
+and CA variables that Python, Node and curl honour, stops the proxy, prints its summary
+and exits with the command's status. `--env` prints the same variables for a proxy that
+is already running.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -18,22 +21,79 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import ADDON_PATH
+from .nodejs import (UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory,
+                     node_environment)
 from .options import MODES
+from .report import SUMMARY
 
-ROOT = Path(__file__).resolve().parents[2]
-ADDON = ROOT / "ai_cache_addon.py"
-MITMDUMP = Path(sys.executable).parent / "mitmdump"
+# mitmproxy's mitmdump entry point, run by this interpreter: it has mitmproxy and this
+# package, wherever the installer put the console scripts (a venv, ~/.local/bin, pipx).
+MITMDUMP = [sys.executable, "-c", "import sys; from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())"]
+CA_BUNDLE = "ai-cache-ca-bundle.pem"
+# Where distributions keep their trust store, for Pythons built with another default.
+SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
+                  "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem")
 
 
-def proxy_environment(port: int, confdir: Path) -> dict[str, str]:
-    """Variables that point clients at the proxy and make them trust its CA."""
+def proxy_environment(port: int, confdir: Path, environ: dict[str, str]) -> dict[str, str]:
+    """Variables that point clients at the proxy and make them trust its CA.
+
+    The variables that replace a client's trust store get the system's CAs plus
+    mitmproxy's (hosts reached directly still verify); NODE_EXTRA_CA_CERTS adds to
+    Node's own store, so it gets mitmproxy's CA alone."""
     proxy = f"http://127.0.0.1:{port}"
-    ca = str(confdir / "mitmproxy-ca-cert.pem")
+    bundle = str(confdir / CA_BUNDLE)
     return {
         "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
-        "SSL_CERT_FILE": ca, "REQUESTS_CA_BUNDLE": ca, "CURL_CA_BUNDLE": ca,
-        "NODE_EXTRA_CA_CERTS": ca, "NODE_USE_ENV_PROXY": "1",
+        "SSL_CERT_FILE": bundle, "REQUESTS_CA_BUNDLE": bundle, "CURL_CA_BUNDLE": bundle,
+        "NODE_EXTRA_CA_CERTS": str(confdir / "mitmproxy-ca-cert.pem"),
+        **node_environment(node_directory(), environ),
     }
+
+
+def system_ca_file() -> str:
+    """The system's trust store as one PEM file: OpenSSL's compiled-in default (not the
+    SSL_CERT_FILE we are about to replace), a distribution's bundle, else certifi's."""
+    for candidate in (ssl.get_default_verify_paths().openssl_cafile, *SYSTEM_BUNDLES):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    import certifi
+
+    return certifi.where()
+
+
+def write_ca_bundle(confdir: Path) -> bool:
+    """Write <confdir>/ai-cache-ca-bundle.pem; False while mitmproxy has made no CA yet."""
+    try:
+        ca = (confdir / "mitmproxy-ca-cert.pem").read_bytes()
+    except FileNotFoundError:
+        return False
+    system = Path(system_ca_file()).read_bytes()
+    bundle = system.rstrip(b"\n") + b"\n" + ca
+    target = confdir / CA_BUNDLE
+    if not target.is_file() or target.read_bytes() != bundle:
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(bundle)
+        partial.replace(target)  # readers never see half a bundle
+    return True
+
+
+def prepare_node() -> None:
+    """Install the undici that node_preload.js needs when the `node` on PATH needs it."""
+    directory = node_directory()
+    if installed_version(directory) == UNDICI_VERSION or not needs_undici():
+        return
+    warn(f"installing undici {UNDICI_VERSION} into {directory} (once) so that this Node.js's "
+         "fetch uses the proxy")
+    problem = ensure_undici(directory)
+    if problem:
+        warn(f"cannot install undici {UNDICI_VERSION} into {directory} ({problem}): the fetch of "
+             "this Node.js (< 22.21, or 23) goes around the proxy unless the project has undici")
+
+
+def warn(message: str) -> None:
+    print(f"with-ai-cache: {message}", file=sys.stderr)
 
 
 def free_port() -> int:
@@ -95,14 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     confdir = Path(args.confdir).expanduser()
     if args.env:
-        for name, value in proxy_environment(args.port or 8080, confdir).items():
+        if not write_ca_bundle(confdir):
+            warn(f"no mitmproxy CA in {confdir} yet: start the proxy once, then run --env again")
+        prepare_node()
+        for name, value in proxy_environment(args.port or 8080, confdir, dict(os.environ)).items():
             print(f"export {name}={shlex.quote(value)}")
         return 0
     port = args.port or free_port()
     if args.port and not port_is_free(port):
-        print(f"with-ai-cache: port {port} is in use; choose another --port or leave it out", file=sys.stderr)
+        warn(f"port {port} is in use; choose another --port or leave it out")
         return 1
-    options = {"ai_cache_mode": args.mode, "confdir": str(confdir), "flow_detail": "0"}
+    prepare_node()
+    options = {"ai_cache_mode": args.mode, "confdir": str(confdir), "flow_detail": "0",
+               "ai_cache_connection_log": "false"}
     if args.dir:
         options["ai_cache_dir"] = str(Path(args.dir).resolve())
     if args.redis_url:
@@ -110,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         options[name] = value
-    command = [str(MITMDUMP), "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON)]
+    command = [*MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON_PATH)]
     for name, value in options.items():
         command += ["--set", f"{name}={value}"]
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ai-cache-", suffix=".log")[1])
@@ -120,14 +185,17 @@ def main(argv: list[str] | None = None) -> int:
             try:  # mitmproxy writes its CA before it listens
                 wait_for_port(port, lambda: proxy.poll() is None)
             except RuntimeError as e:
-                print(f"with-ai-cache: the proxy did not start ({e}); see {log_path}", file=sys.stderr)
+                warn(f"the proxy did not start ({e}); see {log_path}")
                 return 1
+            write_ca_bundle(confdir)
+            environment = dict(os.environ)
+            environment.update(proxy_environment(port, confdir, environment))
             try:
-                status = subprocess.call(args.command, env={**os.environ, **proxy_environment(port, confdir)})
+                status = subprocess.call(args.command, env=environment)
                 if status < 0:  # killed by a signal: exit as a shell would
                     status = 128 - status
             except FileNotFoundError:
-                print(f"with-ai-cache: command not found: {args.command[0]}", file=sys.stderr)
+                warn(f"command not found: {args.command[0]}")
                 return 127
         finally:
             proxy.terminate()
@@ -135,11 +203,24 @@ def main(argv: list[str] | None = None) -> int:
                 proxy.wait(10)
             except subprocess.TimeoutExpired:
                 proxy.kill()
+    found = list(SUMMARY.finditer(log_path.read_text(errors="replace")))
+    report(found[-1] if found else None, log_path)
     if status != 0:
-        print(f"with-ai-cache: command exited {status}; proxy log: {log_path}", file=sys.stderr)
-    elif not args.log:
+        warn(f"command exited {status}; proxy log: {log_path}")
+    elif found and not args.log:
         log_path.unlink(missing_ok=True)
     return status
+
+
+def report(summary: re.Match[str] | None, log_path: Path) -> None:
+    """Print the proxy's summary line; warn when no LLM call went through the proxy."""
+    if summary is None:
+        warn(f"the proxy left no summary; see {log_path}")
+        return
+    print(summary.group(0), file=sys.stderr)
+    if int(summary.group(1)) == 0:
+        warn("no LLM call went through the proxy. If the command made any, it ignores "
+             "HTTPS_PROXY (see the README on Node.js) or called a host outside ai_cache_hosts.")
 
 
 if __name__ == "__main__":
