@@ -5,11 +5,15 @@ upstream mode, compressed streams. End to end with real processes where the faul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,8 +24,10 @@ import redis.asyncio
 
 from ai_cache.l2 import RedisStore
 from conftest import BIN, Proxy
+from fake_upstream import FakeUpstream, make_tls_cert
 from test_e2e_core import CHAT, chat_body, post, wait_for_status
 from test_e2e_redis import wait_for_redis_key
+from test_e2e_streams import stream_raw
 
 DELAY = 1.0  # seconds the fake provider thinks before answering, in the single-flight tests
 
@@ -250,3 +256,64 @@ def test_a_full_disk_never_makes_the_log_say_stored(start_namespaced_proxy, upst
     assert logs.count("json: stored") == rows
     assert f"; {rows} stored, {n - rows} not stored (L1 write failed: {n - rows});" in logs  # the summary
     assert logs.count("L1 write failed in") == 1 and "work again" not in logs  # one warning
+
+
+# 6. A paced replay is served by a small server inside the proxy, at 127.0.0.1:<port>. In
+#    `--mode upstream:...` that rewritten flow was sent to the parent proxy, which saw the
+#    replay token and the cached answer. Paced replays must never leave the machine.
+@pytest.fixture
+def parent_proxy():
+    """A TCP listener standing in for an upstream proxy: counts connections, answers none."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.1)
+    accepted: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, peer = sock.accept()
+                accepted.append(peer)
+                conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_paced_replay_in_upstream_mode_never_reaches_the_parent_proxy(start_proxy, confdir, tmp_path, upstream,
+                                                                       marker, parent_proxy, scheme):
+    provider, options, verify = upstream, {}, True
+    if scheme == "https":  # through CONNECT, the flow mitmproxy forwards as a tunnel in upstream mode
+        cert, key = make_tls_cert(str(tmp_path / "tls"))
+        provider = FakeUpstream(tls=(cert, key)).start()
+        options = {"ssl_verify_upstream_trusted_ca": cert}
+        verify = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
+    body = chat_body(marker, stream=True)
+
+    def stream(proxy, headers: dict | None = None) -> tuple[httpx.Response, bytes]:
+        with httpx.Client(proxy=proxy.url, verify=verify, timeout=30) as client:
+            with client.stream("POST", provider.url + CHAT, json=body, headers=headers or {}) as response:
+                return response, b"".join(response.iter_raw())
+
+    recorder = start_proxy(**options)
+    _, recorded = stream(recorder, {"x-fake-scenario": "slow"})
+    for _ in range(50):  # the write finishes in the background
+        if stream(recorder)[0].headers["x-ai-cache-status"] == "HIT":
+            break
+    recorder.stop()
+    port, connections = parent_proxy
+    proxy = start_proxy(f"--mode=upstream:http://127.0.0.1:{port}", ai_cache_replay_speed="1",
+                        ai_cache_dir=recorder.options["ai_cache_dir"], **options)
+    answer, replayed = stream(proxy)
+    assert (answer.status_code, answer.headers.get("x-ai-cache-status")) == (200, "HIT")
+    assert replayed == recorded
+    assert connections == []
+    if provider is not upstream:
+        provider.stop()

@@ -27,7 +27,7 @@ from .l2 import RedisStore, redact
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import BY_NAME, recognise
-from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
+from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers, send_to_replay_server
 from .report import Tally, flow_line, human_size, show_connection_lines, store_outcome
 from .summary import prompt_preview, token_usage
 from .tiers import NotStorable, TieredCache, Written
@@ -239,8 +239,7 @@ class AICache:
             port = await self.replayer.ensure_started()
             info["token"] = self.replayer.register(entry, headers, speed)
             info["original_url"] = flow.request.url
-            flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", port
-            flow.request.headers[TOKEN_HEADER] = info["token"]
+            send_to_replay_server(flow, port, info["token"])
         else:
             flow.response = immediate_response(entry, headers)
             flow.is_replay = "response"
