@@ -295,7 +295,8 @@ class AICache:
         """A capture for this flow's protocol, tagged by what the answer says it is."""
         assert self.settings is not None
         fmt = body_format(response.headers.get("content-type", ""))
-        return StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
+        return StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body,
+                             response.headers.get("content-encoding", ""))
 
     async def response(self, flow: http.HTTPFlow) -> None:
         info = flow.metadata.get(META)
@@ -394,14 +395,8 @@ class AICache:
         if not isinstance(capture, StreamCapture):
             if capture:
                 return None, None, "the response was streamed without capture"
-            try:
-                body = response.content or b""
-            except ValueError as e:
-                return None, None, f"undecodable body: {e}"
-            capture = self._new_capture(info, response)
-            capture(body)
-        elif response.headers.get("content-encoding", "identity").lower() != "identity":
-            return None, None, f"stream is {response.headers['content-encoding']}-encoded"
+            capture = self._new_capture(info, response)  # decodes within the cap; `.content` would not
+            capture(response.raw_content or b"")
         why_not = capture.incompleteness()
         if why_not:
             return None, None, why_not

@@ -1,7 +1,7 @@
 """Stream capture: a tee set as `flow.response.stream` that forwards every chunk untouched.
 
 It keeps a copy with arrival times and only watches each chunk for the protocol's error
-needles. At the end it says whether the stream is complete by the protocol's rules
+needles. A compressed answer is recorded decoded (bounded by the size cap). At the end it says whether the stream is complete by the protocol's rules
 (terminal event, no error event, ends on a frame boundary, within the size cap), judging
 by the tail; a full error search runs in a thread only when a needle showed. It can never
 raise: mitmproxy drops a chunk whose callable raised, and the client's bytes come first.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from .decoders import DECODE_ERRORS, decoder_for
 from .protocols import Protocol, json_value
 from .sse import Event, iter_events, tail_events
 
@@ -44,15 +45,19 @@ def describe_error(event: Event) -> str:
 
 
 class StreamCapture:
-    def __init__(self, protocol: Protocol, fmt: str, max_body: int) -> None:
+    def __init__(self, protocol: Protocol, fmt: str, max_body: int, encoding: str = "") -> None:
         self.protocol = protocol
         self.format = fmt
         self.max_body = max_body
         self.parts: list[bytes] = []
         self.chunks: list[tuple[float, int]] = []
-        self.size = 0
+        self.size = 0  # decoded
         self.started: float | None = None
         self.failure: str | None = None
+        encoding = encoding.strip().lower()
+        self._decoder = None if encoding in ("", "identity") else decoder_for(encoding)
+        if encoding not in ("", "identity") and self._decoder is None:
+            self.failure = f"{encoding}-encoded, which cannot be decoded within a size bound here"
         # An error event may be in the stream: all events are searched, off the loop.
         self.suspect = False
         self._needles = protocol.error_needles if fmt != "json" else ()
@@ -69,6 +74,15 @@ class StreamCapture:
 
     def _record(self, data: bytes) -> None:
         # Runs for every read of every captured stream: keep it to a few C-level calls.
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decode(data, self.max_body - self.size)
+            except DECODE_ERRORS as e:
+                self.failure = f"undecodable body: {e}"
+                self._release()
+                return
+            if not data:
+                return
         now = time.monotonic()
         if self.started is None:
             self.started = now
