@@ -370,8 +370,10 @@ class AICache:
 
     def _report_write(self, task: asyncio.Task[Written], line: Callable[[str], str], checked: bool, then: str) -> None:
         """The flow's line once its write finished, and the tally: `stored` only if it was."""
-        if task.cancelled() or task.exception() is not None:
-            written = Written(problem="the store write failed")
+        if task.cancelled():
+            written = Written(problem="the store write was cancelled")
+        elif error := task.exception():
+            written = Written(problem=f"the store write failed: {error!r}")
         else:
             written = task.result()
         if written.layers:

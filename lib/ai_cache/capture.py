@@ -1,10 +1,11 @@
 """Stream capture: a tee set as `flow.response.stream` that forwards every chunk untouched.
 
-It keeps a copy with arrival times and only watches each chunk for the protocol's error
-needles. A compressed answer is recorded decoded (bounded by the size cap). At the end it says whether the stream is complete by the protocol's rules
-(terminal event, no error event, ends on a frame boundary, within the size cap), judging
-by the tail; a full error search runs in a thread only when a needle showed. It can never
-raise: mitmproxy drops a chunk whose callable raised, and the client's bytes come first.
+It keeps a copy with arrival times (decoded, if the upstream compressed it) and only
+watches each chunk for the protocol's error needles. At the end it says whether the
+stream is complete by the protocol's rules (terminal event, no error event, ends on a
+frame boundary, within the size cap), judging by the tail; a full error search runs in a
+thread only when a needle showed. It can never raise: mitmproxy drops a chunk whose
+callable raised, and the client's bytes come first.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class StreamCapture:
         self.size = 0  # decoded
         self.started: float | None = None
         self.failure: str | None = None
-        encoding = encoding.strip().lower()
-        self._decoder = None if encoding in ("", "identity") else decoder_for(encoding)
-        if encoding not in ("", "identity") and self._decoder is None:
-            self.failure = f"{encoding}-encoded, which cannot be decoded within a size bound here"
+        self._decoder = None
+        if (encoding := encoding.strip().lower()) not in ("", "identity"):
+            self._decoder = decoder_for(encoding)
+            if self._decoder is None:
+                self.failure = f"{encoding}-encoded, which cannot be decoded within a size bound here"
         # An error event may be in the stream: all events are searched, off the loop.
         self.suspect = False
         self._needles = protocol.error_needles if fmt != "json" else ()

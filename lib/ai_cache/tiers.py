@@ -9,7 +9,6 @@ say "expired"); Redis, memory shared by a team, drops them at the TTL.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +17,6 @@ from .entry import Entry
 from .l1 import DiskStore
 from .l2 import RedisStore
 from .report import human_age
-
-logger = logging.getLogger(__name__)
 
 
 class NotStorable(Exception):
@@ -105,9 +102,11 @@ class TieredCache:
 
         async def write() -> Written:
             layers: list[str] = []
+            problems: list[str] = []
             try:
-                problems = [await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare)]
-                if self.l1 is not None and not problems[0]:
+                if problem := await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare):
+                    problems.append(problem)
+                elif self.l1 is not None:
                     layers.append(self.l1.layer)
                 if self.l2 is not None:
                     if await self.l2.put(entry, self.remaining(entry)):
@@ -119,7 +118,7 @@ class TieredCache:
             finally:
                 if self._unwritten.get(entry.key) is entry:
                     del self._unwritten[entry.key]
-            return Written(tuple(layers), "; ".join(p for p in problems if p))
+            return Written(tuple(layers), "; ".join(problems))
 
         return self.background(write())
 
