@@ -102,7 +102,7 @@ async def test_error_answers_and_failed_flows_are_not_stored(addon):
 BAD_VALUES = [
     ("ai_cache_ttl", "abc"), ("ai_cache_mode", "bogus"), ("ai_cache_max_body", "-5"),
     ("ai_cache_max_body", "0"), ("ai_cache_replay_speed", "-1"), ("ai_cache_redis_timeout", "nan"),
-    ("ai_cache_redis_url", "redis://host:notaport"),
+    ("ai_cache_redis_url", "redis://host:notaport"), ("ai_cache_redis_pool", "0"), ("ai_cache_redis_pool", "many"),
 ]
 
 
