@@ -4,8 +4,11 @@ Serves OpenAI (chat, legacy completions, responses, embeddings, models),
 Anthropic messages, Gemini generateContent / streamGenerateContent and Ollama
 native endpoints from a daemon thread, records every request it receives and
 misbehaves on demand through the ``x-fake-scenario`` request header (see
-``SCENARIOS``).  Every answer carries a fresh id from a global counter; the
-rest of the answer is deterministic from the request ("echo: <prompt>").
+``SCENARIOS``), or on every request (``FakeUpstream(scenarios=...)``).  Every
+answer carries a fresh id from a global counter; the rest of the answer is
+deterministic from the request ("echo: <prompt>"; a tool in the request makes
+it a call of that tool with ``TOOL_ARGS``).  `h2_upstream` serves the same
+answers over HTTP/2.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ _ids = itertools.count(1)
 _ids_lock = threading.Lock()
 
 
-def _next_id() -> int:
+def next_id() -> int:
     """Next value of the process-wide answer counter."""
     with _ids_lock:
         return next(_ids)
@@ -65,6 +68,7 @@ class RecordedRequest:
     query: str
     headers: dict[str, str]
     body: bytes
+    http_version: str = "HTTP/1.1"
     received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
     def contains(self, marker: str) -> bool:
@@ -283,16 +287,21 @@ def _legacy(c: _Call) -> dict[str, Any] | _Stream:
 
 
 def _responses(c: _Call) -> dict[str, Any] | _Stream:
-    """OpenAI Responses API."""
+    """OpenAI Responses API; a function tool in the request makes the answer a function call."""
     prompt = _last_content(c.req.get("input"))
     text = "echo: " + prompt
-    words = _words(text)
-    mid = f"msg_fake_{c.k}"
+    tool = next((t.get("name") for t in c.req.get("tools") or [] if t.get("type") == "function"), None)
+    pieces = TOOL_ARG_PIECES if tool else _words(text)
     usage = {"input_tokens": _tokens(prompt), "input_tokens_details": {"cached_tokens": 0},
-             "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
-             "total_tokens": _tokens(prompt) + len(words)}  # fmt: skip
+             "output_tokens": len(pieces), "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": _tokens(prompt) + len(pieces)}  # fmt: skip
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    item = {"type": "message", "id": mid, "status": "completed", "role": "assistant", "content": [part]}
+    item: dict[str, Any] = (
+        {"type": "function_call", "id": f"fc_fake_{c.k}", "call_id": f"call_fake_{c.k}", "name": tool,
+         "arguments": TOOL_ARGS, "status": "completed"}
+        if tool else
+        {"type": "message", "id": f"msg_fake_{c.k}", "status": "completed", "role": "assistant", "content": [part]}
+    )  # fmt: skip
 
     def response(status: str, output: list[Any], **extra: Any) -> dict[str, Any]:
         return {
@@ -312,15 +321,27 @@ def _responses(c: _Call) -> dict[str, Any] | _Stream:
     def event(kind: str, **fields: Any) -> str:
         return _typed(kind, sequence_number=next(seq), **fields)
 
-    where = {"item_id": mid, "output_index": 0, "content_index": 0}
+    at = {"item_id": item["id"], "output_index": 0}
+    where = {**at, "content_index": 0}
+    if tool:
+        added = {**item, "status": "in_progress", "arguments": ""}
+        body = [
+            *(event("response.function_call_arguments.delta", **at, delta=p) for p in pieces),
+            event("response.function_call_arguments.done", **at, name=tool, arguments=TOOL_ARGS),
+        ]
+    else:
+        added = {**item, "status": "in_progress", "content": []}
+        body = [
+            event("response.content_part.added", **where, part={**part, "text": ""}),
+            *(event("response.output_text.delta", **where, delta=w, logprobs=[]) for w in pieces),
+            event("response.output_text.done", **where, text=text, logprobs=[]),
+            event("response.content_part.done", **where, part=part),
+        ]
     frames = [
         event("response.created", response=response("in_progress", [])),
         event("response.in_progress", response=response("in_progress", [])),
-        event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
-        event("response.content_part.added", **where, part={**part, "text": ""}),
-        *(event("response.output_text.delta", **where, delta=w, logprobs=[]) for w in words),
-        event("response.output_text.done", **where, text=text, logprobs=[]),
-        event("response.content_part.done", **where, part=part),
+        event("response.output_item.added", output_index=0, item=added),
+        *body,
         event("response.output_item.done", output_index=0, item=item),
     ]
     error = event("error", code="server_error", message="overloaded", param=None)
@@ -406,15 +427,20 @@ def _anthropic(c: _Call) -> dict[str, Any] | _Stream:
 
 
 def _gemini(c: _Call) -> dict[str, Any] | list[Any] | _Stream:
-    """Gemini generateContent / streamGenerateContent (SSE with ``alt=sse``, else a JSON array)."""
+    """Gemini generateContent / streamGenerateContent (SSE with ``alt=sse``, else a JSON array).
+
+    A function declared in the request makes the answer one functionCall part, in one event."""
     prompt = _last_content(c.req.get("contents"))
     text = "echo: " + prompt
-    words = _words(text)
+    declared = [f for t in c.req.get("tools") or [] for f in t.get("functionDeclarations") or []]
+    call = {"name": declared[0].get("name"), "args": json.loads(TOOL_ARGS)} if declared else None
+    words = [""] if call else _words(text)
     usage = {"promptTokenCount": _tokens(prompt), "candidatesTokenCount": len(words),
              "totalTokenCount": _tokens(prompt) + len(words)}  # fmt: skip
 
     def answer(piece: str, final: bool) -> dict[str, Any]:
-        candidate: dict[str, Any] = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
+        part = {"functionCall": call} if call else {"text": piece}
+        candidate: dict[str, Any] = {"content": {"parts": [part], "role": "model"}, "index": 0}
         out: dict[str, Any] = {"candidates": [candidate]}
         if final:
             candidate["finishReason"] = "STOP"
@@ -436,16 +462,23 @@ def _gemini(c: _Call) -> dict[str, Any] | list[Any] | _Stream:
 
 
 def _ollama(c: _Call) -> dict[str, Any] | _Stream:
-    """Ollama native /api/chat and /api/generate (NDJSON unless ``stream: false``)."""
+    """Ollama native /api/chat and /api/generate (NDJSON unless ``stream: false``).
+
+    A chat tool in the request makes the answer a tool call, streamed in one chunk."""
     is_chat = c.rec.path.endswith("/api/chat")
     prompt = _last_content(c.req.get("messages")) if is_chat else _text_of(c.req.get("prompt"))
     text = "echo: " + prompt
     words = _words(text)
+    tools = (c.req.get("tools") or []) if is_chat else []
+    tool = (tools[0].get("function") or tools[0]).get("name") if tools else None
+    call = {"function": {"name": tool, "arguments": json.loads(TOOL_ARGS)}}
 
-    def line(piece: str, done: bool) -> dict[str, Any]:
+    def line(piece: str, done: bool, with_call: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"model": c.model, "created_at": CREATED_AT}
         if is_chat:
             out["message"] = {"role": "assistant", "content": piece}
+            if with_call:
+                out["message"]["tool_calls"] = [call]
         else:
             out["response"] = piece
         if not done:
@@ -455,8 +488,9 @@ def _ollama(c: _Call) -> dict[str, Any] | _Stream:
                 "prompt_eval_duration": 2_000_000, "eval_count": len(words), "eval_duration": 100_000_000}  # fmt: skip
 
     if not c.stream:
-        return line(text, True)
-    frames = [json.dumps(line(w, False)) + "\n" for w in words]
+        return line("" if tool else text, True, bool(tool))
+    pieces = [line("", False, True)] if tool else [line(w, False) for w in words]
+    frames = [json.dumps(p) + "\n" for p in pieces]
     terminal = [json.dumps(line("", True)) + "\n"]
     return _Stream("application/x-ndjson", frames, terminal, '{"error": "boom"}\n', sse=False)
 
@@ -504,6 +538,49 @@ def _shape(stream: _Stream, scn: frozenset[str]) -> list[str]:
     return frames
 
 
+def parse_scenarios(value: str) -> frozenset[str]:
+    """The scenarios in an ``x-fake-scenario`` header value: ``"late-end-150,crlf"``."""
+    return frozenset(s.strip() for s in value.split(",") if s.strip())
+
+
+def late_end(scn: frozenset[str]) -> float:
+    """Seconds between the last byte of an answer and the end of its body (``late-end-MS``)."""
+    return next((int(s[9:]) for s in scn if re.fullmatch(r"late-end-\d+", s)), 0) / 1000
+
+
+def answer(rec: RecordedRequest, k: int, scn: frozenset[str]) -> tuple[int, Any] | _Stream:
+    """What the provider answers to ``rec``: ``(status, JSON payload or raw bytes)``, or a stream."""
+    route = next(((s, b) for s, b in _ROUTES if rec.path.endswith(s)), None)
+    if rec.method == "GET" or route is None:
+        if rec.method == "GET" and rec.path.endswith("/models"):
+            return 200, _models()
+        return 404, {"error": {"message": "not found"}}
+    suffix, builder = route
+    try:
+        req = json.loads(rec.body)
+        if not isinstance(req, dict):
+            raise ValueError(req)
+    except ValueError:
+        return 400, {"error": {"message": "invalid json"}}
+    status = next((int(s[7:]) for s in scn if re.fullmatch(r"status-\d{3}", s)), None)
+    if status:
+        return status, _error_body(status, anthropic=suffix == "/messages")
+    if "not-json" in scn:
+        return 200, b"<html>oops</html>"
+    result = builder(_Call(k, rec, req, scn, _wants_stream(suffix, req, scn)))
+    return result if isinstance(result, _Stream) else (200, result)
+
+
+def answer_chunks(rec: RecordedRequest, k: int, scn: frozenset[str]) -> tuple[int, str, list[bytes]]:
+    """Status, content type and body chunks of the answer, for servers other than `_Handler`:
+    the scenarios that shape a stream's frames apply; gzip, abort and slow are `_Handler`'s."""
+    result = answer(rec, k, scn)
+    if isinstance(result, _Stream):
+        return 200, result.content_type, [frame.encode() for frame in _shape(result, scn)]
+    status, payload = result
+    return status, "application/json", [payload if isinstance(payload, bytes) else json.dumps(payload).encode()]
+
+
 # ---------------------------------------------------------------- server
 
 
@@ -531,8 +608,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         rec = RecordedRequest(self.command, url.path, url.query, headers, self._read_body())
         self.server.upstream._record(rec)
-        self.k = _next_id()
-        self.scn = frozenset(s.strip() for s in headers.get("x-fake-scenario", "").split(",") if s.strip())
+        self.k = next_id()
+        self.scn = parse_scenarios(headers.get("x-fake-scenario", "")) | self.server.upstream.scenarios
         if delay := next((int(s[6:]) for s in self.scn if re.fullmatch(r"delay-\d+", s)), 0):
             time.sleep(delay / 1000)  # a provider that thinks before answering (any status)
         try:
@@ -552,32 +629,11 @@ class _Handler(BaseHTTPRequestHandler):
         return b"".join(parts)
 
     def _answer(self, rec: RecordedRequest) -> None:
-        route = next(((s, b) for s, b in _ROUTES if rec.path.endswith(s)), None)
-        if self.command == "GET" or route is None:
-            if self.command == "GET" and rec.path.endswith("/models"):
-                self._send_json(200, _models())
-            else:
-                self._send_json(404, {"error": {"message": "not found"}})
-            return
-        suffix, builder = route
-        try:
-            req = json.loads(rec.body)
-            if not isinstance(req, dict):
-                raise ValueError(req)
-        except ValueError:
-            self._send_json(400, {"error": {"message": "invalid json"}})
-            return
-        status = next((int(s[7:]) for s in self.scn if re.fullmatch(r"status-\d{3}", s)), None)
-        if status:
-            self._send_json(status, _error_body(status, anthropic=suffix == "/messages"))
-        elif "not-json" in self.scn:
-            self._send_json(200, b"<html>oops</html>")
+        result = answer(rec, self.k, self.scn)
+        if isinstance(result, _Stream):
+            self._send_stream(result)
         else:
-            result = builder(_Call(self.k, rec, req, self.scn, _wants_stream(suffix, req, self.scn)))
-            if isinstance(result, _Stream):
-                self._send_stream(result)
-            else:
-                self._send_json(200, result)
+            self._send_json(*result)
 
     def _common_headers(self, status: int, content_type: str) -> None:
         self.send_response(status)
@@ -600,8 +656,10 @@ class _Handler(BaseHTTPRequestHandler):
         encoder = self._encoder()
         if encoder:
             body = encoder.chunk(body) + encoder.end()
+        # With late-end the body is chunked and its terminator comes late, as behind real gateways.
+        late = late_end(self.scn) and "abort" not in self.scn
         self._common_headers(status, "application/json")
-        self.send_header("content-length", str(len(body)))
+        self.send_header(*(("transfer-encoding", "chunked") if late else ("content-length", str(len(body)))))
         self.send_header("set-cookie", "__cf_bm=fake; path=/")
         if encoder:
             self.send_header("content-encoding", encoder.name)
@@ -609,6 +667,9 @@ class _Handler(BaseHTTPRequestHandler):
         if "abort" in self.scn:
             self.wfile.write(body[: len(body) // 2])
             self._abort()
+        elif late:
+            self._write_chunk(body)
+            self._end_chunks()
         else:
             self.wfile.write(body)
 
@@ -635,8 +696,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if encoder:
             self._write_chunk(encoder.end())
-        if late := next((int(s[9:]) for s in self.scn if re.fullmatch(r"late-end-\d+", s)), 0):
-            time.sleep(late / 1000)  # real servers end the body a moment after the last event
+        self._end_chunks()
+
+    def _end_chunks(self) -> None:
+        if late := late_end(self.scn):
+            time.sleep(late)  # real servers end the body a moment after the last byte
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -668,10 +732,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeUpstream:
-    """The fake provider: ``start()`` it, point clients at ``url``, inspect ``requests``."""
+    """The fake provider: ``start()`` it, point clients at ``url``, inspect ``requests``.
 
-    def __init__(self, tls: tuple[str, str] | None = None) -> None:
+    ``scenarios`` (e.g. ``"late-end-150"``) apply to every request, as if each asked for them."""
+
+    def __init__(self, tls: tuple[str, str] | None = None, scenarios: str = "") -> None:
         self.tls = tls
+        self.scenarios = parse_scenarios(scenarios)  # for every request
         self.requests: list[RecordedRequest] = []
         self.port = 0
         self.url = ""

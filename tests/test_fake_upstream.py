@@ -125,3 +125,42 @@ def test_tls(tmp_path: Path) -> None:
         r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "s"}]},
                        verify=ssl.create_default_context(cafile=cert))  # fmt: skip
     assert r.json()["choices"][0]["message"]["content"] == "echo: s"
+
+
+def test_h2_upstream_ends_the_stream_in_a_later_empty_data_frame(tmp_path: Path) -> None:
+    """The HTTP/2 fake really sends END_STREAM on its own, after the last event's frame."""
+    import itertools
+    import socket
+
+    import h2.connection
+    import h2.events
+    from h2_upstream import H2Upstream
+
+    cert, key = make_tls_cert(str(tmp_path))
+    server = H2Upstream((cert, key), scenarios="late-end-100").start()
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        context.set_alpn_protocols(["h2"])
+        sock = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="localhost")
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "a b"}]})
+        conn.send_headers(1, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "https"),
+                              (":authority", "localhost")])  # fmt: skip
+        conn.send_data(1, body.encode(), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        frames: list[tuple[int, bytes, bool]] = []  # (which read brought it, data, END_STREAM)
+        for read in itertools.count():
+            events = conn.receive_data(sock.recv(65536))
+            data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+            frames += [(read, e.data, e.stream_ended is not None) for e in data]
+            sock.sendall(conn.data_to_send())
+            if frames and frames[-1][2]:
+                break
+        sock.close()
+    finally:
+        server.stop()
+    *events, (read, last, end) = frames
+    assert last == b"" and end and not any(e for _, _, e in events)
+    assert events[-1][1].endswith(b"data: [DONE]\n\n") and read > events[-1][0]  # it came later
+    assert [r.http_version for r in server.requests] == ["HTTP/2"]

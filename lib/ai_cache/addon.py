@@ -220,11 +220,11 @@ class AICache:
     def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
         if not (self.settings and self.settings.headers):
             return []
-        headers = [("X-AI-Cache-Status", info["status"])]
+        headers = [("x-ai-cache-status", info["status"])]
         if info.get("key"):
-            headers.append(("X-AI-Cache-Key", info["key"]))
+            headers.append(("x-ai-cache-key", info["key"]))
         if info["status"] == "HIT":
-            headers += [("X-AI-Cache-Age", str(int(info["age"]))), ("X-AI-Cache-Layer", info["layer"])]
+            headers += [("x-ai-cache-age", str(int(info["age"]))), ("x-ai-cache-layer", info["layer"])]
         return headers
 
     async def _serve_hit(self, flow: http.HTTPFlow, info: dict[str, Any], entry: Entry, layer: str) -> None:
