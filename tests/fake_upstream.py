@@ -14,7 +14,6 @@ answers over HTTP/2.
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import ipaddress
 import itertools
@@ -27,16 +26,19 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import brotli  # mitmproxy's dependencies, like zstandard
+import zstandard
+
 SCENARIOS = (
     "status-NNN", "gzip", "abort", "no-terminal", "cut-frame", "done-in-content",
     "error-event", "failed", "incomplete", "keepalive", "crlf", "slow", "big",
-    "sse-forced", "json-for-stream", "not-json", "late-end-MS",
+    "sse-forced", "json-for-stream", "not-json", "late-end-MS", "delay-MS", "encode-NAME",
 )  # fmt: skip
 CREATED = 1_700_000_000
 CREATED_AT = "2023-11-14T22:13:20Z"
@@ -67,6 +69,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     http_version: str = "HTTP/1.1"
+    received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
     def contains(self, marker: str) -> bool:
         """Whether the body or path+query contains ``marker``."""
@@ -160,6 +163,33 @@ def _accepts_gzip(value: str) -> bool:
         if name.strip().lower() in ("gzip", "*"):
             return not re.fullmatch(r"q=0(\.0*)?", params.replace(" ", "").lower())
     return False
+
+
+class _Encoder:
+    """Incremental content-encoding: each chunk is flushed, as a streaming server does."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name in ("gzip", "deflate"):
+            self._z = zlib.compressobj(wbits=31 if name == "gzip" else 15)
+        elif name == "br":
+            self._br = brotli.Compressor()
+        elif name == "zstd":
+            self._zstd = zstandard.ZstdCompressor().compressobj()
+        else:
+            raise ValueError(f"unknown encoding {name}")
+
+    def chunk(self, data: bytes) -> bytes:
+        if self.name == "br":
+            return self._br.process(data) + self._br.flush()
+        if self.name == "zstd":
+            return self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self) -> bytes:
+        if self.name == "br":
+            return self._br.finish()
+        return self._zstd.flush() if self.name == "zstd" else self._z.flush()
 
 
 def _error_body(status: int, anthropic: bool) -> dict[str, Any]:
@@ -580,6 +610,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.upstream._record(rec)
         self.k = next_id()
         self.scn = parse_scenarios(headers.get("x-fake-scenario", "")) | self.server.upstream.scenarios
+        if delay := next((int(s[6:]) for s in self.scn if re.fullmatch(r"delay-\d+", s)), 0):
+            time.sleep(delay / 1000)  # a provider that thinks before answering (any status)
         try:
             self._answer(rec)
         except OSError:  # client went away mid-answer
@@ -611,21 +643,26 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 429:
             self.send_header("retry-after", "1")
 
-    def _gzip(self) -> bool:
-        return "gzip" in self.scn and _accepts_gzip(self.headers.get("accept-encoding", ""))
+    def _encoder(self) -> _Encoder | None:
+        """gzip when asked and accepted; encode-NAME forces NAME whatever the client accepts."""
+        if forced := next((s[7:] for s in self.scn if s.startswith("encode-")), None):
+            return _Encoder(forced)
+        if "gzip" in self.scn and _accepts_gzip(self.headers.get("accept-encoding", "")):
+            return _Encoder("gzip")
+        return None
 
     def _send_json(self, status: int, payload: Any) -> None:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        gz = self._gzip()
-        if gz:
-            body = gzip.compress(body)
+        encoder = self._encoder()
+        if encoder:
+            body = encoder.chunk(body) + encoder.end()
         # With late-end the body is chunked and its terminator comes late, as behind real gateways.
         late = late_end(self.scn) and "abort" not in self.scn
         self._common_headers(status, "application/json")
         self.send_header(*(("transfer-encoding", "chunked") if late else ("content-length", str(len(body)))))
         self.send_header("set-cookie", "__cf_bm=fake; path=/")
-        if gz:
-            self.send_header("content-encoding", "gzip")
+        if encoder:
+            self.send_header("content-encoding", encoder.name)
         self.end_headers()
         if "abort" in self.scn:
             self.wfile.write(body[: len(body) // 2])
@@ -638,12 +675,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_stream(self, stream: _Stream) -> None:
         data = [f.encode() for f in _shape(stream, self.scn)]
-        compressor = zlib.compressobj(wbits=31) if self._gzip() else None
+        encoder = self._encoder()
         self._common_headers(200, stream.content_type)
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
-        if compressor:
-            self.send_header("content-encoding", "gzip")
+        if encoder:
+            self.send_header("content-encoding", encoder.name)
         self.end_headers()
         end = len(data) // 2 if "abort" in self.scn else len(data)
         batch = BIG_BATCH if "big" in self.scn else 1
@@ -651,14 +688,14 @@ class _Handler(BaseHTTPRequestHandler):
             if "slow" in self.scn and i:
                 time.sleep(SLOW_DELAY)
             chunk = b"".join(data[i : min(i + batch, end)])
-            if compressor:
-                chunk = compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            if encoder:
+                chunk = encoder.chunk(chunk)
             self._write_chunk(chunk)
         if "abort" in self.scn:
             self._abort()
             return
-        if compressor:
-            self._write_chunk(compressor.flush())
+        if encoder:
+            self._write_chunk(encoder.end())
         self._end_chunks()
 
     def _end_chunks(self) -> None:
@@ -684,6 +721,7 @@ class _Server(ThreadingHTTPServer):
     """Threading HTTP server that knows its FakeUpstream and stays quiet on client errors."""
 
     daemon_threads = True
+    request_queue_size = 256  # socketserver's 5 drops bursts of parallel connections
 
     def __init__(self, upstream: FakeUpstream) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -746,6 +784,11 @@ class FakeUpstream:
         """Number of received requests whose body or path+query contains ``marker``."""
         with self._lock:
             return sum(r.contains(marker) for r in self.requests)
+
+    def arrivals(self, marker: str) -> list[float]:
+        """Arrival times (time.monotonic) of the requests containing ``marker``, in order."""
+        with self._lock:
+            return sorted(r.received for r in self.requests if r.contains(marker))
 
     def reset(self) -> None:
         """Forget all recorded requests."""

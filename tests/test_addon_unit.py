@@ -102,7 +102,7 @@ async def test_error_answers_and_failed_flows_are_not_stored(addon):
 BAD_VALUES = [
     ("ai_cache_ttl", "abc"), ("ai_cache_mode", "bogus"), ("ai_cache_max_body", "-5"),
     ("ai_cache_max_body", "0"), ("ai_cache_replay_speed", "-1"), ("ai_cache_redis_timeout", "nan"),
-    ("ai_cache_redis_url", "redis://host:notaport"),
+    ("ai_cache_redis_url", "redis://host:notaport"), ("ai_cache_redis_pool", "0"), ("ai_cache_redis_pool", "many"),
 ]
 
 
@@ -181,16 +181,17 @@ def test_breaker_opens_once_backs_off_and_closes(caplog, monkeypatch):
     monkeypatch.setattr("ai_cache.l2.time.monotonic", lambda: clock[0])
     breaker = CircuitBreaker("Redis", base=1, cap=4)
     assert breaker.allow()
-    breaker.failure(TimeoutError())
-    breaker.failure(TimeoutError())  # a call already in flight: counted once
+    breaker.failure(TimeoutError(), probe=False)
+    breaker.failure(TimeoutError(), probe=False)  # a call already in flight: counted once
+    breaker.success(probe=False)  # one in flight that succeeded proves nothing
     assert not breaker.allow() and breaker.cooldown == 1
     clock[0] += 1.01
     assert breaker.allow() and not breaker.allow()  # one probe at a time
-    breaker.failure(ConnectionError())
+    breaker.failure(ConnectionError(), probe=True)
     assert breaker.cooldown == 2
     clock[0] += 2.01
     assert breaker.allow()
-    breaker.success()
+    breaker.success(probe=True)
     assert breaker.allow() and not breaker.is_open
     messages = [r.getMessage() for r in caplog.records]
     assert sum("skipping it" in m for m in messages) == 1 and sum("circuit closed" in m for m in messages) == 1

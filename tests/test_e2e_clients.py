@@ -305,7 +305,7 @@ def env(request, upstreams, proxy, confdir, monkeypatch) -> Iterator[Env]:
 
 def ai_cache_lines(proxy: Proxy, start: int, count: int) -> list[str]:
     """The addon's log lines after offset `start`; a MISS line is written when the flow
-    ends, which may be just after the client returned."""
+    ended and its write finished, which may be just after the client returned."""
     deadline = time.monotonic() + 10
     while True:
         lines = re.findall(r"ai-cache: (?:MISS|HIT|BYPASS|REFRESH) .*", proxy.logs()[start:])
@@ -322,7 +322,8 @@ def test_miss_then_hit(client: Client, env: Env, proxy: Proxy, marker: str):
     first = client.run(env, prompt)
     second = client.run(env, prompt)
 
-    lines = ai_cache_lines(proxy, start, 2)
+    # The MISS line comes once its write finished, which may be after the HIT it served.
+    lines = sorted(ai_cache_lines(proxy, start, 2), key=lambda line: line.startswith("ai-cache: HIT"))
     assert len(lines) == 2 and lines[1].startswith("ai-cache: HIT l1"), lines
     early = " (complete; then Client disconnected)" if client.closes_early else ""  # it left before the end
     assert lines[0].startswith("ai-cache: MISS") and lines[0].endswith(f": stored{early}"), lines[0]

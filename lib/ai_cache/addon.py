@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -25,14 +27,14 @@ from .l2 import RedisStore, redact
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import BY_NAME, recognise
-from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers
-from .report import Tally, flow_line, human_size, show_connection_lines
+from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers, send_to_replay_server
+from .report import Tally, flow_line, human_size, show_connection_lines, store_outcome
 from .summary import prompt_preview, token_usage
-from .tiers import NotStorable, TieredCache
+from .tiers import NotStorable, TieredCache, Written
 
 logger = logging.getLogger(__name__)
 META = "ai_cache"
-STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix")
+STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix", "redis_pool")
 RECORDING = ("MISS", "REFRESH")  # statuses whose answer comes from upstream and may be stored
 
 
@@ -87,7 +89,8 @@ class AICache:
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
-            self.cache.l1.directory if self.cache.l1 else f"{settings.directory} (unusable)",
+            self.cache.l1.directory if self.cache.l1 and not self.cache.l1.read_only
+            else f"{settings.directory} ({'read-only' if self.cache.l1 else 'unusable'})",
             f"{settings.ttl:g}s" if settings.ttl else "forever",
             human_size(settings.max_body),
             f"{settings.coalesce:g}s" if settings.coalesce else "off",
@@ -105,7 +108,7 @@ class AICache:
             l1 = None
         try:
             l2 = (
-                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix)
+                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix, settings.redis_pool)
                 if settings.redis_url
                 else None
             )
@@ -188,7 +191,7 @@ class AICache:
             info["status"] = "REFRESH"
         elif (found := await self.cache.find(info["key"], controls.max_age, any_age=offline)) and not found.stale:
             await self._serve_hit(flow, info, found.entry, found.layer)
-        elif not offline and (hit := await self._answer_of_identical_request(info["key"], controls.max_age)):
+        elif not offline and (hit := await self._answer_of_identical_request(info, controls.max_age)):
             info["coalesced"] = True
             await self._serve_hit(flow, info, *hit)
         else:
@@ -199,19 +202,21 @@ class AICache:
             else:
                 if stale:
                     info["expired"] = stale
-                if self.settings.coalesce:
+                if self.settings.coalesce and not info.get("followed"):
                     info["leader"] = self.flights.lead(info["key"])
 
-    async def _answer_of_identical_request(self, key: str, max_age: float | None) -> tuple[Entry, str] | None:
-        """Follow identical requests in flight until one leaves an answer. When a leader
-        fails, its followers follow whichever of them leads next: no stampede upstream."""
+    async def _answer_of_identical_request(self, info: dict[str, Any], max_age: float | None) -> tuple[Entry, str] | None:
+        """Wait (bounded) for an identical request in flight and take its answer.
+
+        A leader that lands without a usable entry (an error, a reset, an answer too old
+        for this client) sends all its followers upstream at once, none of them leading
+        (Varnish's hit-for-pass): a chain of new leaders would make the last one wait for
+        every answer before it."""
         assert self.settings is not None and self.cache is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.coalesce
-        while (left := deadline - loop.time()) > 0 and await self.flights.follow(key, left):
-            if hit := await self.cache.lookup(key, max_age):
-                return hit
-        return None
+        if not await self.flights.follow(info["key"], self.settings.coalesce):
+            return None
+        info["followed"] = True
+        return await self.cache.lookup(info["key"], max_age)
 
     def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
         if not (self.settings and self.settings.headers):
@@ -235,8 +240,7 @@ class AICache:
             port = await self.replayer.ensure_started()
             info["token"] = self.replayer.register(entry, headers, speed)
             info["original_url"] = flow.request.url
-            flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", port
-            flow.request.headers[TOKEN_HEADER] = info["token"]
+            send_to_replay_server(flow, port, info["token"])
         else:
             flow.response = immediate_response(entry, headers)
             flow.is_replay = "response"
@@ -292,7 +296,8 @@ class AICache:
         """A capture for this flow's protocol, tagged by what the answer says it is."""
         assert self.settings is not None
         fmt = body_format(response.headers.get("content-type", ""))
-        return StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body)
+        return StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body,
+                             response.headers.get("content-encoding", ""))
 
     async def response(self, flow: http.HTTPFlow) -> None:
         info = flow.metadata.get(META)
@@ -310,37 +315,41 @@ class AICache:
         self._conclude(flow, info)
 
     def _conclude(self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = "") -> None:
-        """Store what was recorded if it is complete, release followers, log one line.
+        """Store what was recorded if it is complete, release followers, log one line
+        (for a stored answer once the write finished: it says whether it was stored).
 
         `ended_by` is the error a flow ended with: the capture still decides, because a
         client that closes right after the terminal event leaves a complete stream."""
-        written: asyncio.Task[bool] | None = None
+        written: asyncio.Task[Written] | None = None
+        checked = False
+        outcome = info.get("reason", "") or ended_by
         try:
             if info["status"] in RECORDING and not info.get("served"):
                 entry, capture, why_not = self._recorded_entry(flow, info, ended_by)
                 if entry is not None and capture is not None:
-                    written = self._store(entry, capture)
-                    outcome = "stored after a full check" if capture.needs_full_check else "stored"
-                    if ended_by:
-                        outcome += f" (complete; then {ended_by.rstrip('.')})"
+                    checked = capture.needs_full_check
+                    written = self._store(entry, capture, visible=not checked)
                 else:
                     outcome = f"not stored: {why_not}"
                     self.tally.not_storing(why_not)
-            else:
-                outcome = info.get("reason", "") or ended_by
         finally:  # whatever happened, the followers of a leader must not wait in vain
-            self._release_followers(info, written)
+            self._release_followers(info, written if checked else None)
         size = 0
         if flow.response is not None:
             size = len(flow.response.raw_content or b"")
             if isinstance(flow.response.stream, StreamCapture):
                 size = flow.response.stream.size
-        logger.info("ai-cache: %s", flow_line(info, where(flow), size, outcome))
+        line = functools.partial(flow_line, info, where(flow), size)
+        if written is None:
+            logger.info("ai-cache: %s", line(outcome))
+        else:
+            then = f" (complete; then {ended_by.rstrip('.')})" if ended_by else ""
+            written.add_done_callback(lambda task: self._report_write(task, line, checked, then))
 
-    def _store(self, entry: Entry, capture: StreamCapture) -> asyncio.Task[bool] | None:
+    def _store(self, entry: Entry, capture: StreamCapture, visible: bool) -> asyncio.Task[Written]:
         """Summarise and write in the background. An answer that needs a full check (an
-        error needle showed, or a large JSON body) is checked there first and served only
-        once written: then the write's task is returned."""
+        error needle showed, or a large JSON body) is checked there first and must not be
+        `visible` (served) before it is written."""
 
         def prepare(entry: Entry) -> None:
             if capture.needs_full_check and (problem := capture.full_check()):
@@ -351,28 +360,31 @@ class AICache:
 
         assert self.cache is not None and self.settings is not None
         max_body = self.settings.max_body
-        visible = not capture.needs_full_check
-        written = self.cache.store_soon(entry, prepare, visible=visible)
-        written.add_done_callback(self._count_stored)
-        return None if visible else written
+        return self.cache.store_soon(entry, prepare, visible=visible)
 
-    def _release_followers(self, info: dict[str, Any], written: asyncio.Task[bool] | None) -> None:
+    def _release_followers(self, info: dict[str, Any], hidden: asyncio.Task[Written] | None) -> None:
         """A leader's followers look up as soon as its answer is visible: at once, or when a
-        hidden entry (one that needed a full check) has been written."""
+        `hidden` entry (one that needed a full check) has been written."""
         if not info.get("leader"):
             return
-        if written is None:
+        if hidden is None:
             self.flights.land(info["key"])
         else:
-            written.add_done_callback(lambda _: self.flights.land(info["key"]))
+            hidden.add_done_callback(lambda _: self.flights.land(info["key"]))
 
-    def _count_stored(self, task: asyncio.Task[bool]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            self.tally.not_storing("the store write failed")
-        elif task.result():
+    def _report_write(self, task: asyncio.Task[Written], line: Callable[[str], str], checked: bool, then: str) -> None:
+        """The flow's line once its write finished, and the tally: `stored` only if it was."""
+        if task.cancelled():
+            written = Written(problem="the store write was cancelled")
+        elif error := task.exception():
+            written = Written(problem=f"the store write failed: {error!r}")
+        else:
+            written = task.result()
+        if written.layers:
             self.tally.stored += 1
         else:
-            self.tally.not_storing("failed its full check")
+            self.tally.not_storing(written.problem)
+        logger.info("ai-cache: %s", line(store_outcome(written.layers, written.problem, checked) + then))
 
     def _recorded_entry(
         self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = ""
@@ -389,14 +401,8 @@ class AICache:
         if not isinstance(capture, StreamCapture):
             if capture:
                 return None, None, "the response was streamed without capture"
-            try:
-                body = response.content or b""
-            except ValueError as e:
-                return None, None, f"undecodable body: {e}"
-            capture = self._new_capture(info, response)
-            capture(body)
-        elif response.headers.get("content-encoding", "identity").lower() != "identity":
-            return None, None, f"stream is {response.headers['content-encoding']}-encoded"
+            capture = self._new_capture(info, response)  # decodes within the cap; `.content` would not
+            capture(response.raw_content or b"")
         why_not = capture.incompleteness()
         if why_not:
             return None, None, why_not

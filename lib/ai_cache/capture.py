@@ -1,16 +1,18 @@
 """Stream capture: a tee set as `flow.response.stream` that forwards every chunk untouched.
 
-It keeps a copy with arrival times and only watches each chunk for the protocol's error
-needles. At the end it says whether the stream is complete by the protocol's rules
-(terminal event, no error event, ends on a frame boundary, within the size cap), judging
-by the tail; a full error search runs in a thread only when a needle showed. It can never
-raise: mitmproxy drops a chunk whose callable raised, and the client's bytes come first.
+It keeps a copy with arrival times (decoded, if the upstream compressed it) and only
+watches each chunk for the protocol's error needles. At the end it says whether the
+stream is complete by the protocol's rules (terminal event, no error event, ends on a
+frame boundary, within the size cap), judging by the tail; a full error search runs in a
+thread only when a needle showed. It can never raise: mitmproxy drops a chunk whose
+callable raised, and the client's bytes come first.
 """
 
 from __future__ import annotations
 
 import time
 
+from .decoders import DECODE_ERRORS, decoder_for
 from .protocols import Protocol, json_value
 from .sse import Event, iter_events, tail_events
 
@@ -44,15 +46,20 @@ def describe_error(event: Event) -> str:
 
 
 class StreamCapture:
-    def __init__(self, protocol: Protocol, fmt: str, max_body: int) -> None:
+    def __init__(self, protocol: Protocol, fmt: str, max_body: int, encoding: str = "") -> None:
         self.protocol = protocol
         self.format = fmt
         self.max_body = max_body
         self.parts: list[bytes] = []
         self.chunks: list[tuple[float, int]] = []
-        self.size = 0
+        self.size = 0  # decoded
         self.started: float | None = None
         self.failure: str | None = None
+        self._decoder = None
+        if (encoding := encoding.strip().lower()) not in ("", "identity"):
+            self._decoder = decoder_for(encoding)
+            if self._decoder is None:
+                self.failure = f"{encoding}-encoded, which cannot be decoded within a size bound here"
         # An error event may be in the stream: all events are searched, off the loop.
         self.suspect = False
         self._needles = protocol.error_needles if fmt != "json" else ()
@@ -69,6 +76,15 @@ class StreamCapture:
 
     def _record(self, data: bytes) -> None:
         # Runs for every read of every captured stream: keep it to a few C-level calls.
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decode(data, self.max_body - self.size)
+            except DECODE_ERRORS as e:
+                self.failure = f"undecodable body: {e}"
+                self._release()
+                return
+            if not data:
+                return
         now = time.monotonic()
         if self.started is None:
             self.started = now

@@ -3,6 +3,8 @@ worker thread; small reads run inline, being cheaper than the thread hop (see `g
 
 A store that breaks (unwritable directory, full disk, corrupt database) degrades to
 "miss / skip the write" with one warning until it works again: never a failed request.
+A directory that cannot be written at all (a read-only checkout or mount, a full disk)
+is opened read-only: lookups go on, writes are off.
 """
 
 from __future__ import annotations
@@ -11,18 +13,67 @@ import asyncio
 import io
 import itertools
 import logging
+import os
 import sqlite3
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import diskcache
+from diskcache.core import DBNAME
 
 from .entry import Entry, EntryError, read_header
+from .outage import Outage
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+READS = frozenset({"read", "listing"})
+TIMEOUT = 1.0  # seconds SQLite waits for another writer's lock
+
+
+class ReadOnlyCache(diskcache.Cache):
+    """diskcache's own reader on a database opened read-only.
+
+    `diskcache.Cache()` writes its settings when it opens, so it fails on a read-only
+    directory and on a full disk. This reads them instead and keeps diskcache's lookup
+    code. SQLite `mode=ro` still sees a write-ahead log a killed writer left behind, but
+    needs to create the shared-memory file next to the database; where it cannot (a
+    read-only mount of a cleanly closed cache, a full disk) `immutable=1` reads the
+    database file alone, which then holds everything.
+    """
+
+    def __init__(self, directory: str) -> None:  # not super().__init__(): it writes
+        self._directory = directory
+        self._timeout = TIMEOUT
+        self._local = threading.local()
+        self._txn_id = None
+        path = urllib.parse.quote(os.path.join(directory, DBNAME))
+        for flag in ("mode=ro", "immutable=1"):
+            self._uri = f"file:{path}?{flag}"
+            try:
+                settings = dict(self._sql("SELECT key, value FROM Settings").fetchall())
+                self._sql("SELECT rowid FROM Cache LIMIT 1").fetchall()
+                break
+            except sqlite3.Error:
+                self.close()
+                if flag == "immutable=1":
+                    raise
+        disk = {key[5:]: value for key, value in settings.items() if key.startswith("disk_")}
+        self._disk = diskcache.Disk(directory, **disk)
+        for key, value in settings.items():  # as diskcache's reset() does
+            setattr(self, key, value)
+
+    @property
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = sqlite3.connect(
+                self._uri, uri=True, timeout=self._timeout, isolation_level=None
+            )
+        return con
 
 
 def _read_and_close(handle: BinaryIO) -> bytes:
@@ -34,28 +85,48 @@ class DiskStore:
     layer = "l1"
 
     def __init__(self, directory: str | Path) -> None:
-        """Opens (creating) the cache directory; raises the OS/SQLite error if it cannot."""
+        """Opens (creating) the cache directory, read-only if it cannot be written;
+        raises the OS/SQLite error if it cannot be read either."""
         self.directory = Path(directory).expanduser()
-        # No eviction: recorded fixtures must not disappear behind the user's back.
-        self._cache = diskcache.Cache(
-            str(self.directory), eviction_policy="none", size_limit=2**62, timeout=1
-        )
-        # The last failure while the store is failing (None when it works): callers that
-        # must not fail open, like the CLI, report it.
+        # Why writes are off for good (None: they are on).
+        self.read_only: str | None = None
+        try:
+            # No eviction: recorded fixtures must not disappear behind the user's back.
+            self._cache: diskcache.Cache = diskcache.Cache(
+                str(self.directory), eviction_policy="none", size_limit=2**62, timeout=TIMEOUT
+            )
+        except STORE_ERRORS as e:
+            try:
+                self._cache = ReadOnlyCache(str(self.directory))
+            except STORE_ERRORS:
+                raise e from None
+            self.read_only = "writes are off: the cache directory cannot be written"
+            logger.warning("ai-cache: cannot write to cache directory %s (%s): lookups are served "
+                           "from it, writes are off", self.directory, e)
+        # The last failure (None after a success): callers that must not fail open, like
+        # the CLI, report it.
         self.failure: str | None = None
+        self._outages = {
+            kind: Outage(f"ai-cache: L1 {kind} in {self.directory} work again") for kind in ("reads", "writes")
+        }
 
     def _guarded(self, what: str, call: Callable[[], T], default: T) -> T:
+        """Reads and writes fail and recover apart: a full disk still serves lookups."""
+        outage = self._outages["reads" if what in READS else "writes"]
         try:
             result = call()
         except STORE_ERRORS as e:
-            if self.failure is None:
-                logger.warning("ai-cache: L1 %s failed in %s, passing through: %s", what, self.directory, e)
             self.failure = f"{what} failed: {e}"
+            outage.failed(f"ai-cache: L1 {what} failed in {self.directory}, going on without it: {e}")
             return default
-        if self.failure is not None:
-            logger.warning("ai-cache: L1 in %s works again", self.directory)
-            self.failure = None
+        outage.worked()
+        self.failure = None
         return result
+
+    def _writable(self) -> bool:
+        if self.read_only:
+            self.failure = self.read_only
+        return not self.read_only
 
     # Synchronous API, for threads and the CLI.
 
@@ -76,11 +147,13 @@ class DiskStore:
             return None
 
     def put_sync(self, entry: Entry, expire: float | None) -> bool:
+        if not self._writable():
+            return False
         data = entry.to_bytes()
         return self._guarded("write", lambda: self._cache.set(entry.key, data, expire=expire), False)
 
     def delete_sync(self, key: str) -> bool:
-        return self._guarded("delete", lambda: self._cache.delete(key), False)
+        return self._writable() and self._guarded("delete", lambda: self._cache.delete(key), False)
 
     def keys(self) -> Iterator[str]:
         yield from self._guarded("listing", lambda: list(self._cache.iterkeys()), [])

@@ -2,7 +2,9 @@
 
 Every Redis call goes through `RedisStore.with_redis`: it bounds the call by the
 timeout, turns every failure into the caller's default, and keeps a circuit breaker so
-a Redis that is down costs one timeout per cool-down, not one per request.
+a Redis that is down costs one timeout per cool-down, not one per request. Only signs of
+a Redis that is down open the breaker: all connections busy (a healthy Redis under
+load) and refused writes (out of memory, a read-only replica, while reads work) do not.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import MaxConnectionsError, OutOfMemoryError, ReadOnlyError
 
 from .entry import Entry, EntryError
+from .outage import Outage
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,6 +34,10 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # which saves the shared server's memory and the network between proxy and Redis.
 COMPRESSED = b"AICZ"
 COMPRESS_FROM = 64 * 1024
+# Concurrent calls (= connections) per proxy. redis-py's async pool refuses the 101st by
+# default, which made a healthy Redis look down under 150 clients; a Redis serves 10k.
+DEFAULT_POOL = 256
+WRITE_REFUSALS = (OutOfMemoryError, ReadOnlyError)
 
 
 def redact(url: str) -> str:
@@ -49,9 +57,9 @@ def encoded(entry: Entry) -> bytes:
     return COMPRESSED + zlib.compress(data, 1) if len(data) >= COMPRESS_FROM else data
 
 
-def connect(url: str, timeout: float) -> Any:
+def connect(url: str, timeout: float, pool: int) -> Any:
     """A redis.asyncio client for `url`; `redis+cluster://host:port` selects Redis Cluster."""
-    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=pool)
     scheme, _, rest = url.partition("://")
     if scheme in CLUSTER_SCHEMES:
         return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
@@ -63,6 +71,9 @@ class CircuitBreaker:
     """Closed until a failure; then open for a cool-down that doubles while failures go on.
 
     When the cool-down ends a single probe is let through; its outcome closes or reopens.
+    Only the probe closes it: a call admitted before it opened and answered after proves
+    nothing (such calls closed it 6 ms after it opened, over and over). Callers pass
+    `probe` = whether the breaker was open when their call was allowed.
     """
 
     def __init__(self, name: str, base: float = 1.0, cap: float = 30.0) -> None:
@@ -84,18 +95,20 @@ class CircuitBreaker:
         self.probing = True
         return True
 
-    def success(self) -> None:
-        if self.is_open:
-            logger.warning("ai-cache: %s is back, circuit closed", self.name)
+    def success(self, probe: bool) -> None:
+        if not (self.is_open and probe):
+            return
+        logger.warning("ai-cache: %s is back, circuit closed", self.name)
         self.cooldown = 0.0
         self.probing = False
 
-    def cancelled(self) -> None:
-        """A call ended without an answer either way: let the next one probe."""
-        self.probing = False
+    def cancelled(self, probe: bool) -> None:
+        """A call ended without an answer either way: if it was the probe, let the next one probe."""
+        if probe:
+            self.probing = False
 
-    def failure(self, error: BaseException) -> None:
-        if self.probing:
+    def failure(self, error: BaseException, probe: bool) -> None:
+        if probe:
             self.cooldown = min(self.cap, self.cooldown * 2)
         elif not self.is_open:
             logger.warning(
@@ -118,26 +131,59 @@ def describe(error: BaseException) -> str:
 class RedisStore:
     layer = "l2"
 
-    def __init__(self, url: str, timeout: float, prefix: str) -> None:
+    def __init__(self, url: str, timeout: float, prefix: str, pool: int = DEFAULT_POOL) -> None:
         self.timeout = timeout
         self.prefix = prefix
-        self.client = connect(url, timeout)
-        self.breaker = CircuitBreaker(f"Redis L2 at {redact(url)}")
+        self.client = connect(url, timeout, pool)
+        self.name = f"Redis L2 at {redact(url)}"
+        self.breaker = CircuitBreaker(self.name)
+        # One slot per pooled connection: a call waits (bounded) for a free one instead of
+        # failing, and a wait that runs out is a skipped call, not Redis being down.
+        self.slots = asyncio.Semaphore(pool)
+        self.refusing = Outage(f"ai-cache: {self.name} accepts writes again")
 
     async def with_redis(self, op: Callable[[Any], Awaitable[T]], default: T) -> T:
-        """Run `op(client)` bounded by the timeout; any failure yields `default`."""
+        """Run `op(client)` bounded by the timeout; any failure yields `default`.
+
+        Waiting for a free connection is bounded by the timeout too, apart from the call."""
         if not self.breaker.allow():
             return default
+        probe = self.breaker.is_open  # when open, only the probe is allowed
+        connected = False
         try:
+            connected = await self._free_connection()
+            if not connected:  # all busy: skip this call
+                self.breaker.cancelled(probe)
+                return default
             result = await asyncio.wait_for(op(self.client), self.timeout)
         except asyncio.CancelledError:
-            self.breaker.cancelled()
+            self.breaker.cancelled(probe)
             raise
-        except Exception as e:  # fail open: no Redis problem may reach a request
-            self.breaker.failure(e)
+        except MaxConnectionsError:  # a cluster node's pool is full: busy, not down
+            self.breaker.cancelled(probe)
             return default
-        self.breaker.success()
+        except WRITE_REFUSALS as e:  # it answered: reads still work
+            self.breaker.success(probe)
+            self.refusing.failed(f"ai-cache: {self.name} refuses writes ({describe(e)}); "
+                                 "lookups go on, new entries stay local")
+            return default
+        except Exception as e:  # fail open: no Redis problem may reach a request
+            self.breaker.failure(e, probe)
+            return default
+        finally:
+            if connected:
+                self.slots.release()
+        self.breaker.success(probe)
         return result
+
+    async def _free_connection(self) -> bool:
+        """Take a connection slot, waiting at most the timeout; False if none came free."""
+        if not self.slots.locked():
+            return await self.slots.acquire()  # at once, without a task for the timeout
+        try:
+            return await asyncio.wait_for(self.slots.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            return False
 
     def redis_key(self, key: str) -> str:
         return self.prefix + key
@@ -162,7 +208,10 @@ class RedisStore:
     async def put(self, entry: Entry, expire: float | None) -> bool:
         ex = max(1, round(expire)) if expire else None
         data = await asyncio.to_thread(encoded, entry)
-        return bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False))
+        written = bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False))
+        if written:
+            self.refusing.worked()
+        return written
 
     async def delete(self, key: str) -> bool:
         return bool(await self.with_redis(lambda r: r.delete(self.redis_key(key)), 0))

@@ -73,6 +73,10 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
      "on without L2. Failures open a circuit breaker that skips Redis for a growing cool-down."),
     ("ai_cache_redis_prefix", str, "ai-cache:",
      "Prefix of every Redis key the cache writes."),
+    ("ai_cache_redis_pool", str, "256",
+     "Most Redis connections (= concurrent calls) the proxy opens. A call that finds them "
+     "all busy waits up to ai_cache_redis_timeout for one, then goes on without L2; busy "
+     "connections never count as Redis failing."),
     ("ai_cache_connection_log", bool, True,
      "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
      "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay."),
@@ -131,6 +135,7 @@ class Settings:
     redis_url: str
     redis_timeout: float  # seconds
     redis_prefix: str
+    redis_pool: int
     connection_log: bool
 
     @classmethod
@@ -177,6 +182,8 @@ class Settings:
             redis_timeout=parsed("ai_cache_redis_timeout", float, lambda v: 0 < v <= 60000,
                                  "must be between 0 and 60000 milliseconds") / 1000,
             redis_prefix=options.ai_cache_redis_prefix,
+            redis_pool=parsed("ai_cache_redis_pool", int, lambda v: 1 <= v <= 100_000,
+                              "must be a number of connections from 1 to 100000"),
             connection_log=options.ai_cache_connection_log,
         )
 

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 
-from mitmproxy import http
+from mitmproxy import connection, http
 
 from .entry import Entry
 
@@ -31,6 +31,19 @@ def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> ht
     response.raw_content = entry.body
     response.headers["content-length"] = str(len(entry.body))
     return response
+
+
+def send_to_replay_server(flow: http.HTTPFlow, port: int, token: str) -> None:
+    """Point `flow` at the replay server on this machine, over a connection of its own.
+
+    mitmproxy opens a flow's connection through `flow.server_conn.via`, which upstream
+    mode (`--mode upstream:...`) sets on the client's shared server object: a fresh
+    server without `via` keeps the replay (its token, the cached answer) off the parent
+    proxy, and leaves the client's other flows routed as before.
+    """
+    flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", port
+    flow.request.headers[TOKEN_HEADER] = token
+    flow.server_conn = connection.Server(address=("127.0.0.1", port))
 
 
 def paced_parts(entry: Entry, speed: float) -> list[tuple[float, bytes]]:

@@ -42,6 +42,14 @@ def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
     return f"{line}: {outcome}" if outcome else line
 
 
+def store_outcome(layers: tuple[str, ...], problem: str, checked: bool) -> str:
+    """What a finished write did: `stored` only when every layer took the entry."""
+    if not layers:
+        return f"not stored: {problem}"
+    stored = "stored after a full check" if checked else "stored"
+    return f"{stored} in {' and '.join(layers)} only ({problem})" if problem else stored
+
+
 def plural(count: int, word: str, words: str = "") -> str:
     return f"{count} {word if count == 1 else words or word + 's'}"
 

@@ -9,7 +9,6 @@ say "expired"); Redis, memory shared by a team, drops them at the TTL.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +17,6 @@ from .entry import Entry
 from .l1 import DiskStore
 from .l2 import RedisStore
 from .report import human_age
-
-logger = logging.getLogger(__name__)
 
 
 class NotStorable(Exception):
@@ -31,6 +28,14 @@ class Found:
     entry: Entry
     layer: str
     stale: str = ""  # why the entry may not be served; "" when it may
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where a background write put an entry, and why not in every layer (or at all)."""
+
+    layers: tuple[str, ...] = ()
+    problem: str = ""
 
 
 @dataclass
@@ -86,7 +91,7 @@ class TieredCache:
 
     def store_soon(
         self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True
-    ) -> asyncio.Task[bool]:
+    ) -> asyncio.Task[Written]:
         """Write off the request path; `prepare` and the L1 write share one worker-thread trip.
 
         A visible entry is served to lookups at once, before it is written; `prepare` may
@@ -96,25 +101,34 @@ class TieredCache:
         if visible:
             self._unwritten[entry.key] = entry
 
-        async def write() -> bool:
+        async def write() -> Written:
+            layers: list[str] = []
+            problems: list[str] = []
             try:
-                await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare)
+                if problem := await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare):
+                    problems.append(problem)
+                elif self.l1 is not None:
+                    layers.append(self.l1.layer)
                 if self.l2 is not None:
-                    await self.l2.put(entry, self.remaining(entry))
-                return True
+                    if await self.l2.put(entry, self.remaining(entry)):
+                        layers.append(self.l2.layer)
+                    else:
+                        problems.append("L2 write failed")
             except NotStorable as e:
-                logger.info("ai-cache: %s not stored after all: %s", entry.key[:12], e)
-                return False
+                return Written(problem=str(e))
             finally:
                 if self._unwritten.get(entry.key) is entry:
                     del self._unwritten[entry.key]
+            return Written(tuple(layers), "; ".join(problems))
 
         return self.background(write())
 
-    def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> None:
+    def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> str:
+        """Why L1 did not take the entry ("" when it did, or when there is no L1)."""
         prepare(entry)
-        if self.l1 is not None:
-            self.l1.put_sync(entry, None)  # L1 keeps entries past the TTL: see above
+        if self.l1 is None or self.l1.put_sync(entry, None):  # L1 keeps entries past the TTL: see above
+            return ""
+        return f"L1 {self.l1.failure or 'write failed'}"
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""
