@@ -11,5 +11,8 @@ if _lib not in sys.path:
     sys.path.insert(0, _lib)
 
 from ai_cache.addon import AICache  # noqa: E402
+from ai_cache.replay import PacedReplay  # noqa: E402
 
-addons = [AICache()]
+# PacedReplay first: it restores a paced hit's URL before AICache logs the flow.
+pacer = PacedReplay()
+addons = [pacer, AICache(pacer)]

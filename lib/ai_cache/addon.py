@@ -1,63 +1,52 @@
-"""The mitmproxy addon: thin glue between hooks, keys, capture, replay and the stores.
+"""The mitmproxy addon: thin glue between hooks, keys, single flight, recording, replay
+and the stores.
 
-Per-flow state is a plain dict in `flow.metadata["ai_cache"]` (it survives `-w` flow
-files); the live stream capture rides on `flow.response.stream` itself.
+Per-flow state is a `FlowState` (state.py), viewed as a plain dict in
+`flow.metadata["ai_cache"]` (it survives `-w` flow files); the live stream capture rides
+on `flow.response.stream` itself. Paced replay is an addon of its own (replay.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
-import functools
-import json
 import logging
 import sqlite3
-from collections.abc import Callable
-from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from .capture import StreamCapture, body_format
 from .controls import Controls, take_controls
-from .entry import Entry, replayable_headers
-from .flights import InFlight
-from .keys import cacheable_request, header_map, host_of, path_of, stored_request
+from .entry import Entry
+from .flights import SingleFlight
+from .keys import cacheable_request, header_map, host_of, path_of
 from .l1 import DiskStore
 from .l2 import RedisStore, redact
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
-from .protocols import BY_NAME, recognise
-from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers, send_to_replay_server
-from .report import Tally, flow_line, human_size, show_connection_lines, store_outcome
-from .summary import prompt_preview, token_usage
-from .tiers import NotStorable, TieredCache, Written
+from .protocols import recognise
+from .recording import Recorder, new_capture, where
+from .replay import PacedReplay
+from .report import Tally, flow_line, human_size, show_connection_lines
+from .responses import cache_headers, immediate_response, no_recording
+from .state import FlowState, Mode, Status, attach, state_of
+from .tiers import TieredCache
 
 logger = logging.getLogger(__name__)
-META = "ai_cache"
 STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix", "redis_pool")
-RECORDING = ("MISS", "REFRESH")  # statuses whose answer comes from upstream and may be stored
-
-
-def summarise(entry: Entry) -> None:
-    """Metadata for humans and the CLI, and the request copy kept; parses the answer (a
-    stream only at its edges), so it runs in the write's worker thread."""
-    entry.meta["usage"] = token_usage(entry.body, entry.format)
-    entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
-    entry.meta["request"] = stored_request(entry.meta["request"])
-
-
-def where(flow: http.HTTPFlow) -> str:
-    """Host and path for log lines; never the query, which may carry a key."""
-    return host_of(flow.request) + path_of(flow.request)
 
 
 class AICache:
-    def __init__(self) -> None:
+    """Looks requests up, answers hits, and has misses recorded. `pacer` is the
+    `PacedReplay` addon listed beside this one (a private one when alone, e.g. in tests:
+    then paced hits are not restored to their URL in the log)."""
+
+    def __init__(self, pacer: PacedReplay | None = None) -> None:
         self.settings: Settings | None = None
         self.cache: TieredCache | None = None
-        self.replayer = ReplayServer()
-        self.flights = InFlight()
+        self.pacer = pacer or PacedReplay()
+        self.flights = SingleFlight()
         self.tally = Tally()
+        self.recorder = Recorder(self.flights, self.tally)
 
     def load(self, loader) -> None:
         for name, typespec, default, help_text in OPTIONS:
@@ -140,7 +129,6 @@ class AICache:
     async def done(self) -> None:
         if self.cache is not None:
             await self.cache.close()
-        await self.replayer.close()
         logger.info("ai-cache: %s", self.tally.summary())
 
     # Request path
@@ -148,282 +136,125 @@ class AICache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if self.settings is None or self.cache is None or flow.response or flow.error:
             return
+        settings, cache = self.settings, self.cache
         protocol = recognise(flow.request.method, path_of(flow.request))
-        if protocol is None or not self._host_wanted(flow.request):
+        if protocol is None or not self._host_wanted(flow.request, settings):
             return
         headers = header_map(flow.request)
-        found = cacheable_request(flow.request, headers, protocol, self.settings.policy)
+        found = cacheable_request(flow.request, headers, protocol, settings.policy)
         if found is not None and not protocol.expects(found.body):
             return  # only the path looked like an LLM call: leave it untouched
         controls = take_controls(flow.request, headers)
-        info: dict[str, Any] = {"protocol": protocol.name, "status": "BYPASS", "key": ""}
-        flow.metadata[META] = info
+        state = FlowState(protocol.name)
+        attach(flow, state)
         if found is None or found.refused:
-            info["reason"] = found.refused if found else "request body is not a JSON object"
+            state.reason = found.refused if found else "request body is not a JSON object"
         else:
-            info.update(key=found.key, model=found.model, stream=found.stream, request=found.described)
-            await self._route(flow, info, controls)
-        self.tally.count(info["status"])
-        if info["status"] in RECORDING and flow.response is None:
+            state.key, state.model, state.stream, state.request = found.key, found.model, found.stream, found.described
+            await self._route(flow, state, controls, settings, cache)
+        self.tally.count(state.status)
+        if state.status.recording and flow.response is None:
             # Plain bytes are what the capture can scan and the cache can replay.
             flow.request.headers["accept-encoding"] = "identity"
 
-    def _host_wanted(self, request: http.Request) -> bool:
+    @staticmethod
+    def _host_wanted(request: http.Request, settings: Settings) -> bool:
         """The `ai_cache_hosts` allow-list: globs match the host, or host:port."""
-        assert self.settings is not None
-        if not self.settings.hosts:
+        if not settings.hosts:
             return True
         names = (request.host.lower(), host_of(request), f"{request.host.lower()}:{request.port}")
-        return any(fnmatch.fnmatchcase(name, glob) for glob in self.settings.hosts for name in names)
+        return any(fnmatch.fnmatchcase(name, glob) for glob in settings.hosts for name in names)
 
-    async def _route(self, flow: http.HTTPFlow, info: dict[str, Any], controls: Controls) -> None:
+    async def _route(self, flow: http.HTTPFlow, state: FlowState, controls: Controls,
+                     settings: Settings, cache: TieredCache) -> None:
         """BYPASS, REFRESH, or look up: HIT, or MISS (answered 504 when upstream is off-limits)."""
-        assert self.settings is not None and self.cache is not None
-        mode = self.settings.mode
-        offline = mode == "replay"
-        if mode == "off":
-            info["reason"] = "ai_cache_mode=off"
+        mode = settings.mode
+        offline = mode is Mode.REPLAY
+        if mode is Mode.OFF:
+            state.reason = "ai_cache_mode=off"
         elif controls.bypass and not offline:
-            info["reason"] = "client asked"
-        elif not (self.cache.l1 or self.cache.l2) and not offline:
-            info["reason"] = "no usable cache store"
-        elif (mode == "refresh" or controls.refresh) and not (offline or controls.only_if_cached):
-            info["status"] = "REFRESH"
-        elif (found := await self.cache.find(info["key"], controls.max_age, any_age=offline)) and not found.stale:
-            await self._serve_hit(flow, info, found.entry, found.layer)
-        elif not offline and (hit := await self._answer_of_identical_request(info, controls.max_age)):
-            info["coalesced"] = True
-            await self._serve_hit(flow, info, *hit)
+            state.reason = "client asked"
+        elif not (cache.l1 or cache.l2) and not offline:
+            state.reason = "no usable cache store"
+        elif (mode is Mode.REFRESH or controls.refresh) and not (offline or controls.only_if_cached):
+            state.status = Status.REFRESH
+        elif (found := await cache.find(state.key, controls.max_age, any_age=offline)) and not found.stale:
+            await self._serve_hit(flow, state, found.entry, found.layer, settings)
+        elif not offline and (hit := await self.flights.answer(
+                state, settings.coalesce, lambda: cache.lookup(state.key, controls.max_age))):
+            state.coalesced = True
+            await self._serve_hit(flow, state, *hit, settings)
         else:
-            info["status"] = "MISS"
+            state.status = Status.MISS
             stale = found.stale if found else ""
             if offline or controls.only_if_cached:
-                flow.response = await self._no_recording(info, offline, stale)
+                flow.response = await self._no_recording(state, offline, stale, settings, cache)
             else:
                 if stale:
-                    info["expired"] = stale
-                if self.settings.coalesce and not info.get("followed"):
-                    info["leader"] = self.flights.lead(info["key"])
+                    state.expired = stale
+                if settings.coalesce:
+                    self.flights.lead(state)
 
-    async def _answer_of_identical_request(self, info: dict[str, Any], max_age: float | None) -> tuple[Entry, str] | None:
-        """Wait (bounded) for an identical request in flight and take its answer.
-
-        A leader that lands without a usable entry (an error, a reset, an answer too old
-        for this client) sends all its followers upstream at once, none of them leading
-        (Varnish's hit-for-pass): a chain of new leaders would make the last one wait for
-        every answer before it."""
-        assert self.settings is not None and self.cache is not None
-        if not await self.flights.follow(info["key"], self.settings.coalesce):
-            return None
-        info["followed"] = True
-        return await self.cache.lookup(info["key"], max_age)
-
-    def _cache_headers(self, info: dict[str, Any]) -> list[tuple[str, str]]:
-        if not (self.settings and self.settings.headers):
-            return []
-        headers = [("x-ai-cache-status", info["status"])]
-        if info.get("key"):
-            headers.append(("x-ai-cache-key", info["key"]))
-        if info["status"] == "HIT":
-            headers += [("x-ai-cache-age", str(int(info["age"]))), ("x-ai-cache-layer", info["layer"])]
-        return headers
-
-    async def _serve_hit(self, flow: http.HTTPFlow, info: dict[str, Any], entry: Entry, layer: str) -> None:
-        assert self.settings is not None
-        info.update(status="HIT", layer=layer, age=entry.age(), format=entry.format,
-                    size=len(entry.body), saved_tokens=sum(entry.tokens()))
-        self.tally.tokens_saved += info["saved_tokens"]
+    async def _serve_hit(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, layer: str,
+                         settings: Settings) -> None:
+        state.status, state.layer, state.age, state.format = Status.HIT, layer, entry.age(), entry.format
+        state.size, state.saved_tokens = len(entry.body), sum(entry.tokens())
+        self.tally.tokens_saved += state.saved_tokens
         self.tally.bytes_served += len(entry.body)
-        headers = self._cache_headers(info)
-        speed = self.settings.replay_speed
-        if speed > 0 and entry.format != "json" and len(entry.chunks) > 1:
-            port = await self.replayer.ensure_started()
-            info["token"] = self.replayer.register(entry, headers, speed)
-            info["original_url"] = flow.request.url
-            send_to_replay_server(flow, port, info["token"])
+        headers = cache_headers(state) if settings.headers else []
+        if self.pacer.wanted(entry, settings.replay_speed):
+            await self.pacer.pace(flow, state, entry, headers, settings.replay_speed)
         else:
             flow.response = immediate_response(entry, headers)
             flow.is_replay = "response"
 
-    async def _no_recording(self, info: dict[str, Any], offline: bool, stale: str) -> http.Response:
-        """The 504 for a miss that may not go upstream: what is missing, why it missed (the
-        prompt, the nearest recording and where it differs) and what to do. `x-should-retry:
-        false` stops the SDKs' retries, which cannot help."""
-        assert self.settings is not None and self.cache is not None
+    async def _no_recording(self, state: FlowState, offline: bool, stale: str, settings: Settings,
+                            cache: TieredCache) -> http.Response:
+        """The 504 for a miss that may not go upstream, with why it missed."""
         why = "ai_cache_mode=replay" if offline else "the client sent Cache-Control: only-if-cached"
-        request = info.get("request", {})
-        what = (f"this {info['protocol']} request (model {info.get('model') or '-'}, "
-                f"{request.get('host', '')}{request.get('path', '')}, key {info['key'][:16]})")
         if stale:
-            missing, explained = f"the recording of {what} is {stale}", {}
-            info["reason"] = f"recording {stale}, answered 504 ({why})"
+            explanation = None
+            state.reason = f"recording {stale}, answered 504 ({why})"
         else:
-            explanation = await explain_miss(self.cache.l1, request, info.get("model", ""), self.settings.policy)
-            missing, explained = f"no recording for {what}: {explanation.sentence()}", explanation.as_json()
-            info["reason"] = f"no recording, answered 504 ({why}); {explanation.sentence()}"
-        message = (
-            f"ai-cache: {missing}; {why} forbids contacting upstream. Record it by running "
-            f"once with ai_cache_mode=record (the default) and the upstream reachable."
-        )
-        body = {"type": "error", "error": {"type": "ai_cache_miss", "code": "ai_cache_no_recording",
-                                           "message": message, "key": info["key"], **explained}}
-        info["served"] = True
-        headers = [("content-type", "application/json"), ("x-should-retry", "false"), *self._cache_headers(info)]
-        return http.Response.make(504, json.dumps(body), make_headers(headers))
+            explanation = await explain_miss(cache.l1, state.request or {}, state.model or "", settings.policy)
+            state.reason = f"no recording, answered 504 ({why}); {explanation.sentence()}"
+        state.served = True
+        return no_recording(state, why, stale, explanation, cache_headers(state) if settings.headers else [])
 
     # Response path
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        info = flow.metadata.get(META)
-        if not info or flow.response is None or self.settings is None:
+        state = state_of(flow)
+        if state is None or flow.response is None or self.settings is None or state.token:
             return
-        if info.get("token"):  # paced replay: our own server, just pass it on chunk by chunk
-            flow.response.stream = True
-            return
-        if flow.response.raw_content is not None and info["status"] in RECORDING and not info.get("served"):
+        if flow.response.raw_content is not None and state.recording:
             # Upstream bodies arrive after this hook; one already here was made by an addon.
-            info["served"] = True
-            info["reason"] = "answered by another addon, not upstream"
-        for name, value in self._cache_headers(info):
-            flow.response.headers[name] = value
-        if info["status"] not in RECORDING or info.get("served") or flow.response.status_code != 200:
+            state.served = True
+            state.reason = "answered by another addon, not upstream"
+        if self.settings.headers:
+            for name, value in cache_headers(state):
+                flow.response.headers[name] = value
+        if not state.recording or flow.response.status_code != 200:
             return
-        capture = self._new_capture(info, flow.response)
-        if (info.get("stream") or capture.format != "json") and not flow.response.stream:
+        capture = new_capture(state, flow.response, self.settings.max_body)
+        if (state.stream or capture.format != "json") and not flow.response.stream:
             flow.response.stream = capture
 
-    def _new_capture(self, info: dict[str, Any], response: http.Response) -> StreamCapture:
-        """A capture for this flow's protocol, tagged by what the answer says it is."""
-        assert self.settings is not None
-        fmt = body_format(response.headers.get("content-type", ""))
-        return StreamCapture(BY_NAME[info["protocol"]], fmt, self.settings.max_body,
-                             response.headers.get("content-encoding", ""))
-
     async def response(self, flow: http.HTTPFlow) -> None:
-        info = flow.metadata.get(META)
-        if not info or flow.response is None or self.cache is None:
+        state = state_of(flow)
+        if state is None or flow.response is None or self.cache is None or self.settings is None:
             return
-        if info.get("original_url"):
-            flow.request.url = info.pop("original_url")
-            flow.request.headers.pop(TOKEN_HEADER, None)
-        if info["status"] == "HIT":
-            outcome = f"age {info['age']:.0f}s" + (
-                f", saved {info['saved_tokens']} tokens" if info["saved_tokens"] else ""
-            ) + (", waited for an identical request in flight" if info.get("coalesced") else "")
-            logger.info("ai-cache: %s", flow_line(info, where(flow), info["size"], outcome))
+        if state.status is Status.HIT:
+            outcome = f"age {state.age:.0f}s" + (
+                f", saved {state.saved_tokens} tokens" if state.saved_tokens else ""
+            ) + (", waited for an identical request in flight" if state.coalesced else "")
+            logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, outcome))
             return
-        self._conclude(flow, info)
-
-    def _conclude(self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = "") -> None:
-        """Store what was recorded if it is complete, release followers, log one line
-        (for a stored answer once the write finished: it says whether it was stored).
-
-        `ended_by` is the error a flow ended with: the capture still decides, because a
-        client that closes right after the terminal event leaves a complete stream."""
-        written: asyncio.Task[Written] | None = None
-        checked = False
-        outcome = info.get("reason", "") or ended_by
-        try:
-            if info["status"] in RECORDING and not info.get("served"):
-                entry, capture, why_not = self._recorded_entry(flow, info, ended_by)
-                if entry is not None and capture is not None:
-                    checked = capture.needs_full_check
-                    written = self._store(entry, capture, visible=not checked)
-                else:
-                    outcome = f"not stored: {why_not}"
-                    self.tally.not_storing(why_not)
-        finally:  # whatever happened, the followers of a leader must not wait in vain
-            self._release_followers(info, written if checked else None)
-        size = 0
-        if flow.response is not None:
-            size = len(flow.response.raw_content or b"")
-            if isinstance(flow.response.stream, StreamCapture):
-                size = flow.response.stream.size
-        line = functools.partial(flow_line, info, where(flow), size)
-        if written is None:
-            logger.info("ai-cache: %s", line(outcome))
-        else:
-            then = f" (complete; then {ended_by.rstrip('.')})" if ended_by else ""
-            written.add_done_callback(lambda task: self._report_write(task, line, checked, then))
-
-    def _store(self, entry: Entry, capture: StreamCapture, visible: bool) -> asyncio.Task[Written]:
-        """Summarise and write in the background. An answer that needs a full check (an
-        error needle showed, or a large JSON body) is checked there first and must not be
-        `visible` (served) before it is written."""
-
-        def prepare(entry: Entry) -> None:
-            if capture.needs_full_check and (problem := capture.full_check()):
-                raise NotStorable(problem)
-            summarise(entry)
-            if (size := entry.encoded_size()) > max_body:
-                raise NotStorable(f"too large: the entry has {size} bytes, above ai_cache_max_body")
-
-        assert self.cache is not None and self.settings is not None
-        max_body = self.settings.max_body
-        return self.cache.store_soon(entry, prepare, visible=visible)
-
-    def _release_followers(self, info: dict[str, Any], hidden: asyncio.Task[Written] | None) -> None:
-        """A leader's followers look up as soon as its answer is visible: at once, or when a
-        `hidden` entry (one that needed a full check) has been written."""
-        if not info.get("leader"):
-            return
-        if hidden is None:
-            self.flights.land(info["key"])
-        else:
-            hidden.add_done_callback(lambda _: self.flights.land(info["key"]))
-
-    def _report_write(self, task: asyncio.Task[Written], line: Callable[[str], str], checked: bool, then: str) -> None:
-        """The flow's line once its write finished, and the tally: `stored` only if it was."""
-        if task.cancelled():
-            written = Written(problem="the store write was cancelled")
-        elif error := task.exception():
-            written = Written(problem=f"the store write failed: {error!r}")
-        else:
-            written = task.result()
-        if written.layers:
-            self.tally.stored += 1
-        else:
-            self.tally.not_storing(written.problem)
-        logger.info("ai-cache: %s", line(store_outcome(written.layers, written.problem, checked) + then))
-
-    def _recorded_entry(
-        self, flow: http.HTTPFlow, info: dict[str, Any], ended_by: str = ""
-    ) -> tuple[Entry | None, StreamCapture | None, str]:
-        assert self.settings is not None
-        response = flow.response
-        if response is None:
-            return None, None, ended_by or "no response"
-        if response.status_code != 200:
-            return None, None, f"upstream answered {response.status_code}"
-        capture = response.stream
-        if ended_by and not (isinstance(capture, StreamCapture) and capture.protocol.terminal_proves_end):
-            return None, None, ended_by  # only a stream's terminal event outlives a broken end
-        if not isinstance(capture, StreamCapture):
-            if capture:
-                return None, None, "the response was streamed without capture"
-            capture = self._new_capture(info, response)  # decodes within the cap; `.content` would not
-            capture(response.raw_content or b"")
-        why_not = capture.incompleteness()
-        if why_not:
-            return None, None, why_not
-        info["format"] = capture.format
-        entry = Entry(
-            key=info["key"],
-            format=capture.format,
-            body=capture.body,
-            headers=replayable_headers(list(response.headers.items(multi=True))),
-            chunks=capture.chunks,
-            meta={"protocol": info["protocol"], "model": info.get("model", ""),
-                  "stream": info.get("stream", False), "request": info["request"]},
-        )
-        return entry, capture, ""
+        self.recorder.conclude(flow, state, self.cache, self.settings.max_body)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        info = flow.metadata.get(META)
-        if not info:
+        state = state_of(flow)
+        if state is None or self.cache is None or self.settings is None or not state.status.recording:
             return
-        if info.get("token"):
-            self.replayer.forget(info["token"])
-            logger.debug("ai-cache: paced replay ended early: %s", flow.error)
-        elif info["status"] in RECORDING:
-            self._conclude(flow, info, str(flow.error.msg if flow.error else "the flow failed"))
+        ended_by = str(flow.error.msg if flow.error else "the flow failed")
+        self.recorder.conclude(flow, state, self.cache, self.settings.max_body, ended_by)

@@ -17,9 +17,10 @@ from typing import Any
 from mitmproxy import exceptions
 
 from .keys import KeyPolicy
+from .state import Mode
 
 PREFIX = "ai_cache_"
-MODES = ("record", "replay", "refresh", "off")
+MODES = tuple(mode.value for mode in Mode)
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
@@ -124,7 +125,7 @@ def parse_list(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Settings:
     directory: str
-    mode: str
+    mode: Mode
     ttl: float
     max_body: int
     headers: bool
@@ -164,7 +165,7 @@ class Settings:
             )
         return cls(
             directory=options.ai_cache_dir,
-            mode=mode,
+            mode=Mode(mode),
             ttl=parsed("ai_cache_ttl", parse_duration),
             max_body=parsed("ai_cache_max_body", parse_size, lambda v: v > 0, "must be above 0"),
             headers=options.ai_cache_headers,

@@ -1,8 +1,10 @@
-"""Replaying entries: at once as a synthetic response, or at the recorded pace.
+"""Paced replay: a hit's recorded chunks with the recorded gaps (ai_cache_replay_speed).
 
 mitmproxy sends a response made in the `request` hook in one piece, so paced replay
 goes through a tiny HTTP server inside the proxy: the flow is pointed at it with a
-one-time token, and it writes the recorded chunks with the recorded gaps.
+one-time token, and it writes the recorded chunks with the recorded gaps. `PacedReplay`
+is the addon that owns the whole detour (redirect, streaming, restoring the URL,
+forgetting an unused token, the server's life); `AICache` hands it the hits to pace.
 """
 
 from __future__ import annotations
@@ -15,22 +17,12 @@ import time
 from mitmproxy import connection, http
 
 from .entry import Entry
+from .state import FlowState, state_of
 
 logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-ai-cache-replay-token"
 TOKEN_LIFETIME = 60.0  # a registered replay mitmproxy never fetched (another addon answered)
 READ_TIMEOUT = 10.0
-
-
-def make_headers(pairs: list[tuple[str, str]]) -> http.Headers:
-    return http.Headers([(k.encode(), v.encode()) for k, v in pairs])
-
-
-def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> http.Response:
-    response = http.Response.make(entry.status, b"", make_headers(entry.replay_headers() + extra_headers))
-    response.raw_content = entry.body
-    response.headers["content-length"] = str(len(entry.body))
-    return response
 
 
 def send_to_replay_server(flow: http.HTTPFlow, port: int, token: str) -> None:
@@ -117,3 +109,47 @@ class ReplayServer:
         if self._server is not None:
             self._server.close()
             self._pending.clear()
+
+
+class PacedReplay:
+    """The addon that replays hits at their recorded pace through `ReplayServer`. It must
+    come before `AICache` in `addons`: the URL is restored before AICache logs the flow."""
+
+    def __init__(self) -> None:
+        self.server = ReplayServer()
+
+    @staticmethod
+    def wanted(entry: Entry, speed: float) -> bool:
+        """Pacing a single chunk, or a JSON body, would only delay it."""
+        return speed > 0 and entry.format != "json" and len(entry.chunks) > 1
+
+    async def pace(self, flow: http.HTTPFlow, state: FlowState, entry: Entry,
+                   headers: list[tuple[str, str]], speed: float) -> None:
+        """Send `flow` to the replay server, which answers it with `entry` and `headers`."""
+        port = await self.server.ensure_started()
+        state.token = self.server.register(entry, headers, speed)
+        state.original_url = flow.request.url
+        send_to_replay_server(flow, port, state.token)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or not state.token or flow.response is None:
+            return
+        flow.response.stream = True  # our own server: pass it on chunk by chunk
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or not state.original_url:
+            return
+        flow.request.url, state.original_url = state.original_url, None
+        flow.request.headers.pop(TOKEN_HEADER, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or not state.token:
+            return
+        self.server.forget(state.token)
+        logger.debug("ai-cache: paced replay ended early: %s", flow.error)
+
+    async def done(self) -> None:
+        await self.server.close()

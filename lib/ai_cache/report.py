@@ -6,7 +6,8 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+
+from .state import FlowState, Status
 
 # The shutdown summary, as with-ai-cache finds it in the proxy's log.
 SUMMARY = re.compile(r"ai-cache: (\d+) LLM calls?: .*")
@@ -28,16 +29,16 @@ def human_age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-def flow_line(info: dict[str, Any], where: str, size: int, outcome: str) -> str:
+def flow_line(state: FlowState, where: str, size: int, outcome: str) -> str:
     """`HIT l1 openai-chat gpt-4o api.openai.com/v1/chat/completions 1.2 KiB sse: age 3s, saved 42 tokens`."""
-    parts = [info["status"]]
-    if info.get("layer"):
-        parts.append(info["layer"])
-    parts += [info["protocol"], info.get("model") or "-", where, human_size(size)]
-    if info.get("format"):
-        parts.append(info["format"])
-    if info.get("expired"):  # a miss because the entry was too old, not because there was none
-        outcome = f"{info['expired']}, fetched again" + (f"; {outcome}" if outcome else "")
+    parts: list[str] = [state.status]
+    if state.layer:
+        parts.append(state.layer)
+    parts += [state.protocol, state.model or "-", where, human_size(size)]
+    if state.format:
+        parts.append(state.format)
+    if state.expired:  # a miss because the entry was too old, not because there was none
+        outcome = f"{state.expired}, fetched again" + (f"; {outcome}" if outcome else "")
     line = " ".join(parts)
     return f"{line}: {outcome}" if outcome else line
 
@@ -65,9 +66,15 @@ class Tally:
     tokens_saved: int = 0
     bytes_served: int = 0
 
-    def count(self, status: str) -> None:
-        name = {"HIT": "hits", "MISS": "misses", "REFRESH": "refreshes"}.get(status, "bypasses")
-        setattr(self, name, getattr(self, name) + 1)
+    def count(self, status: Status) -> None:
+        if status is Status.HIT:
+            self.hits += 1
+        elif status is Status.MISS:
+            self.misses += 1
+        elif status is Status.REFRESH:
+            self.refreshes += 1
+        else:
+            self.bypasses += 1
 
     def not_storing(self, why: str) -> None:
         """Count an answer left out of the cache under its reason without the details

@@ -1,0 +1,55 @@
+"""Responses ai-cache makes itself: a hit answered at once, the 504 for a miss that may not
+go upstream, and the `x-ai-cache-*` headers on every answer."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+
+from .entry import Entry
+from .nearest import MissExplanation
+from .state import FlowState, Status
+
+
+def make_headers(pairs: list[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(k.encode(), v.encode()) for k, v in pairs])
+
+
+def cache_headers(state: FlowState) -> list[tuple[str, str]]:
+    """`x-ai-cache-status`, `-key`, and for a hit `-age` and `-layer` (ai_cache_headers)."""
+    headers = [("x-ai-cache-status", str(state.status))]
+    if state.key:
+        headers.append(("x-ai-cache-key", state.key))
+    if state.status is Status.HIT:
+        headers += [("x-ai-cache-age", str(int(state.age or 0))), ("x-ai-cache-layer", state.layer or "")]
+    return headers
+
+
+def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> http.Response:
+    response = http.Response.make(entry.status, b"", make_headers(entry.replay_headers() + extra_headers))
+    response.raw_content = entry.body
+    response.headers["content-length"] = str(len(entry.body))
+    return response
+
+
+def no_recording(state: FlowState, why: str, stale: str, explanation: MissExplanation | None,
+                 headers: list[tuple[str, str]]) -> http.Response:
+    """The 504 for a miss that may not go upstream (`why`): what is missing, why it missed
+    (`stale`, or the prompt, the nearest recording and where it differs) and what to do.
+    `x-should-retry: false` stops the SDKs' retries, which cannot help."""
+    request = state.request or {}
+    what = (f"this {state.protocol} request (model {state.model or '-'}, "
+            f"{request.get('host', '')}{request.get('path', '')}, key {state.key[:16]})")
+    if explanation is None:
+        missing, explained = f"the recording of {what} is {stale}", {}
+    else:
+        missing, explained = f"no recording for {what}: {explanation.sentence()}", explanation.as_json()
+    message = (
+        f"ai-cache: {missing}; {why} forbids contacting upstream. Record it by running "
+        f"once with ai_cache_mode=record (the default) and the upstream reachable."
+    )
+    body = {"type": "error", "error": {"type": "ai_cache_miss", "code": "ai_cache_no_recording",
+                                       "message": message, "key": state.key, **explained}}
+    return http.Response.make(504, json.dumps(body), make_headers(
+        [("content-type", "application/json"), ("x-should-retry", "false"), *headers]))
