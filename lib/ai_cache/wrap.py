@@ -12,24 +12,18 @@ import argparse
 import os
 import re
 import shlex
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from . import ADDON_PATH
+from .launch import free_port, mitmdump_command, port_is_free, stop, wait_for_port
 from .nodejs import (UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory,
                      node_environment)
 from .options import MODES
 from .report import SUMMARY
 
-# mitmproxy's mitmdump entry point, run by this interpreter: it has mitmproxy and this
-# package, wherever the installer put the console scripts (a venv, ~/.local/bin, pipx).
-MITMDUMP = [sys.executable, "-c", "import sys; from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())"]
 CA_BUNDLE = "ai-cache-ca-bundle.pem"
 # Where distributions keep their trust store, for Pythons built with another default.
 SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
@@ -96,36 +90,6 @@ def warn(message: str) -> None:
     print(f"with-ai-cache: {message}", file=sys.stderr)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_for_port(port: int, alive: Callable[[], bool] = lambda: True, timeout: float = 30.0) -> None:
-    """Return once something listens on 127.0.0.1:port; RuntimeError when `alive()` turns
-    False (the process exited) or nothing listens within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("the process exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f}s")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="with-ai-cache",
@@ -175,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         options[name] = value
-    command = [*MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON_PATH)]
-    for name, value in options.items():
-        command += ["--set", f"{name}={value}"]
+    command = mitmdump_command(port, options)
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ai-cache-", suffix=".log")[1])
     with open(log_path, "ab") as log:
         proxy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -198,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 warn(f"command not found: {args.command[0]}")
                 return 127
         finally:
-            proxy.terminate()
-            try:
-                proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
+            stop(proxy)
     found = list(SUMMARY.finditer(log_path.read_text(errors="replace")))
     report(found[-1] if found else None, log_path)
     if status != 0:
