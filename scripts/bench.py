@@ -42,8 +42,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.l1 import DiskStore  # noqa: E402
-from ai_cache.launch import (free_port, mitmdump_command, redis_command, redis_server_binary,  # noqa: E402
-                             stop, wait_for_port)
+from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port  # noqa: E402
 
 ADDON = str(ROOT / "ai_cache_addon.py")
 MODEL = "bench-model"

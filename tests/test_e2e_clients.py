@@ -31,6 +31,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+
 from conftest import Proxy
 from fake_upstream import FakeUpstream, make_tls_cert
 from h2_upstream import H2Upstream

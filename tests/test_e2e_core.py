@@ -8,29 +8,11 @@ import subprocess
 import time
 
 import anthropic
-import httpx
-import openai
 import pytest
 
 from ai_cache.launch import mitmdump_command
 from conftest import ADDON
-
-CHAT = "/v1/chat/completions"
-
-
-def post(proxy, upstream, path: str, body, headers: dict | None = None, raw: bytes | None = None) -> httpx.Response:
-    with proxy.client() as client:
-        return client.post(upstream.url + path, content=raw if raw is not None else json.dumps(body),
-                           headers={"content-type": "application/json", **(headers or {})})
-
-
-def chat_body(marker: str, **extra) -> dict:
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hello {marker}"}], **extra}
-
-
-def openai_client(proxy, upstream) -> openai.OpenAI:
-    return openai.OpenAI(api_key="sk-test", base_url=upstream.url + "/v1", max_retries=0,
-                         http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+from helpers import CHAT, chat_body, openai_client, post, wait_for_status
 
 
 def test_openai_sdk_miss_then_hit_replays_the_same_answer(shared_proxy, upstream, marker):
@@ -226,17 +208,6 @@ def test_gzip_answers_are_stored_decoded_and_replay(shared_proxy, upstream, mark
     assert second.headers["x-ai-cache-status"] == "HIT"
     assert second.json() == first.json()
     assert upstream.count(marker) == 1
-
-
-def wait_for_status(proxy, upstream, body, status: str, path: str = CHAT, headers: dict | None = None,
-                    tries: int = 50) -> httpx.Response:
-    """Stores are written in the background: poll until the entry is visible."""
-    for _ in range(tries):
-        answer = post(proxy, upstream, path, body, {"cache-control": "only-if-cached", **(headers or {})})
-        if answer.headers.get("x-ai-cache-status") == status:
-            return answer
-        time.sleep(0.05)
-    raise AssertionError(f"never saw {status}")
 
 
 def test_ttl_expiry(start_proxy, upstream, marker):

@@ -13,7 +13,7 @@ from mitmproxy.test import taddons
 from ai_cache.addon import AICache
 from ai_cache.options import allow_hosts
 from fake_upstream import FakeUpstream, make_tls_cert
-from test_e2e_core import CHAT, chat_body
+from helpers import CHAT, chat_body
 
 
 def test_only_listed_hosts_are_intercepted(start_proxy, confdir, tmp_path, marker):

@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from fake_upstream import FakeUpstream, make_tls_cert
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_streams import stream_raw
+from helpers import CHAT, chat_body, post, stream_raw, wait_for_status
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+
 from conftest import Proxy
 from fake_upstream import FakeUpstream
 

@@ -13,20 +13,7 @@ import pytest
 import redis
 
 from ai_cache.launch import free_port, redis_server_binary, wait_for_port
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_streams import stream_raw
-
-
-def redis_key(answer) -> str:
-    return "ai-cache:" + answer.headers["x-ai-cache-key"]
-
-
-def wait_for_redis_key(client: redis.Redis, key: str, tries: int = 100) -> None:
-    for _ in range(tries):
-        if client.exists(key):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{key} never reached Redis")
+from helpers import CHAT, chat_body, post, redis_key, stream_raw, wait_for_redis_key, wait_for_status
 
 
 def test_two_proxies_share_l2_and_backfill_l1(start_proxy, start_redis, upstream, marker):

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from ai_cache.cli import main as ai_cache
-from test_e2e_core import CHAT, post
+from helpers import CHAT, post
 
 SECRET = "sk-SECRET-replay-ux"
 

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import redis
 
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_redis import redis_key, wait_for_redis_key
-from test_e2e_streams import STREAMS, stream_raw
+from helpers import CHAT, STREAMS, chat_body, post, redis_key, stream_raw, wait_for_redis_key, wait_for_status
 
 SECRETS = {
     "authorization": "Bearer sk-SECRET-authorization",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ssl
 import json
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +134,7 @@ def test_h2_upstream_ends_the_stream_in_a_later_empty_data_frame(tmp_path: Path)
 
     import h2.connection
     import h2.events
+
     from h2_upstream import H2Upstream
 
     cert, key = make_tls_cert(str(tmp_path))

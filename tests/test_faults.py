@@ -32,9 +32,7 @@ from ai_cache.l2 import RedisStore
 from ai_cache.protocols import BY_NAME
 from conftest import BIN, Proxy
 from fake_upstream import FakeUpstream, make_tls_cert
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_redis import wait_for_redis_key
-from test_e2e_streams import stream_raw
+from helpers import CHAT, chat_body, post, stream_raw, wait_for_redis_key, wait_for_status
 
 DELAY = 1.0  # seconds the fake provider thinks before answering, in the single-flight tests
 

@@ -22,9 +22,18 @@ from ai_cache.keys import canonical_json
 from ai_cache.l1 import DiskStore
 from ai_cache.l2 import COMPRESSED, RedisStore
 from conftest import Proxy, RedisServer
-from test_cli import cache_dir, cli, fill, key_of, sample_entries, stored  # noqa: F401 (fixtures)
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_redis import redis_key, wait_for_redis_key
+from helpers import (
+    CHAT,
+    chat_body,
+    fill,
+    key_of,
+    post,
+    redis_key,
+    sample_entries,
+    stored,
+    wait_for_redis_key,
+    wait_for_status,
+)
 
 SECRET = "SECRETVALUE"
 
@@ -100,7 +109,7 @@ def test_undecodable_l1_entry_is_a_miss_and_is_replaced(shared_proxy, upstream, 
     assert "Addon error" not in proxy.logs()
 
 
-def test_export_survives_an_entry_that_cannot_be_exported(cli, tmp_path, caplog):  # noqa: F811
+def test_export_survives_an_entry_that_cannot_be_exported(cli, tmp_path, caplog):
     bad = replace(sample_entries()[0], key=key_of("deep"), meta={"request": {"body": json.loads(deep(500))}})
     cache_dir = fill(tmp_path / "cache", [*sample_entries(), bad])
     code, out, _ = cli("--dir", cache_dir, "export", tmp_path / "out")
@@ -126,7 +135,7 @@ BAD_FIXTURES = {
 }
 
 
-def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_path):  # noqa: F811
+def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_path):
     fixtures = tmp_path / "fixtures"
     cli("--dir", cache_dir, "export", fixtures)
     template = json.loads(next(fixtures.glob("anthropic-*.json")).read_text())
@@ -254,7 +263,7 @@ def test_corrupt_value_file_is_a_miss_and_is_replaced(start_proxy, upstream, mar
 
 # 11. Credential query parameters beyond the old fixed list, and the user's own
 #     (ai_cache_secret_params), never reach a store, an export, `ls --json` or a log line.
-def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli,  # noqa: F811
+def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli,
                                                     tmp_path):
     server = start_redis()
     proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_secret_params="X-Tenant-Pass, other",
@@ -289,7 +298,7 @@ def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, up
 
 # 2. Entries are bounded: a large request keeps a preview and a hash, the whole encoded
 #    value stays within ai_cache_max_body, and Redis compression follows the encoded size.
-def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, marker, cli):  # noqa: F811
+def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, marker, cli):
     proxy = shared_proxy
     body = chat_body(marker)
     body["messages"].insert(0, {"role": "system", "content": "lorem ipsum " * 100_000})  # 1.2 MB
@@ -338,7 +347,7 @@ async def test_redis_compression_follows_the_encoded_size(start_redis):
 
 # 12. Export writes new files and renames them: a symlink planted under a fixture's name
 #     is replaced, its target left alone.
-def test_export_does_not_write_through_symlinks(cli, cache_dir, tmp_path):  # noqa: F811
+def test_export_does_not_write_through_symlinks(cli, cache_dir, tmp_path):
     out = tmp_path / "out"
     cli("--dir", cache_dir, "export", out)
     names = sorted(p.name for p in out.iterdir())

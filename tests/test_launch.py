@@ -12,8 +12,15 @@ import pytest
 import redis
 
 from ai_cache import ADDON_PATH, launch
-from ai_cache.launch import (free_port, mitmdump_command, port_is_free, redis_command, redis_server_binary, stop,
-                             wait_for_port)
+from ai_cache.launch import (
+    free_port,
+    mitmdump_command,
+    port_is_free,
+    redis_command,
+    redis_server_binary,
+    stop,
+    wait_for_port,
+)
 
 
 def test_mitmdump_command_loads_the_packaged_addon_with_each_option_once():

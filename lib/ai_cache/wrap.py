@@ -19,8 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .launch import free_port, mitmdump_command, port_is_free, stop, wait_for_port
-from .nodejs import (UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory,
-                     node_environment)
+from .nodejs import UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory, node_environment
 from .options import MODES
 from .report import SUMMARY
 
