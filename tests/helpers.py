@@ -30,8 +30,11 @@ CHAT = "/v1/chat/completions"
 
 def post(proxy, upstream, path: str, body, headers: dict | None = None, raw: bytes | None = None) -> httpx.Response:
     with proxy.client() as client:
-        return client.post(upstream.url + path, content=raw if raw is not None else json.dumps(body),
-                           headers={"content-type": "application/json", **(headers or {})})
+        return client.post(
+            upstream.url + path,
+            content=raw if raw is not None else json.dumps(body),
+            headers={"content-type": "application/json", **(headers or {})},
+        )
 
 
 def chat_body(marker: str, **extra) -> dict:
@@ -39,12 +42,17 @@ def chat_body(marker: str, **extra) -> dict:
 
 
 def openai_client(proxy, upstream) -> openai.OpenAI:
-    return openai.OpenAI(api_key="sk-test", base_url=upstream.url + "/v1", max_retries=0,
-                         http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+    return openai.OpenAI(
+        api_key="sk-test",
+        base_url=upstream.url + "/v1",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=proxy.url),
+    )
 
 
-def wait_for_status(proxy, upstream, body, status: str, path: str = CHAT, headers: dict | None = None,
-                    tries: int = 50) -> httpx.Response:
+def wait_for_status(
+    proxy, upstream, body, status: str, path: str = CHAT, headers: dict | None = None, tries: int = 50
+) -> httpx.Response:
     """Stores are written in the background: poll until the entry is visible."""
     for _ in range(tries):
         answer = post(proxy, upstream, path, body, {"cache-control": "only-if-cached", **(headers or {})})
@@ -55,15 +63,41 @@ def wait_for_status(proxy, upstream, body, status: str, path: str = CHAT, header
 
 
 STREAMS = {
-    "openai-chat": (CHAT, lambda m: chat_body(m, stream=True, stream_options={"include_usage": True}), "text/event-stream"),
-    "openai-completions": ("/v1/completions", lambda m: {"model": "i", "prompt": f"say {m}", "stream": True}, "text/event-stream"),
-    "openai-responses": ("/v1/responses", lambda m: {"model": "gpt-4o", "input": f"say {m}", "stream": True}, "text/event-stream"),
-    "anthropic-messages": ("/v1/messages", lambda m: {"model": "claude", "max_tokens": 50, "stream": True,
-                                                      "messages": [{"role": "user", "content": f"say {m}"}]}, "text/event-stream"),
-    "gemini": ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
-               lambda m: {"contents": [{"role": "user", "parts": [{"text": f"say {m}"}]}]}, "text/event-stream"),
-    "ollama": ("/api/chat", lambda m: {"model": "llama3", "messages": [{"role": "user", "content": f"say {m}"}]},
-               "application/x-ndjson"),
+    "openai-chat": (
+        CHAT,
+        lambda m: chat_body(m, stream=True, stream_options={"include_usage": True}),
+        "text/event-stream",
+    ),
+    "openai-completions": (
+        "/v1/completions",
+        lambda m: {"model": "i", "prompt": f"say {m}", "stream": True},
+        "text/event-stream",
+    ),
+    "openai-responses": (
+        "/v1/responses",
+        lambda m: {"model": "gpt-4o", "input": f"say {m}", "stream": True},
+        "text/event-stream",
+    ),
+    "anthropic-messages": (
+        "/v1/messages",
+        lambda m: {
+            "model": "claude",
+            "max_tokens": 50,
+            "stream": True,
+            "messages": [{"role": "user", "content": f"say {m}"}],
+        },
+        "text/event-stream",
+    ),
+    "gemini": (
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+        lambda m: {"contents": [{"role": "user", "parts": [{"text": f"say {m}"}]}]},
+        "text/event-stream",
+    ),
+    "ollama": (
+        "/api/chat",
+        lambda m: {"model": "llama3", "messages": [{"role": "user", "content": f"say {m}"}]},
+        "application/x-ndjson",
+    ),
 }
 
 
@@ -87,14 +121,25 @@ def wait_for_redis_key(client: redis.Redis, key: str, tries: int = 100) -> None:
 
 # Flows for the addon's hooks (unit tests, mitmproxy's tflow)
 
-ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [],
-          "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+}
 
 
 def chat_flow(body: bytes | dict, path: str = "/v1/chat/completions", **headers: str) -> http.HTTPFlow:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = tutils.treq(method=b"POST", host="api.openai.com", port=443, scheme=b"https", path=path.encode(),
-                          content=content, headers=http.Headers(((b"content-type", b"application/json"),)))
+    request = tutils.treq(
+        method=b"POST",
+        host="api.openai.com",
+        port=443,
+        scheme=b"https",
+        path=path.encode(),
+        content=content,
+        headers=http.Headers(((b"content-type", b"application/json"),)),
+    )
     for name, value in headers.items():
         request.headers[name.replace("_", "-")] = value
     return tflow.tflow(req=request)
@@ -125,8 +170,10 @@ SSE_CHUNKS = [
     b'\x93"}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n',
 ]
 NDJSON_CHUNKS = [b'{"message":{"content":"hi"},"done":false}\n', b'{"done":true,"eval_count":4}\n']
-JSON_BODY = (b'{\n  "id": "c1",\n  "choices": [{"message": {"content": "hello"}}],\n'
-             b'  "usage": {"prompt_tokens": 10, "completion_tokens": 5}\n}\n')
+JSON_BODY = (
+    b'{\n  "id": "c1",\n  "choices": [{"message": {"content": "hello"}}],\n'
+    b'  "usage": {"prompt_tokens": 10, "completion_tokens": 5}\n}\n'
+)
 
 
 def key_of(name: str) -> str:
@@ -134,9 +181,16 @@ def key_of(name: str) -> str:
 
 
 def request(host: str, path: str, model: str, **extra) -> dict:
-    return {"method": "POST", "scheme": "https", "host": host, "path": path, "query": [],
-            "headers": {}, "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
-            **extra}
+    return {
+        "method": "POST",
+        "scheme": "https",
+        "host": host,
+        "path": path,
+        "query": [],
+        "headers": {},
+        "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        **extra,
+    }
 
 
 def timed(chunks: list[bytes], gap: float) -> list[tuple[float, int]]:
@@ -145,29 +199,63 @@ def timed(chunks: list[bytes], gap: float) -> list[tuple[float, int]]:
 
 def sample_entries() -> list[Entry]:
     json_entry = Entry(
-        key=key_of("json"), format="json", body=JSON_BODY, created_at=NOW - 10,
-        headers=[("content-type", "application/json"), ("x-request-id", "req-1"),
-                 ("set-cookie", "session=SECRET-COOKIE"), ("x-api-key", "sk-SECRET-KEY")],
+        key=key_of("json"),
+        format="json",
+        body=JSON_BODY,
+        created_at=NOW - 10,
+        headers=[
+            ("content-type", "application/json"),
+            ("x-request-id", "req-1"),
+            ("set-cookie", "session=SECRET-COOKIE"),
+            ("x-api-key", "sk-SECRET-KEY"),
+        ],
         chunks=[(0.0, len(JSON_BODY))],
-        meta={"protocol": "openai-chat", "model": "gpt-4o", "stream": False,
-              "request": request("api.openai.com", "/v1/chat/completions", "gpt-4o",
-                                 headers={"authorization": "Bearer sk-SECRET-AUTH", "openai-beta": "x"},
-                                 query=[["key", "SECRET-QUERY"], ["alt", "json"]]),
-              "usage": {"input": 10, "output": 5}, "preview": "hello json"},
+        meta={
+            "protocol": "openai-chat",
+            "model": "gpt-4o",
+            "stream": False,
+            "request": request(
+                "api.openai.com",
+                "/v1/chat/completions",
+                "gpt-4o",
+                headers={"authorization": "Bearer sk-SECRET-AUTH", "openai-beta": "x"},
+                query=[["key", "SECRET-QUERY"], ["alt", "json"]],
+            ),
+            "usage": {"input": 10, "output": 5},
+            "preview": "hello json",
+        },
     )
     sse_entry = Entry(
-        key=key_of("sse"), format="sse", body=b"".join(SSE_CHUNKS), created_at=NOW - 3 * 3600,
-        headers=[("content-type", "text/event-stream")], chunks=timed(SSE_CHUNKS, 0.25),
-        meta={"protocol": "anthropic-messages", "model": "claude-sonnet-4", "stream": True,
-              "request": request("api.anthropic.com", "/v1/messages", "claude-sonnet-4"),
-              "usage": {"input": 20, "output": 7}, "preview": "hello sse"},
+        key=key_of("sse"),
+        format="sse",
+        body=b"".join(SSE_CHUNKS),
+        created_at=NOW - 3 * 3600,
+        headers=[("content-type", "text/event-stream")],
+        chunks=timed(SSE_CHUNKS, 0.25),
+        meta={
+            "protocol": "anthropic-messages",
+            "model": "claude-sonnet-4",
+            "stream": True,
+            "request": request("api.anthropic.com", "/v1/messages", "claude-sonnet-4"),
+            "usage": {"input": 20, "output": 7},
+            "preview": "hello sse",
+        },
     )
     ndjson_entry = Entry(
-        key=key_of("ndjson"), format="ndjson", body=b"".join(NDJSON_CHUNKS), created_at=NOW - 5 * 86400,
-        headers=[("content-type", "application/x-ndjson")], chunks=timed(NDJSON_CHUNKS, 0.125),
-        meta={"protocol": "ollama", "model": "llama3.2", "stream": True,
-              "request": request("localhost:11434", "/api/chat", "llama3.2"),
-              "usage": {"input": 3, "output": 4}, "preview": "hello ndjson"},
+        key=key_of("ndjson"),
+        format="ndjson",
+        body=b"".join(NDJSON_CHUNKS),
+        created_at=NOW - 5 * 86400,
+        headers=[("content-type", "application/x-ndjson")],
+        chunks=timed(NDJSON_CHUNKS, 0.125),
+        meta={
+            "protocol": "ollama",
+            "model": "llama3.2",
+            "stream": True,
+            "request": request("localhost:11434", "/api/chat", "llama3.2"),
+            "usage": {"input": 3, "output": 4},
+            "preview": "hello ndjson",
+        },
     )
     return [json_entry, sse_entry, ndjson_entry]
 

@@ -83,10 +83,17 @@ async def test_replay_mode_never_goes_upstream_even_without_a_usable_store(tmp_p
         assert flow.metadata["ai_cache"]["status"] == "MISS"
 
 
-@pytest.mark.parametrize("hosts,cached", [
-    ("", True), ("api.openai.com", True), ("*.openai.com", True), ("api.openai.com:443", True),
-    ("api.anthropic.com", False), ("localhost:11434,*.anthropic.com", False),
-])
+@pytest.mark.parametrize(
+    "hosts,cached",
+    [
+        ("", True),
+        ("api.openai.com", True),
+        ("*.openai.com", True),
+        ("api.openai.com:443", True),
+        ("api.anthropic.com", False),
+        ("localhost:11434,*.anthropic.com", False),
+    ],
+)
 async def test_host_allow_list(tmp_path, hosts, cached):
     addon = AICache()
     with taddons.context(addon) as tctx:
@@ -116,11 +123,15 @@ GEMINI_FINAL = [b'data: {"candidates":[{"content":{"parts":[{"text":"hi"}]},"fin
 CHAT_STREAM = {"model": "m", "messages": [], "stream": True}
 
 
-@pytest.mark.parametrize("frames,path,body,stored", [
-    (SSE_CHAT, "/v1/chat/completions", CHAT_STREAM, True),
-    (SSE_CHAT[:1], "/v1/chat/completions", CHAT_STREAM, False),
-    (GEMINI_FINAL, GEMINI_PATH, {"contents": []}, False),  # no sentinel: needs a clean end
-], ids=["complete", "cut-before-terminal", "gemini-without-clean-end"])
+@pytest.mark.parametrize(
+    "frames,path,body,stored",
+    [
+        (SSE_CHAT, "/v1/chat/completions", CHAT_STREAM, True),
+        (SSE_CHAT[:1], "/v1/chat/completions", CHAT_STREAM, False),
+        (GEMINI_FINAL, GEMINI_PATH, {"contents": []}, False),  # no sentinel: needs a clean end
+    ],
+    ids=["complete", "cut-before-terminal", "gemini-without-clean-end"],
+)
 async def test_a_stream_that_ended_in_error_is_judged_by_its_capture(addon, frames, path, body, stored):
     flow = await streamed_flow(addon, body, path, frames)
     flow.error = Error("Client disconnected.")
@@ -160,11 +171,14 @@ async def test_leader_is_released_even_if_the_response_hook_fails(tmp_path):
 
 # A chat app's "send message" (POST .../messages, Discord, Slack-likes...) is no
 #    Anthropic call: without the fields every real call has, it passes through untouched.
-@pytest.mark.parametrize("path,body", [
-    ("/api/v10/channels/123/messages", {"content": "hello"}),
-    ("/v1/conversations/ch1/messages", {"model": "m", "messages": []}),  # no max_tokens
-    ("/v1/chat/completions", {"model": "m"}),  # no messages
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/api/v10/channels/123/messages", {"content": "hello"}),
+        ("/v1/conversations/ch1/messages", {"model": "m", "messages": []}),  # no max_tokens
+        ("/v1/chat/completions", {"model": "m"}),  # no messages
+    ],
+)
 async def test_non_llm_posts_on_llm_looking_paths_pass_through_untouched(tmp_path, path, body):
     addon = AICache()
     with taddons.context(addon) as tctx:

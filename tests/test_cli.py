@@ -114,13 +114,14 @@ def test_export_is_deterministic_and_import_round_trips(cli, cache_dir, tmp_path
     assert cli("--dir", cache_dir, "export", first) == (0, f"exported 3 entries to {first}\n", "")
     cli("--dir", cache_dir, "export", again)
     names = sorted(p.name for p in first.iterdir())
-    assert names == sorted([
-        f"openai-chat-gpt-4o-{key_of('json')[:16]}.json",
-        f"anthropic-messages-claude-sonnet-4-{key_of('sse')[:16]}.json",
-        f"ollama-llama3.2-{key_of('ndjson')[:16]}.json",
-    ])
+    assert names == sorted(
+        [
+            f"openai-chat-gpt-4o-{key_of('json')[:16]}.json",
+            f"anthropic-messages-claude-sonnet-4-{key_of('sse')[:16]}.json",
+            f"ollama-llama3.2-{key_of('ndjson')[:16]}.json",
+        ]
+    )
     assert all((first / n).read_bytes() == (again / n).read_bytes() for n in names)
-
 
     assert cli("--dir", copy_dir, "import", first) == (0, f"imported 3 entries into {copy_dir}\n", "")
     originals, copies = stored(cache_dir), stored(copy_dir)
@@ -128,7 +129,12 @@ def test_export_is_deterministic_and_import_round_trips(cli, cache_dir, tmp_path
     for key, original in originals.items():
         copy = copies[key]
         assert (copy.body, copy.chunks, copy.created_at, copy.format, copy.status) == (
-            original.body, original.chunks, original.created_at, original.format, original.status)
+            original.body,
+            original.chunks,
+            original.created_at,
+            original.format,
+            original.status,
+        )
 
     cli("--dir", copy_dir, "export", second)
     assert sorted(p.name for p in second.iterdir()) == names
@@ -206,7 +212,10 @@ def test_purge_removes_only_old_entries(cli, cache_dir):
 def test_counts_of_one_are_singular(cli, cache_dir, tmp_path):
     fixtures, copy_dir = tmp_path / "fixtures", tmp_path / "copy"
     assert cli("--dir", cache_dir, "export", fixtures, "--format", "json") == (
-        0, f"exported 1 entry to {fixtures}\n", "")
+        0,
+        f"exported 1 entry to {fixtures}\n",
+        "",
+    )
     (fixtures / "broken.json").write_text("{")
     code, out, _ = cli("--dir", copy_dir, "import", fixtures)
     assert (code, out) == (1, f"imported 1 entry into {copy_dir}; skipped 1 bad file\n")
@@ -265,7 +274,10 @@ def test_redis_layer(cli, cache_dir, tmp_path, start_redis):
     code, out, _ = cli(*only_l2, "ls", "--json")
     assert code == 0
     assert [(row["key"], row["layers"]) for row in json.loads(out)] == [
-        (key_of("json"), ["l2"]), (key_of("sse"), ["l2"]), (key_of("ndjson"), ["l2"])]
+        (key_of("json"), ["l2"]),
+        (key_of("sse"), ["l2"]),
+        (key_of("ndjson"), ["l2"]),
+    ]
     code, out, _ = cli(*only_l2, "show", "--raw", key_of("ndjson")[:8])
     assert out == b"".join(NDJSON_CHUNKS).decode()
 

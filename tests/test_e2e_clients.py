@@ -130,7 +130,8 @@ def gemini(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
     from google.genai import types
 
     config = types.GenerateContentConfig(
-        tools=[types.Tool(function_declarations=[types.FunctionDeclaration(**TOOL)])] if tools else None)
+        tools=[types.Tool(function_declarations=[types.FunctionDeclaration(**TOOL)])] if tools else None
+    )
     options = types.HttpOptions(base_url=env.url, client_args={"http2": env.http2})
     with genai.Client(api_key="AIza-test", http_options=options) as client:
         call = client.models.generate_content_stream if stream else client.models.generate_content

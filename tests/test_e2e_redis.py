@@ -192,16 +192,49 @@ def test_redis_cluster(start_proxy, upstream, marker, tmp_path):
         for port in ports:
             node_dir = tmp_path / f"node-{port}"
             node_dir.mkdir()
-            nodes.append(subprocess.Popen(
-                [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        redis_server_binary(),
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(node_dir),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             wait_for_port(port)
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         for _ in range(100):
-            if b"cluster_state:ok" in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"],
-                                                      capture_output=True).stdout:
+            if (
+                b"cluster_state:ok"
+                in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True).stdout
+            ):
                 break
             time.sleep(0.1)
         url = f"redis+cluster://127.0.0.1:{ports[0]}"

@@ -42,9 +42,13 @@ def test_stream_hit_is_byte_identical(shared_proxy, upstream, marker, path, make
 
 def test_openai_sdk_stream_replays_text_tool_calls_and_usage(shared_proxy, upstream, marker):
     client = openai_client(shared_proxy, upstream)
-    ask = dict(model="gpt-4o-mini", stream=True, stream_options={"include_usage": True},
-               messages=[{"role": "user", "content": f"weather {marker}"}],
-               tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    ask = dict(
+        model="gpt-4o-mini",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": f"weather {marker}"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    )
 
     def collect() -> tuple[set, str, list, object]:
         chunks = list(client.chat.completions.create(**ask))
@@ -71,8 +75,12 @@ def test_openai_sdk_text_stream(shared_proxy, upstream, marker):
 
 
 def test_anthropic_sdk_stream_replays_the_same_message(shared_proxy, upstream, marker):
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=upstream.url, max_retries=0,
-                                 http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url))
+    client = anthropic.Anthropic(
+        api_key="sk-ant-test",
+        base_url=upstream.url,
+        max_retries=0,
+        http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url),
+    )
     ask = dict(model="claude-sonnet-4", max_tokens=64, messages=[{"role": "user", "content": f"tell {marker}"}])
 
     def collect(**extra):
@@ -129,7 +137,9 @@ def test_broken_streams_are_never_stored(shared_proxy, upstream, marker, protoco
 
 @pytest.mark.parametrize("scenario", ["keepalive", "crlf"])
 def test_keepalive_and_crlf_streams_are_stored(shared_proxy, upstream, marker, scenario):
-    _, recorded = stream_raw(shared_proxy, upstream, CHAT, chat_body(marker, stream=True), {"x-fake-scenario": scenario})
+    _, recorded = stream_raw(
+        shared_proxy, upstream, CHAT, chat_body(marker, stream=True), {"x-fake-scenario": scenario}
+    )
     assert (b": keepalive" in recorded) if scenario == "keepalive" else (b"\r\n\r\n" in recorded)
     hit = wait_for_status(shared_proxy, upstream, chat_body(marker, stream=True), "HIT")
     assert hit.content == recorded
@@ -221,8 +231,9 @@ def test_identical_requests_in_flight_reach_the_provider_once(start_proxy, upstr
     proxy = start_proxy(ai_cache_coalesce=coalesce)
     body = chat_body(marker, stream=True)
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: stream_raw(proxy, upstream, CHAT, body, {"x-fake-scenario": "slow"}),
-                                range(6)))
+        results = list(
+            pool.map(lambda _: stream_raw(proxy, upstream, CHAT, body, {"x-fake-scenario": "slow"}), range(6))
+        )
     assert upstream.count(marker) == upstream_calls
     statuses = sorted(r.headers["x-ai-cache-status"] for r, _ in results)
     if upstream_calls == 1:
@@ -241,7 +252,8 @@ def test_single_flight_holds_for_responses_streams(start_proxy, upstream, marker
     path, make, _ = STREAMS["openai-responses"]
     body = make(marker)
     with ThreadPoolExecutor(5) as pool:
-        results = list(pool.map(lambda _: stream_raw(proxy, upstream, path, body, {"x-fake-scenario": "slow"}),
-                                range(5)))
+        results = list(
+            pool.map(lambda _: stream_raw(proxy, upstream, path, body, {"x-fake-scenario": "slow"}), range(5))
+        )
     statuses = sorted(r.headers["x-ai-cache-status"] for r, _ in results)
     assert upstream.count(marker) == 1, statuses

@@ -47,13 +47,24 @@ def deep(levels: int) -> str:
 # nesting deeper than 64, text that is not Unicode. Such bodies pass through as BYPASS.
 def call(before: str = "", inside: str = "", prefix: str = "", after: str = "") -> str:
     """A chat call for "hello MARKER", raw, with text spliced in around its fields."""
-    return ('{"model":"gpt-4o-mini",' + before + '"messages":[{"role":"user",' + inside
-            + '"content":"' + prefix + 'hello MARKER"}]' + after + "}")
+    return (
+        '{"model":"gpt-4o-mini",'
+        + before
+        + '"messages":[{"role":"user",'
+        + inside
+        + '"content":"'
+        + prefix
+        + 'hello MARKER"}]'
+        + after
+        + "}"
+    )
 
 
 ODD_BODIES = {
-    "duplicate key": (call(before='"messages":[{"role":"user","content":"ATTACKER TEXT"}],'),
-                      "duplicate key 'messages'"),
+    "duplicate key": (
+        call(before='"messages":[{"role":"user","content":"ATTACKER TEXT"}],'),
+        "duplicate key 'messages'",
+    ),
     "nested duplicate": (call(inside='"content":"ATTACKER TEXT",'), "duplicate key 'content'"),
     "NaN": (call(after=',"temperature":NaN'), "NaN in the body"),
     "Infinity": (call(after=',"top_p":Infinity'), "Infinity in the body"),
@@ -87,8 +98,9 @@ def test_bodies_nested_up_to_the_limit_are_cached(shared_proxy, upstream, marker
 def test_scope_header_that_is_not_utf8_is_keyed(start_proxy, upstream, marker):
     proxy = start_proxy(ai_cache_scope_headers="authorization")
     headers = {"authorization": b"Bearer \xff\xfe-tenant"}
-    statuses = [post(proxy, upstream, CHAT, chat_body(marker), headers).headers.get("x-ai-cache-status")
-                for _ in range(2)]
+    statuses = [
+        post(proxy, upstream, CHAT, chat_body(marker), headers).headers.get("x-ai-cache-status") for _ in range(2)
+    ]
     assert statuses == ["MISS", "HIT"]
 
 
@@ -142,9 +154,18 @@ def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_p
     for name, (make, _) in BAD_FIXTURES.items():
         document = make({**template, "key": key_of(name)})
         (fixtures / name).write_text(document if isinstance(document, str) else json.dumps(document))
-    framed = {**template, "key": key_of("framed"), "headers": [
-        ["content-type", "text/event-stream"], ["transfer-encoding", "chunked"], ["content-length", "5"],
-        ["connection", "keep-alive"], ["set-cookie", "a=b"], ["x-request-id", "kept"]]}
+    framed = {
+        **template,
+        "key": key_of("framed"),
+        "headers": [
+            ["content-type", "text/event-stream"],
+            ["transfer-encoding", "chunked"],
+            ["content-length", "5"],
+            ["connection", "keep-alive"],
+            ["set-cookie", "a=b"],
+            ["x-request-id", "kept"],
+        ],
+    }
     (fixtures / "framed.json").write_text(json.dumps(framed))
 
     code, out, err = cli("--dir", tmp_path / "copy", "import", fixtures)
@@ -164,16 +185,31 @@ def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_p
 def replay_proxy(tmp_path_factory, confdir):
     workdir = tmp_path_factory.mktemp("replay")
     server = RedisServer(workdir).start()
-    proxy = Proxy(workdir, confdir, {"ai_cache_dir": str(workdir / "cache"), "ai_cache_mode": "replay",
-                                     "ai_cache_replay_speed": "1", "ai_cache_redis_url": server.url}, []).start()
+    proxy = Proxy(
+        workdir,
+        confdir,
+        {
+            "ai_cache_dir": str(workdir / "cache"),
+            "ai_cache_mode": "replay",
+            "ai_cache_replay_speed": "1",
+            "ai_cache_redis_url": server.url,
+        },
+        [],
+    ).start()
     yield proxy, server
     proxy.stop()
     server.stop()
 
 
 SSE = b'data: {"choices":[{"delta":{"content":"planted"}}]}\n\ndata: [DONE]\n\n'
-PLANTED = Entry("0" * 64, "sse", SSE, [("content-type", "text/event-stream")],
-                chunks=[(0.0, 20), (0.05, len(SSE) - 20)], meta={"protocol": "openai-chat"})
+PLANTED = Entry(
+    "0" * 64,
+    "sse",
+    SSE,
+    [("content-type", "text/event-stream")],
+    chunks=[(0.0, 20), (0.05, len(SSE) - 20)],
+    meta={"protocol": "openai-chat"},
+)
 HOSTILE_ENTRIES = {
     "header injection": dict(headers=[("x-evil", "a\r\nset-cookie: pwned=1")]),
     "header name": dict(headers=[("bad name", "v")]),
@@ -238,8 +274,15 @@ def test_corrupt_stored_entries_are_misses_and_dropped(replay_proxy, upstream, m
 def test_framing_headers_of_stored_entries_are_dropped(replay_proxy, upstream, marker, layer):
     proxy, server = replay_proxy
     key = replay_request(proxy, upstream, marker).headers["x-ai-cache-key"]
-    headers = [("content-type", "text/event-stream"), ("transfer-encoding", "chunked"), ("content-length", "7"),
-               ("connection", "upgrade"), ("upgrade", "h2c"), ("set-cookie", "a=b"), ("x-request-id", "kept")]
+    headers = [
+        ("content-type", "text/event-stream"),
+        ("transfer-encoding", "chunked"),
+        ("content-length", "7"),
+        ("connection", "upgrade"),
+        ("upgrade", "h2c"),
+        ("set-cookie", "a=b"),
+        ("x-request-id", "kept"),
+    ]
     plant(layer, proxy, server, key, replace(PLANTED, key=key, headers=headers).to_bytes())
     answer = replay_request(proxy, upstream, marker)  # paced (ai_cache_replay_speed=1)
     assert (answer.status_code, answer.headers["x-ai-cache-status"], answer.content) == (200, "HIT", SSE)
@@ -263,13 +306,21 @@ def test_corrupt_value_file_is_a_miss_and_is_replaced(start_proxy, upstream, mar
 
 # 11. Credential query parameters beyond the old fixed list, and the user's own
 #     (ai_cache_secret_params), never reach a store, an export, `ls --json` or a log line.
-def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli,
-                                                    tmp_path):
+def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli, tmp_path):
     server = start_redis()
-    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_secret_params="X-Tenant-Pass, other",
-                        flow_detail="0")
-    names = ["subscription-key", "Code", "sig", "access-token", "Password", "client_secret", "signature",
-             "token", "secret", "x-tenant-pass"]
+    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_secret_params="X-Tenant-Pass, other", flow_detail="0")
+    names = [
+        "subscription-key",
+        "Code",
+        "sig",
+        "access-token",
+        "Password",
+        "client_secret",
+        "signature",
+        "token",
+        "secret",
+        "x-tenant-pass",
+    ]
 
     def query(n: int) -> str:
         return "?api-version=1&" + "&".join(f"{name}={SECRET}{n}{i}" for i, name in enumerate(names))
@@ -290,9 +341,12 @@ def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, up
     exported = "".join("".join(p.read_text().split()) for p in (tmp_path / "export").iterdir())
     assert '["api-version","1"]' in exported and '["api-version","2"]' in exported  # the rest stays
     files = [p for p in [*cache_dir.rglob("*"), *(tmp_path / "export").iterdir()] if p.is_file()]
-    places = {"ls --json": listed.encode(), "logs": proxy.logs().encode(),
-              "redis": b"".join(client.get(k) or b"" for k in client.keys("*")),
-              **{str(p): p.read_bytes() for p in files}}
+    places = {
+        "ls --json": listed.encode(),
+        "logs": proxy.logs().encode(),
+        "redis": b"".join(client.get(k) or b"" for k in client.keys("*")),
+        **{str(p): p.read_bytes() for p in files},
+    }
     assert {place for place, data in places.items() if SECRET.encode() in data} == set()
 
 
@@ -335,8 +389,13 @@ def test_entries_larger_than_max_body_are_not_stored(start_proxy, upstream, mark
 async def test_redis_compression_follows_the_encoded_size(start_redis):
     server = start_redis()
     store = RedisStore(server.url, 5.0, "t:")
-    small_answer = Entry(key_of("big request"), "json", b'{"ok": true}', [],
-                         meta={"request": {"body": {"prompt": "lorem ipsum " * 10_000}}})
+    small_answer = Entry(
+        key_of("big request"),
+        "json",
+        b'{"ok": true}',
+        [],
+        meta={"request": {"body": {"prompt": "lorem ipsum " * 10_000}}},
+    )
     assert len(small_answer.body) < 64 and len(small_answer.to_bytes()) > 100_000
     await store.put(small_answer, None)
     value = redis.Redis(port=server.port).get("t:" + small_answer.key)

@@ -26,8 +26,19 @@ from ai_cache.launch import (
 def test_mitmdump_command_loads_the_packaged_addon_with_each_option_once():
     command = mitmdump_command(8123, {"confdir": "/c", "ai_cache_mode": "replay"}, extra=["-q"])
     assert command[0] == sys.executable
-    assert command[3:] == ["--listen-host", "127.0.0.1", "-p", "8123", "-s", str(ADDON_PATH),
-                           "--set", "confdir=/c", "--set", "ai_cache_mode=replay", "-q"]
+    assert command[3:] == [
+        "--listen-host",
+        "127.0.0.1",
+        "-p",
+        "8123",
+        "-s",
+        str(ADDON_PATH),
+        "--set",
+        "confdir=/c",
+        "--set",
+        "ai_cache_mode=replay",
+        "-q",
+    ]
     assert "-s" not in mitmdump_command(1, {}, script=None)
 
 
@@ -35,8 +46,12 @@ def test_mitmdump_command_runs_and_stops_with_its_summary(tmp_path):
     port = free_port()
     log = tmp_path / "mitmdump.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(mitmdump_command(port, {"confdir": str(tmp_path), "ai_cache_dir": str(tmp_path / "c")}),
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            mitmdump_command(port, {"confdir": str(tmp_path), "ai_cache_dir": str(tmp_path / "c")}),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         wait_for_port(port, lambda: proc.poll() is None)
         stop(proc)
     assert proc.returncode is not None
@@ -64,8 +79,7 @@ def test_redis_command_starts_a_throwaway_server(tmp_path):
     binary = redis_server_binary()
     assert binary is not None
     port = free_port()
-    proc = subprocess.Popen(redis_command(binary, port, tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(redis_command(binary, port, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, lambda: proc.poll() is None, timeout=15)
         client = redis.Redis(port=port)
@@ -96,9 +110,16 @@ def test_wait_for_port_gives_up_when_the_process_exits_or_time_runs_out():
 
 
 def test_stop_kills_what_ignores_terminate():
-    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
-                             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                             "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\ntime.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdout.readline() == b"ready\n"
     stop(proc, timeout=0.2)
     assert proc.returncode == -9

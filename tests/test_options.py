@@ -12,9 +12,15 @@ from ai_cache.addon import AICache
 from ai_cache.options import misset_options, parse_duration, parse_size
 
 BAD_VALUES = [
-    ("ai_cache_ttl", "abc"), ("ai_cache_mode", "bogus"), ("ai_cache_max_body", "-5"),
-    ("ai_cache_max_body", "0"), ("ai_cache_replay_speed", "-1"), ("ai_cache_redis_timeout", "nan"),
-    ("ai_cache_redis_url", "redis://host:notaport"), ("ai_cache_redis_pool", "0"), ("ai_cache_redis_pool", "many"),
+    ("ai_cache_ttl", "abc"),
+    ("ai_cache_mode", "bogus"),
+    ("ai_cache_max_body", "-5"),
+    ("ai_cache_max_body", "0"),
+    ("ai_cache_replay_speed", "-1"),
+    ("ai_cache_redis_timeout", "nan"),
+    ("ai_cache_redis_url", "redis://host:notaport"),
+    ("ai_cache_redis_pool", "0"),
+    ("ai_cache_redis_pool", "many"),
 ]
 
 
@@ -42,8 +48,15 @@ def test_a_bad_option_while_running_is_rolled_back(tmp_path, option, value):
 
 def test_misspelt_and_repeated_options_are_named():
     with taddons.context() as tctx:
-        tctx.options.set("ai_cache_tll=7d", "ai_cache_mode=replay", "ai_cache_dir=a", "ai_cache_dir=b",
-                         "ai_cache_zzzzzz=1", "other_addon_option=1", defer=True)
+        tctx.options.set(
+            "ai_cache_tll=7d",
+            "ai_cache_mode=replay",
+            "ai_cache_dir=a",
+            "ai_cache_dir=b",
+            "ai_cache_zzzzzz=1",
+            "other_addon_option=1",
+            defer=True,
+        )
         assert sorted(misset_options(tctx.options.deferred)) == [
             "ai_cache_dir is set 2 times; set each option once",
             "unknown option ai_cache_tll (did you mean ai_cache_ttl?)",

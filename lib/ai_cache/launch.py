@@ -23,8 +23,9 @@ MITMDUMP = [sys.executable, "-c", "import sys; from mitmproxy.tools.main import 
 DEBIAN_REDIS = "/usr/bin/redis-server"
 
 
-def mitmdump_command(port: int, options: Mapping[str, str], script: str | Path | None = ADDON_PATH,
-                     extra: Sequence[str] = ()) -> list[str]:
+def mitmdump_command(
+    port: int, options: Mapping[str, str], script: str | Path | None = ADDON_PATH, extra: Sequence[str] = ()
+) -> list[str]:
     """mitmdump on 127.0.0.1:port loading `script` (the packaged addon unless told; None
     for plain mitmdump), each option as one `--set`, then `extra` arguments."""
     command = [*MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port)]
@@ -51,8 +52,20 @@ def redis_server_binary() -> str | None:
 
 def redis_command(binary: str, port: int, directory: Path, *args: str) -> list[str]:
     """A throwaway redis-server on 127.0.0.1:port: nothing saved, working files in `directory`."""
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(directory), *args]
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+        *args,
+    ]
 
 
 def free_port() -> int:

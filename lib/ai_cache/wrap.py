@@ -25,8 +25,12 @@ from .report import SUMMARY
 
 CA_BUNDLE = "ai-cache-ca-bundle.pem"
 # Where distributions keep their trust store, for Pythons built with another default.
-SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
-                  "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem")
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+)
 
 
 def proxy_environment(port: int, confdir: Path, environ: dict[str, str]) -> dict[str, str]:
@@ -38,8 +42,13 @@ def proxy_environment(port: int, confdir: Path, environ: dict[str, str]) -> dict
     proxy = f"http://127.0.0.1:{port}"
     bundle = str(confdir / CA_BUNDLE)
     return {
-        "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
-        "SSL_CERT_FILE": bundle, "REQUESTS_CA_BUNDLE": bundle, "CURL_CA_BUNDLE": bundle,
+        "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy,
+        "https_proxy": proxy,
+        "http_proxy": proxy,
+        "SSL_CERT_FILE": bundle,
+        "REQUESTS_CA_BUNDLE": bundle,
+        "CURL_CA_BUNDLE": bundle,
         "NODE_EXTRA_CA_CERTS": str(confdir / "mitmproxy-ca-cert.pem"),
         **node_environment(node_directory(), environ),
     }
@@ -77,12 +86,13 @@ def prepare_node() -> None:
     directory = node_directory()
     if installed_version(directory) == UNDICI_VERSION or not needs_undici():
         return
-    warn(f"installing undici {UNDICI_VERSION} into {directory} (once) so that this Node.js's "
-         "fetch uses the proxy")
+    warn(f"installing undici {UNDICI_VERSION} into {directory} (once) so that this Node.js's fetch uses the proxy")
     problem = ensure_undici(directory)
     if problem:
-        warn(f"cannot install undici {UNDICI_VERSION} into {directory} ({problem}): the fetch of "
-             "this Node.js (< 22.21, or 23) goes around the proxy unless the project has undici")
+        warn(
+            f"cannot install undici {UNDICI_VERSION} into {directory} ({problem}): the fetch of "
+            "this Node.js (< 22.21, or 23) goes around the proxy unless the project has undici"
+        )
 
 
 def warn(message: str) -> None:
@@ -101,10 +111,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="proxy port (default: a free one; 8080 with --env)")
     parser.add_argument("--confdir", default="~/.mitmproxy", help="mitmproxy's directory holding its CA")
     parser.add_argument("--log", help="write the proxy's output here (default: a temporary file)")
-    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="any other mitmproxy or ai_cache_* option, once each")
-    parser.add_argument("--env", action="store_true",
-                        help="print export lines for a proxy already running on --port, and exit")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="any other mitmproxy or ai_cache_* option, once each",
+    )
+    parser.add_argument(
+        "--env", action="store_true", help="print export lines for a proxy already running on --port, and exit"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -129,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         warn(f"port {port} is in use; choose another --port or leave it out")
         return 1
     prepare_node()
-    options = {"ai_cache_mode": args.mode, "confdir": str(confdir), "flow_detail": "0",
-               "ai_cache_connection_log": "false"}
+    options = {
+        "ai_cache_mode": args.mode,
+        "confdir": str(confdir),
+        "flow_detail": "0",
+        "ai_cache_connection_log": "false",
+    }
     if args.dir:
         options["ai_cache_dir"] = str(Path(args.dir).resolve())
     if args.redis_url:
@@ -176,8 +196,10 @@ def report(summary: re.Match[str] | None, log_path: Path) -> None:
         return
     print(summary.group(0), file=sys.stderr)
     if int(summary.group(1)) == 0:
-        warn("no LLM call went through the proxy. If the command made any, it ignores "
-             "HTTPS_PROXY (see the README on Node.js) or called a host outside ai_cache_hosts.")
+        warn(
+            "no LLM call went through the proxy. If the command made any, it ignores "
+            "HTTPS_PROXY (see the README on Node.js) or called a host outside ai_cache_hosts."
+        )
 
 
 if __name__ == "__main__":
