@@ -4,11 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
 HOST ?= 127.0.0.1
 PORT ?= 8080
 ARGS ?=
 
-.PHONY: install node-deps run test bench clean
+.PHONY: install node-deps run test lint bench clean
 
 install: $(STAMP)
 
@@ -22,6 +23,10 @@ $(STAMP): pyproject.toml
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(TEST_STAMP)
+
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[lint]"
+	touch $(LINT_STAMP)
 
 # The official Node.js SDKs the tests drive (tests/node); without npm those tests skip.
 NODE_STAMP := tests/node/node_modules/.installed
@@ -39,6 +44,12 @@ run: $(STAMP)
 
 test: $(TEST_STAMP) node-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff (rules and formatting) on all Python code, mypy on lib/ai_cache; settings in pyproject.toml.
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check lib scripts tests ai_cache_addon.py
+	$(BIN)/ruff format --check lib scripts tests ai_cache_addon.py
+	$(BIN)/mypy
 
 bench: $(TEST_STAMP)
 	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick,)

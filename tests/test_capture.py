@@ -52,11 +52,13 @@ COMPLETE = {
     "anthropic": ("anthropic-messages", ANTHROPIC_OK + b": ping\n\n", "sse"),
     "responses": ("openai-responses", RESPONSES_OK, "sse"),
     "responses without event lines": (
-        "openai-responses", b"data: " + json.dumps({"type": "response.completed"}).encode() + b"\n\n", "sse"),
+        "openai-responses",
+        b"data: " + json.dumps({"type": "response.completed"}).encode() + b"\n\n",
+        "sse",
+    ),
     "gemini": ("gemini", gemini(None) + gemini("STOP"), "sse"),
     "lone CR framing": ("openai-chat", (openai_chunk("hi") + DONE).replace(b"\n", b"\r"), "sse"),
-    "error: null is no error": (
-        "openai-chat", b'data: {"choices": [], "error": null}\n\n' + DONE, "sse"),
+    "error: null is no error": ("openai-chat", b'data: {"choices": [], "error": null}\n\n' + DONE, "sse"),
     "ollama": ("ollama", ollama(False) + ollama(True), "ndjson"),
     "ollama without final newline": ("ollama", ollama(False) + ollama(True)[:-1], "ndjson"),
 }
@@ -67,15 +69,26 @@ INCOMPLETE = {
     "cut-off final frame": ("openai-chat", openai_chunk("hi") + b"data: [DONE]\n", "sse", "mid-frame"),
     "half a frame": ("openai-chat", openai_chunk("hi") + b'data: {"id": "x', "sse", "mid-frame"),
     "openai error chunk": (
-        "openai-chat", openai_chunk("hi") + b'data: {"error": {"message": "overloaded"}}\n\n' + DONE, "sse", "error"),
+        "openai-chat",
+        openai_chunk("hi") + b'data: {"error": {"message": "overloaded"}}\n\n' + DONE,
+        "sse",
+        "error",
+    ),
     "anthropic error event": (
-        "anthropic-messages", event("message_start") + event("error", error={"type": "overloaded_error"})
-        + event("message_stop"), "sse", "error"),
+        "anthropic-messages",
+        event("message_start") + event("error", error={"type": "overloaded_error"}) + event("message_stop"),
+        "sse",
+        "error",
+    ),
     "anthropic without message_stop": ("anthropic-messages", event("message_start"), "sse", "terminal"),
     "responses failed": ("openai-responses", event("response.created") + event("response.failed"), "sse", "error"),
     "responses incomplete": ("openai-responses", event("response.incomplete"), "sse", "error"),
     "responses error then completed": (
-        "openai-responses", event("error", message="boom") + event("response.completed"), "sse", "error"),
+        "openai-responses",
+        event("error", message="boom") + event("response.completed"),
+        "sse",
+        "error",
+    ),
     "gemini without finishReason": ("gemini", gemini(None) + gemini(None), "sse", "terminal"),
     "ollama without done": ("ollama", ollama(False) + ollama(False), "ndjson", "terminal"),
     "ollama cut line": ("ollama", ollama(False) + ollama(True)[:20], "ndjson", "terminal"),
@@ -142,3 +155,10 @@ def test_sse_parsing_joins_data_lines_and_skips_comments():
     assert at_boundary
     events, at_boundary = parse_sse(b"data: x\n\ndata: cut")
     assert [e.data for e in events] == ["x"] and not at_boundary
+
+
+# WHATWG SSE allows a lone CR as line terminator; such a complete stream is refused.
+def test_lone_cr_framed_stream_is_storable():
+    capture = StreamCapture(BY_NAME["openai-chat"], "sse", 10**6)
+    capture(b'data: {"choices": []}\r\rdata: [DONE]\r\r')
+    assert capture.incompleteness() is None

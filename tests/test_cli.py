@@ -2,107 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
+import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from ai_cache.cli import main
 from ai_cache.entry import Entry
 from ai_cache.l1 import DiskStore
+from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, fill, key_of, sample_entries, stored
 
-NOW = time.time()
-SSE_CHUNKS = [
-    b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":20}}}\n\n',
-    'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"héllo ✓'.encode(),
-    # A read that split "✓" would not be UTF-8 on its own; here a whole one, then a split one.
-    '"}}\n\nevent: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"✓'.encode()[:-1],
-    b'\x93"}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n',
-]
-NDJSON_CHUNKS = [b'{"message":{"content":"hi"},"done":false}\n', b'{"done":true,"eval_count":4}\n']
-JSON_BODY = (b'{\n  "id": "c1",\n  "choices": [{"message": {"content": "hello"}}],\n'
-             b'  "usage": {"prompt_tokens": 10, "completion_tokens": 5}\n}\n')
 SECRETS = ("SECRET-COOKIE", "sk-SECRET-KEY", "Bearer sk-SECRET-AUTH", "SECRET-QUERY")
-
-
-def key_of(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()
-
-
-def request(host: str, path: str, model: str, **extra) -> dict:
-    return {"method": "POST", "scheme": "https", "host": host, "path": path, "query": [],
-            "headers": {}, "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
-            **extra}
-
-
-def timed(chunks: list[bytes], gap: float) -> list[tuple[float, int]]:
-    return [(round(i * gap, 6), len(c)) for i, c in enumerate(chunks)]
-
-
-def sample_entries() -> list[Entry]:
-    json_entry = Entry(
-        key=key_of("json"), format="json", body=JSON_BODY, created_at=NOW - 10,
-        headers=[("content-type", "application/json"), ("x-request-id", "req-1"),
-                 ("set-cookie", "session=SECRET-COOKIE"), ("x-api-key", "sk-SECRET-KEY")],
-        chunks=[(0.0, len(JSON_BODY))],
-        meta={"protocol": "openai-chat", "model": "gpt-4o", "stream": False,
-              "request": request("api.openai.com", "/v1/chat/completions", "gpt-4o",
-                                 headers={"authorization": "Bearer sk-SECRET-AUTH", "openai-beta": "x"},
-                                 query=[["key", "SECRET-QUERY"], ["alt", "json"]]),
-              "usage": {"input": 10, "output": 5}, "preview": "hello json"},
-    )
-    sse_entry = Entry(
-        key=key_of("sse"), format="sse", body=b"".join(SSE_CHUNKS), created_at=NOW - 3 * 3600,
-        headers=[("content-type", "text/event-stream")], chunks=timed(SSE_CHUNKS, 0.25),
-        meta={"protocol": "anthropic-messages", "model": "claude-sonnet-4", "stream": True,
-              "request": request("api.anthropic.com", "/v1/messages", "claude-sonnet-4"),
-              "usage": {"input": 20, "output": 7}, "preview": "hello sse"},
-    )
-    ndjson_entry = Entry(
-        key=key_of("ndjson"), format="ndjson", body=b"".join(NDJSON_CHUNKS), created_at=NOW - 5 * 86400,
-        headers=[("content-type", "application/x-ndjson")], chunks=timed(NDJSON_CHUNKS, 0.125),
-        meta={"protocol": "ollama", "model": "llama3.2", "stream": True,
-              "request": request("localhost:11434", "/api/chat", "llama3.2"),
-              "usage": {"input": 3, "output": 4}, "preview": "hello ndjson"},
-    )
-    return [json_entry, sse_entry, ndjson_entry]
-
-
-def fill(directory: Path, entries: list[Entry]) -> Path:
-    store = DiskStore(directory)
-    for entry in entries:
-        assert store.put_sync(entry, None)
-    store.close()
-    return directory
-
-
-def stored(directory: Path) -> dict[str, Entry]:
-    store = DiskStore(directory)
-    try:
-        return {key: store.get_sync(key) for key in store.keys()}
-    finally:
-        store.close()
-
-
-@pytest.fixture
-def cache_dir(tmp_path) -> Path:
-    return fill(tmp_path / "cache", sample_entries())
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def test_installed_console_script_help():
@@ -201,13 +114,14 @@ def test_export_is_deterministic_and_import_round_trips(cli, cache_dir, tmp_path
     assert cli("--dir", cache_dir, "export", first) == (0, f"exported 3 entries to {first}\n", "")
     cli("--dir", cache_dir, "export", again)
     names = sorted(p.name for p in first.iterdir())
-    assert names == sorted([
-        f"openai-chat-gpt-4o-{key_of('json')[:16]}.json",
-        f"anthropic-messages-claude-sonnet-4-{key_of('sse')[:16]}.json",
-        f"ollama-llama3.2-{key_of('ndjson')[:16]}.json",
-    ])
+    assert names == sorted(
+        [
+            f"openai-chat-gpt-4o-{key_of('json')[:16]}.json",
+            f"anthropic-messages-claude-sonnet-4-{key_of('sse')[:16]}.json",
+            f"ollama-llama3.2-{key_of('ndjson')[:16]}.json",
+        ]
+    )
     assert all((first / n).read_bytes() == (again / n).read_bytes() for n in names)
-
 
     assert cli("--dir", copy_dir, "import", first) == (0, f"imported 3 entries into {copy_dir}\n", "")
     originals, copies = stored(cache_dir), stored(copy_dir)
@@ -215,7 +129,12 @@ def test_export_is_deterministic_and_import_round_trips(cli, cache_dir, tmp_path
     for key, original in originals.items():
         copy = copies[key]
         assert (copy.body, copy.chunks, copy.created_at, copy.format, copy.status) == (
-            original.body, original.chunks, original.created_at, original.format, original.status)
+            original.body,
+            original.chunks,
+            original.created_at,
+            original.format,
+            original.status,
+        )
 
     cli("--dir", copy_dir, "export", second)
     assert sorted(p.name for p in second.iterdir()) == names
@@ -293,7 +212,10 @@ def test_purge_removes_only_old_entries(cli, cache_dir):
 def test_counts_of_one_are_singular(cli, cache_dir, tmp_path):
     fixtures, copy_dir = tmp_path / "fixtures", tmp_path / "copy"
     assert cli("--dir", cache_dir, "export", fixtures, "--format", "json") == (
-        0, f"exported 1 entry to {fixtures}\n", "")
+        0,
+        f"exported 1 entry to {fixtures}\n",
+        "",
+    )
     (fixtures / "broken.json").write_text("{")
     code, out, _ = cli("--dir", copy_dir, "import", fixtures)
     assert (code, out) == (1, f"imported 1 entry into {copy_dir}; skipped 1 bad file\n")
@@ -352,7 +274,10 @@ def test_redis_layer(cli, cache_dir, tmp_path, start_redis):
     code, out, _ = cli(*only_l2, "ls", "--json")
     assert code == 0
     assert [(row["key"], row["layers"]) for row in json.loads(out)] == [
-        (key_of("json"), ["l2"]), (key_of("sse"), ["l2"]), (key_of("ndjson"), ["l2"])]
+        (key_of("json"), ["l2"]),
+        (key_of("sse"), ["l2"]),
+        (key_of("ndjson"), ["l2"]),
+    ]
     code, out, _ = cli(*only_l2, "show", "--raw", key_of("ndjson")[:8])
     assert out == b"".join(NDJSON_CHUNKS).decode()
 
@@ -364,3 +289,28 @@ def test_redis_layer(cli, cache_dir, tmp_path, start_redis):
     redis.stop()
     code, _, err = cli(*only_l2, "ls")
     assert code == 1 and "ai-cache: Redis at" in err
+
+
+# `ai-cache delete` (and purge/clear) ignore L1 delete failures: "deleted ..." and exit 0.
+#    (A locked database, disk I/O error, read-only filesystem: DiskStore swallows it.)
+def test_cli_delete_fails_loudly_when_the_store_cannot_delete(tmp_path, monkeypatch, capsys):
+    import diskcache
+
+    from ai_cache import cli
+    from ai_cache.entry import Entry
+
+    directory = tmp_path / "cache"
+    store = DiskStore(directory)
+    key = "ab" * 32
+    assert store.put_sync(Entry(key, "json", b"{}", []), None)
+    store.close()
+
+    def locked(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(diskcache.Cache, "delete", locked)
+    status = cli.main(["--dir", str(directory), "delete", key[:8]])
+    out = capsys.readouterr().out
+    monkeypatch.undo()
+    assert DiskStore(directory).get_sync(key) is not None  # the entry is still there
+    assert status != 0, f"exit 0 with: {out.strip()}"

@@ -31,6 +31,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+
 from conftest import Proxy
 from fake_upstream import FakeUpstream, make_tls_cert
 from h2_upstream import H2Upstream
@@ -129,7 +130,8 @@ def gemini(env: Env, prompt: str, tools: bool, stream: bool) -> Output:
     from google.genai import types
 
     config = types.GenerateContentConfig(
-        tools=[types.Tool(function_declarations=[types.FunctionDeclaration(**TOOL)])] if tools else None)
+        tools=[types.Tool(function_declarations=[types.FunctionDeclaration(**TOOL)])] if tools else None
+    )
     options = types.HttpOptions(base_url=env.url, client_args={"http2": env.http2})
     with genai.Client(api_key="AIza-test", http_options=options) as client:
         call = client.models.generate_content_stream if stream else client.models.generate_content

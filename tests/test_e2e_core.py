@@ -8,28 +8,11 @@ import subprocess
 import time
 
 import anthropic
-import httpx
-import openai
 import pytest
 
-from conftest import MITMDUMP, ROOT
-
-CHAT = "/v1/chat/completions"
-
-
-def post(proxy, upstream, path: str, body, headers: dict | None = None, raw: bytes | None = None) -> httpx.Response:
-    with proxy.client() as client:
-        return client.post(upstream.url + path, content=raw if raw is not None else json.dumps(body),
-                           headers={"content-type": "application/json", **(headers or {})})
-
-
-def chat_body(marker: str, **extra) -> dict:
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hello {marker}"}], **extra}
-
-
-def openai_client(proxy, upstream) -> openai.OpenAI:
-    return openai.OpenAI(api_key="sk-test", base_url=upstream.url + "/v1", max_retries=0,
-                         http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+from ai_cache.launch import mitmdump_command
+from conftest import ADDON
+from helpers import CHAT, chat_body, openai_client, post, wait_for_status
 
 
 def test_openai_sdk_miss_then_hit_replays_the_same_answer(shared_proxy, upstream, marker):
@@ -50,8 +33,12 @@ def test_openai_sdk_miss_then_hit_replays_the_same_answer(shared_proxy, upstream
 
 
 def test_anthropic_sdk_miss_then_hit(shared_proxy, upstream, marker):
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=upstream.url, max_retries=0,
-                                 http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url))
+    client = anthropic.Anthropic(
+        api_key="sk-ant-test",
+        base_url=upstream.url,
+        max_retries=0,
+        http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url),
+    )
     ask = dict(model="claude-sonnet-4", max_tokens=64, messages=[{"role": "user", "content": marker}])
     first = client.messages.with_raw_response.create(**ask)
     second = client.messages.with_raw_response.create(**ask)
@@ -63,17 +50,25 @@ def test_anthropic_sdk_miss_then_hit(shared_proxy, upstream, marker):
 
 PROTOCOL_CALLS = {
     "openai-chat": (CHAT, lambda m: chat_body(m)),
-    "azure-chat": ("/openai/deployments/gpt4/chat/completions?api-version=2024-10-21",
-                   lambda m: {"messages": [{"role": "user", "content": m}]}),
+    "azure-chat": (
+        "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21",
+        lambda m: {"messages": [{"role": "user", "content": m}]},
+    ),
     "openai-completions": ("/v1/completions", lambda m: {"model": "gpt-3.5-turbo-instruct", "prompt": m}),
     "openai-responses": ("/v1/responses", lambda m: {"model": "gpt-4o", "input": m}),
     "openai-embeddings": ("/v1/embeddings", lambda m: {"model": "text-embedding-3-small", "input": [m, "b"]}),
-    "anthropic-messages": ("/v1/messages", lambda m: {"model": "claude", "max_tokens": 10,
-                                                      "messages": [{"role": "user", "content": m}]}),
-    "gemini": ("/v1beta/models/gemini-2.0-flash:generateContent",
-               lambda m: {"contents": [{"role": "user", "parts": [{"text": m}]}]}),
-    "ollama": ("/api/chat", lambda m: {"model": "llama3", "stream": False,
-                                       "messages": [{"role": "user", "content": m}]}),
+    "anthropic-messages": (
+        "/v1/messages",
+        lambda m: {"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": m}]},
+    ),
+    "gemini": (
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+        lambda m: {"contents": [{"role": "user", "parts": [{"text": m}]}]},
+    ),
+    "ollama": (
+        "/api/chat",
+        lambda m: {"model": "llama3", "stream": False, "messages": [{"role": "user", "content": m}]},
+    ),
 }
 
 
@@ -122,9 +117,11 @@ def test_every_answer_determining_input_splits_the_key(shared_proxy, upstream, m
 
 def test_path_query_and_host_split_the_key(shared_proxy, upstream, marker):
     body = {"messages": [{"role": "user", "content": marker}]}
-    paths = ["/openai/deployments/a/chat/completions?api-version=1",
-             "/openai/deployments/a/chat/completions?api-version=2",
-             "/openai/deployments/b/chat/completions?api-version=1"]
+    paths = [
+        "/openai/deployments/a/chat/completions?api-version=1",
+        "/openai/deployments/a/chat/completions?api-version=2",
+        "/openai/deployments/b/chat/completions?api-version=1",
+    ]
     keys = {post(shared_proxy, upstream, p, body).headers["x-ai-cache-key"] for p in paths}
     with shared_proxy.client() as client:
         other_host = client.post(upstream.url.replace("127.0.0.1", "localhost") + paths[0], json=body)
@@ -133,10 +130,20 @@ def test_path_query_and_host_split_the_key(shared_proxy, upstream, marker):
 
 
 def test_credentials_and_noise_never_split_the_key(shared_proxy, upstream, marker):
-    post(shared_proxy, upstream, CHAT + "?key=one", chat_body(marker),
-         {"authorization": "Bearer sk-one", "x-api-key": "one", "user-agent": "a", "x-request-id": "1"})
-    second = post(shared_proxy, upstream, CHAT + "?key=two", chat_body(marker),
-                  {"authorization": "Bearer sk-two", "x-api-key": "two", "user-agent": "b", "x-request-id": "2"})
+    post(
+        shared_proxy,
+        upstream,
+        CHAT + "?key=one",
+        chat_body(marker),
+        {"authorization": "Bearer sk-one", "x-api-key": "one", "user-agent": "a", "x-request-id": "1"},
+    )
+    second = post(
+        shared_proxy,
+        upstream,
+        CHAT + "?key=two",
+        chat_body(marker),
+        {"authorization": "Bearer sk-two", "x-api-key": "two", "user-agent": "b", "x-request-id": "2"},
+    )
     assert second.headers["x-ai-cache-status"] == "HIT"
     assert upstream.count(marker) == 1
 
@@ -200,8 +207,11 @@ def test_only_if_cached(shared_proxy, upstream, marker):
     assert hit.status_code == 200 and hit.headers["x-ai-cache-status"] == "HIT"
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"\xff\xfe\x00garbage", b'{"model": "x", "messa', b"[1, 2]", b"null"],
-                         ids=["empty", "text", "non-utf8", "truncated", "array", "null"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b"\xff\xfe\x00garbage", b'{"model": "x", "messa', b"[1, 2]", b"null"],
+    ids=["empty", "text", "non-utf8", "truncated", "array", "null"],
+)
 def test_bad_bodies_pass_through_untouched(shared_proxy, upstream, marker, raw):
     for _ in range(2):
         answer = post(shared_proxy, upstream, CHAT + f"?m={marker}", None, raw=raw)
@@ -225,17 +235,6 @@ def test_gzip_answers_are_stored_decoded_and_replay(shared_proxy, upstream, mark
     assert second.headers["x-ai-cache-status"] == "HIT"
     assert second.json() == first.json()
     assert upstream.count(marker) == 1
-
-
-def wait_for_status(proxy, upstream, body, status: str, path: str = CHAT, headers: dict | None = None,
-                    tries: int = 50) -> httpx.Response:
-    """Stores are written in the background: poll until the entry is visible."""
-    for _ in range(tries):
-        answer = post(proxy, upstream, path, body, {"cache-control": "only-if-cached", **(headers or {})})
-        if answer.headers.get("x-ai-cache-status") == status:
-            return answer
-        time.sleep(0.05)
-    raise AssertionError(f"never saw {status}")
 
 
 def test_ttl_expiry(start_proxy, upstream, marker):
@@ -284,8 +283,13 @@ def test_ignore_fields_and_scope_headers(start_proxy, upstream, marker):
     assert same.headers["x-ai-cache-status"] == "HIT"
     kept = post(proxy, upstream, CHAT, chat_body(marker, metadata={"keep": 2}), alice)
     assert kept.headers["x-ai-cache-status"] == "MISS"
-    bob = post(proxy, upstream, CHAT, chat_body(marker, user="u1", metadata={"trace": "1", "keep": 1}),
-               {"authorization": "Bearer bob"})
+    bob = post(
+        proxy,
+        upstream,
+        CHAT,
+        chat_body(marker, user="u1", metadata={"trace": "1", "keep": 1}),
+        {"authorization": "Bearer bob"},
+    )
     assert bob.headers["x-ai-cache-status"] == "MISS"
 
 
@@ -316,17 +320,23 @@ def test_logs_one_line_per_flow_and_a_summary(start_proxy, upstream, marker):
 
 def mitmdump_startup(tmp_path, *settings: str) -> subprocess.CompletedProcess:
     """Start the real mitmdump with the addon and these `--set`s; it must stop on its own."""
-    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "-s", str(ROOT / "ai_cache_addon.py"),
-            "--set", f"confdir={tmp_path}", "--set", f"ai_cache_dir={tmp_path / 'c'}"]
+    args = mitmdump_command(0, {"confdir": str(tmp_path), "ai_cache_dir": str(tmp_path / "c")}, ADDON)
     for setting in settings:
         args += ["--set", setting]
     return subprocess.run(args, capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("option,value", [
-    ("ai_cache_ttl", "abc"), ("ai_cache_mode", "bogus"), ("ai_cache_max_body", "-5"),
-    ("ai_cache_replay_speed", "fast"), ("ai_cache_redis_timeout", "0"), ("ai_cache_redis_url", "http://x"),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("ai_cache_ttl", "abc"),
+        ("ai_cache_mode", "bogus"),
+        ("ai_cache_max_body", "-5"),
+        ("ai_cache_replay_speed", "fast"),
+        ("ai_cache_redis_timeout", "0"),
+        ("ai_cache_redis_url", "http://x"),
+    ],
+)
 def test_bad_option_values_stop_startup_naming_the_option(tmp_path, option, value):
     result = mitmdump_startup(tmp_path, f"{option}={value}")
     output = result.stdout + result.stderr
@@ -335,10 +345,16 @@ def test_bad_option_values_stop_startup_naming_the_option(tmp_path, option, valu
     assert "Traceback" not in output
 
 
-@pytest.mark.parametrize("settings,message", [
-    (["ai_cache_tll=7d"], "ai-cache: unknown option ai_cache_tll (did you mean ai_cache_ttl?)"),
-    (["ai_cache_mode=replay", "ai_cache_mode=record"], "ai-cache: ai_cache_mode is set 2 times; set each option once"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (["ai_cache_tll=7d"], "ai-cache: unknown option ai_cache_tll (did you mean ai_cache_ttl?)"),
+        (
+            ["ai_cache_mode=replay", "ai_cache_mode=record"],
+            "ai-cache: ai_cache_mode is set 2 times; set each option once",
+        ),
+    ],
+)
 def test_misspelt_or_repeated_options_stop_startup(tmp_path, settings, message):
     result = mitmdump_startup(tmp_path, *settings)
     output = result.stdout + result.stderr

@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from fake_upstream import FakeUpstream, make_tls_cert
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_streams import stream_raw
+from helpers import CHAT, chat_body, post, stream_raw, wait_for_status
 
 
 @pytest.fixture
@@ -54,8 +53,12 @@ def test_replay_serves_recordings_with_the_upstream_gone(start_proxy, own_upstre
 
 def test_replay_miss_surfaces_through_the_sdk(start_proxy, upstream, marker):
     proxy = start_proxy(ai_cache_mode="replay")
-    client = openai.OpenAI(api_key="sk-x", base_url=upstream.url + "/v1", max_retries=0,
-                           http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+    client = openai.OpenAI(
+        api_key="sk-x",
+        base_url=upstream.url + "/v1",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=proxy.url),
+    )
     with pytest.raises(openai.APIStatusError) as raised:
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": marker}])
     assert raised.value.status_code == 504
@@ -87,9 +90,12 @@ def test_https_through_connect_records_and_replays_offline(start_proxy, confdir,
     tls = FakeUpstream(tls=(cert, key)).start()
     ca = str(confdir / "mitmproxy-ca-cert.pem")
     recorder = start_proxy(ssl_verify_upstream_trusted_ca=cert)
-    client = openai.OpenAI(api_key="sk-x", base_url=tls.url + "/v1", max_retries=0,
-                           http_client=openai.DefaultHttpxClient(proxy=recorder.url,
-                                                                 verify=ssl.create_default_context(cafile=ca)))
+    client = openai.OpenAI(
+        api_key="sk-x",
+        base_url=tls.url + "/v1",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=recorder.url, verify=ssl.create_default_context(cafile=ca)),
+    )
     ask = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": marker}])
     first = client.chat.completions.with_raw_response.create(**ask)
     second = client.chat.completions.with_raw_response.create(**ask)
@@ -115,8 +121,9 @@ def test_reverse_mode_needs_no_ca_and_replays_offline(start_proxy, own_upstream,
     assert own_upstream.count(marker) == 1
     proxy.stop()
     own_upstream.stop()
-    replayer = start_proxy("--mode", f"reverse:{own_upstream.url}", ai_cache_dir=proxy.options["ai_cache_dir"],
-                           ai_cache_mode="replay")
+    replayer = start_proxy(
+        "--mode", f"reverse:{own_upstream.url}", ai_cache_dir=proxy.options["ai_cache_dir"], ai_cache_mode="replay"
+    )
     with httpx.Client(base_url=replayer.url) as client:
         assert client.post(CHAT, json=chat_body(marker)).headers["x-ai-cache-status"] == "HIT"
         assert client.post(CHAT, json=chat_body(marker + "-new")).status_code == 504
@@ -148,16 +155,18 @@ def test_export_import_replay_round_trip(start_proxy, own_upstream, marker, tmp_
     recorder = start_proxy()
     recorded = {
         "json": post(recorder, own_upstream, CHAT, chat_body(marker)).content,
-        "stream": stream_raw(recorder, own_upstream, CHAT, chat_body(marker, stream=True),
-                             {"x-fake-scenario": "slow"})[1],
+        "stream": stream_raw(recorder, own_upstream, CHAT, chat_body(marker, stream=True), {"x-fake-scenario": "slow"})[
+            1
+        ],
     }
     wait_for_status(recorder, own_upstream, chat_body(marker, stream=True), "HIT")
     recorder.stop()
     fixtures, again = tmp_path / "fixtures", tmp_path / "re-export"
     subprocess.run([*cli, "--dir", recorder.options["ai_cache_dir"], "export", str(fixtures)], check=True)
     (fixtures / "broken.json").write_text("{not json")
-    imported = subprocess.run([*cli, "--dir", str(tmp_path / "imported"), "import", str(fixtures)],
-                              capture_output=True, text=True)
+    imported = subprocess.run(
+        [*cli, "--dir", str(tmp_path / "imported"), "import", str(fixtures)], capture_output=True, text=True
+    )
     assert imported.returncode == 1 and "broken.json" in imported.stderr  # reported, the rest imported
     (fixtures / "broken.json").unlink()
     subprocess.run([*cli, "--dir", str(tmp_path / "imported"), "export", str(again)], check=True)
@@ -165,8 +174,7 @@ def test_export_import_replay_round_trip(start_proxy, own_upstream, marker, tmp_
 
     url = own_upstream.url
     own_upstream.stop()
-    replayer = start_proxy(ai_cache_dir=str(tmp_path / "imported"), ai_cache_mode="replay",
-                           ai_cache_replay_speed="1")
+    replayer = start_proxy(ai_cache_dir=str(tmp_path / "imported"), ai_cache_mode="replay", ai_cache_replay_speed="1")
     with replayer.client() as client:
         assert client.post(url + CHAT, json=chat_body(marker)).content == recorded["json"]
         start = time.monotonic()

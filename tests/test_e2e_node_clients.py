@@ -56,7 +56,8 @@ class Case:
     @property
     def model(self) -> str:
         return {"embeddings": "text-embedding-3-small", "messages": "claude-3-5-haiku-latest"}.get(
-            self.call.split("-")[0], "gpt-4o-mini")
+            self.call.split("-")[0], "gpt-4o-mini"
+        )
 
     def __str__(self) -> str:
         return f"{self.sdk}-{self.call}" + ("-tool" if self.tools else "") + ("-late" if self.late else "")

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+
 from conftest import Proxy
 from fake_upstream import FakeUpstream
 
@@ -14,15 +15,20 @@ LATE = {"x-fake-scenario": "late-end-200"}
 
 
 def sdk(proxy: Proxy, upstream: FakeUpstream, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(api_key="sk-test", base_url=upstream.url + "/v1", max_retries=0,
-                         default_headers=headers,
-                         http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+    return openai.OpenAI(
+        api_key="sk-test",
+        base_url=upstream.url + "/v1",
+        max_retries=0,
+        default_headers=headers,
+        http_client=openai.DefaultHttpxClient(proxy=proxy.url),
+    )
 
 
 def streamed(client: openai.OpenAI, marker: str) -> tuple[str, str, str]:
     """(status, id, text) of one `create(stream=True)` iterated the way users do."""
     response = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": f"late {marker}"}])
+        model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": f"late {marker}"}]
+    )
     chunks = list(response.parse())
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return response.headers["x-ai-cache-status"], chunks[0].id, text

@@ -12,22 +12,8 @@ import time
 import pytest
 import redis
 
-from ai_cache.wrap import free_port, wait_for_port
-from conftest import redis_server_binary
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_streams import stream_raw
-
-
-def redis_key(answer) -> str:
-    return "ai-cache:" + answer.headers["x-ai-cache-key"]
-
-
-def wait_for_redis_key(client: redis.Redis, key: str, tries: int = 100) -> None:
-    for _ in range(tries):
-        if client.exists(key):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{key} never reached Redis")
+from ai_cache.launch import free_port, redis_server_binary, wait_for_port
+from helpers import CHAT, chat_body, post, redis_key, stream_raw, wait_for_redis_key, wait_for_status
 
 
 def test_two_proxies_share_l2_and_backfill_l1(start_proxy, start_redis, upstream, marker):
@@ -206,16 +192,49 @@ def test_redis_cluster(start_proxy, upstream, marker, tmp_path):
         for port in ports:
             node_dir = tmp_path / f"node-{port}"
             node_dir.mkdir()
-            nodes.append(subprocess.Popen(
-                [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        redis_server_binary(),
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(node_dir),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             wait_for_port(port)
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         for _ in range(100):
-            if b"cluster_state:ok" in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"],
-                                                      capture_output=True).stdout:
+            if (
+                b"cluster_state:ok"
+                in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True).stdout
+            ):
                 break
             time.sleep(0.1)
         url = f"redis+cluster://127.0.0.1:{ports[0]}"

@@ -15,20 +15,23 @@ import openai
 import pytest
 
 from ai_cache.cli import main as ai_cache
-from test_e2e_core import CHAT, post
+from helpers import CHAT, post
 
 SECRET = "sk-SECRET-replay-ux"
 
 
 def conversation(marker: str, question: str) -> dict:
-    return {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": f"be brief {marker}"},
-                                                  {"role": "user", "content": question}]}
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": f"be brief {marker}"}, {"role": "user", "content": question}],
+    }
 
 
 def sdk(proxy, upstream) -> openai.OpenAI:
     """The official client as people use it: default retries (2)."""
-    return openai.OpenAI(api_key=SECRET, base_url=upstream.url + "/v1",
-                         http_client=openai.DefaultHttpxClient(proxy=proxy.url))
+    return openai.OpenAI(
+        api_key=SECRET, base_url=upstream.url + "/v1", http_client=openai.DefaultHttpxClient(proxy=proxy.url)
+    )
 
 
 def test_replay_miss_is_answered_once_and_names_the_field_that_differs(start_proxy, upstream, marker):
@@ -61,8 +64,9 @@ def test_replay_miss_is_answered_once_and_names_the_field_that_differs(start_pro
 def test_a_request_unlike_any_recording_says_so(start_proxy, upstream, marker):
     proxy = start_proxy(ai_cache_mode="replay")
     with proxy.client() as client:
-        answer = client.post(upstream.url + CHAT, json=conversation(marker, "anything"),
-                             headers={"authorization": f"Bearer {SECRET}"})
+        answer = client.post(
+            upstream.url + CHAT, json=conversation(marker, "anything"), headers={"authorization": f"Bearer {SECRET}"}
+        )
     assert answer.status_code == 504 and answer.headers["x-should-retry"] == "false"
     error = answer.json()["error"]
     assert error["nearest"] is None

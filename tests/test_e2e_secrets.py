@@ -8,9 +8,7 @@ from pathlib import Path
 
 import redis
 
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_redis import redis_key, wait_for_redis_key
-from test_e2e_streams import STREAMS, stream_raw
+from helpers import CHAT, STREAMS, chat_body, post, redis_key, stream_raw, wait_for_redis_key, wait_for_status
 
 SECRETS = {
     "authorization": "Bearer sk-SECRET-authorization",
@@ -43,8 +41,18 @@ def test_credentials_never_reach_cache_redis_exports_or_logs(start_proxy, start_
         wait_for_redis_key(client, redis_key(answer))
     wait_for_status(proxy, upstream, chat_body(marker), "HIT")
     export_dir = tmp_path / "export"
-    exported = subprocess.run([str(Path(sys.executable).parent / "ai-cache"), "--dir", proxy.options["ai_cache_dir"],
-                               "export", str(export_dir)], capture_output=True, text=True, timeout=60)
+    exported = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ai-cache"),
+            "--dir",
+            proxy.options["ai_cache_dir"],
+            "export",
+            str(export_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert exported.returncode == 0, exported.stderr
     proxy.stop()
 

@@ -10,25 +10,7 @@ import anthropic
 import httpx
 import pytest
 
-from test_e2e_core import CHAT, chat_body, openai_client, post, wait_for_status
-
-STREAMS = {
-    "openai-chat": (CHAT, lambda m: chat_body(m, stream=True, stream_options={"include_usage": True}), "text/event-stream"),
-    "openai-completions": ("/v1/completions", lambda m: {"model": "i", "prompt": f"say {m}", "stream": True}, "text/event-stream"),
-    "openai-responses": ("/v1/responses", lambda m: {"model": "gpt-4o", "input": f"say {m}", "stream": True}, "text/event-stream"),
-    "anthropic-messages": ("/v1/messages", lambda m: {"model": "claude", "max_tokens": 50, "stream": True,
-                                                      "messages": [{"role": "user", "content": f"say {m}"}]}, "text/event-stream"),
-    "gemini": ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
-               lambda m: {"contents": [{"role": "user", "parts": [{"text": f"say {m}"}]}]}, "text/event-stream"),
-    "ollama": ("/api/chat", lambda m: {"model": "llama3", "messages": [{"role": "user", "content": f"say {m}"}]},
-               "application/x-ndjson"),
-}
-
-
-def stream_raw(proxy, upstream, path: str, body: dict, headers: dict | None = None) -> tuple[httpx.Response, bytes]:
-    with proxy.client() as client:
-        with client.stream("POST", upstream.url + path, json=body, headers=headers or {}) as response:
-            return response, b"".join(response.iter_raw())
+from helpers import CHAT, STREAMS, chat_body, openai_client, post, stream_raw, wait_for_status
 
 
 def try_stream(proxy, upstream, path: str, body: dict, headers: dict) -> bytes:
@@ -60,9 +42,13 @@ def test_stream_hit_is_byte_identical(shared_proxy, upstream, marker, path, make
 
 def test_openai_sdk_stream_replays_text_tool_calls_and_usage(shared_proxy, upstream, marker):
     client = openai_client(shared_proxy, upstream)
-    ask = dict(model="gpt-4o-mini", stream=True, stream_options={"include_usage": True},
-               messages=[{"role": "user", "content": f"weather {marker}"}],
-               tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    ask = dict(
+        model="gpt-4o-mini",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": f"weather {marker}"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    )
 
     def collect() -> tuple[set, str, list, object]:
         chunks = list(client.chat.completions.create(**ask))
@@ -89,8 +75,12 @@ def test_openai_sdk_text_stream(shared_proxy, upstream, marker):
 
 
 def test_anthropic_sdk_stream_replays_the_same_message(shared_proxy, upstream, marker):
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=upstream.url, max_retries=0,
-                                 http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url))
+    client = anthropic.Anthropic(
+        api_key="sk-ant-test",
+        base_url=upstream.url,
+        max_retries=0,
+        http_client=anthropic.DefaultHttpxClient(proxy=shared_proxy.url),
+    )
     ask = dict(model="claude-sonnet-4", max_tokens=64, messages=[{"role": "user", "content": f"tell {marker}"}])
 
     def collect(**extra):
@@ -147,7 +137,9 @@ def test_broken_streams_are_never_stored(shared_proxy, upstream, marker, protoco
 
 @pytest.mark.parametrize("scenario", ["keepalive", "crlf"])
 def test_keepalive_and_crlf_streams_are_stored(shared_proxy, upstream, marker, scenario):
-    _, recorded = stream_raw(shared_proxy, upstream, CHAT, chat_body(marker, stream=True), {"x-fake-scenario": scenario})
+    _, recorded = stream_raw(
+        shared_proxy, upstream, CHAT, chat_body(marker, stream=True), {"x-fake-scenario": scenario}
+    )
     assert (b": keepalive" in recorded) if scenario == "keepalive" else (b"\r\n\r\n" in recorded)
     hit = wait_for_status(shared_proxy, upstream, chat_body(marker, stream=True), "HIT")
     assert hit.content == recorded
@@ -239,8 +231,9 @@ def test_identical_requests_in_flight_reach_the_provider_once(start_proxy, upstr
     proxy = start_proxy(ai_cache_coalesce=coalesce)
     body = chat_body(marker, stream=True)
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: stream_raw(proxy, upstream, CHAT, body, {"x-fake-scenario": "slow"}),
-                                range(6)))
+        results = list(
+            pool.map(lambda _: stream_raw(proxy, upstream, CHAT, body, {"x-fake-scenario": "slow"}), range(6))
+        )
     assert upstream.count(marker) == upstream_calls
     statuses = sorted(r.headers["x-ai-cache-status"] for r, _ in results)
     if upstream_calls == 1:
@@ -249,3 +242,18 @@ def test_identical_requests_in_flight_reach_the_provider_once(start_proxy, upstr
         assert "waited for an identical request in flight" in proxy.logs()
     else:
         assert statuses == ["MISS"] * 6
+
+
+# Single flight does not work for "suspect" streams (every OpenAI Responses stream:
+#    its response objects carry `"error": null`). The leader lands before the suspect
+#    entry becomes visible, so every follower misses and goes upstream.
+def test_single_flight_holds_for_responses_streams(start_proxy, upstream, marker):
+    proxy = start_proxy(ai_cache_coalesce="60")
+    path, make, _ = STREAMS["openai-responses"]
+    body = make(marker)
+    with ThreadPoolExecutor(5) as pool:
+        results = list(
+            pool.map(lambda _: stream_raw(proxy, upstream, path, body, {"x-fake-scenario": "slow"}), range(5))
+        )
+    statuses = sorted(r.headers["x-ai-cache-status"] for r, _ in results)
+    assert upstream.count(marker) == 1, statuses

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ssl
 import json
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +14,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_upstream import FakeUpstream, make_tls_cert  # noqa: E402
+from fake_upstream import FakeUpstream, make_tls_cert
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
@@ -44,8 +44,9 @@ def test_openai_chat_json_and_fresh_ids(up: FakeUpstream, oai: openai.OpenAI) ->
 
 def test_openai_chat_stream_usage_and_tools(oai: openai.OpenAI) -> None:
     msgs = [{"role": "user", "content": [{"type": "text", "text": "one two three"}]}]
-    chunks = list(oai.chat.completions.create(
-        model="m", messages=msgs, stream=True, stream_options={"include_usage": True}))  # type: ignore[arg-type]
+    chunks = list(
+        oai.chat.completions.create(model="m", messages=msgs, stream=True, stream_options={"include_usage": True})
+    )  # type: ignore[arg-type]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: one two three"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     with oai.chat.completions.stream(model="m", messages=msgs, tools=TOOLS) as s:  # type: ignore[arg-type]
@@ -85,7 +86,7 @@ def test_gemini_sse_and_ollama_ndjson(up: FakeUpstream) -> None:
     body = {"contents": [{"role": "user", "parts": [{"text": "ciao mondo"}]}]}
     with httpx.stream("POST", up.url + "/v1beta/models/gemini-x:streamGenerateContent?alt=sse", json=body) as r:
         raw = r.read().decode()
-    events = [json.loads(f[len("data: "):]) for f in raw.split("\r\n\r\n") if f]
+    events = [json.loads(f[len("data: ") :]) for f in raw.split("\r\n\r\n") if f]
     assert "".join(e["candidates"][0]["content"]["parts"][0]["text"] for e in events) == "echo: ciao mondo"
     assert events[-1]["candidates"][0]["finishReason"] == "STOP" and "usageMetadata" in events[-1]
     chat = {"model": "llama", "messages": [{"role": "user", "content": "x y"}]}
@@ -134,6 +135,7 @@ def test_h2_upstream_ends_the_stream_in_a_later_empty_data_frame(tmp_path: Path)
 
     import h2.connection
     import h2.events
+
     from h2_upstream import H2Upstream
 
     cert, key = make_tls_cert(str(tmp_path))

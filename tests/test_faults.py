@@ -32,9 +32,7 @@ from ai_cache.l2 import RedisStore
 from ai_cache.protocols import BY_NAME
 from conftest import BIN, Proxy
 from fake_upstream import FakeUpstream, make_tls_cert
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_redis import wait_for_redis_key
-from test_e2e_streams import stream_raw
+from helpers import CHAT, chat_body, post, stream_raw, wait_for_redis_key, wait_for_status
 
 DELAY = 1.0  # seconds the fake provider thinks before answering, in the single-flight tests
 
@@ -83,11 +81,14 @@ def test_200_concurrent_misses_all_reach_redis_and_the_breaker_stays_closed(star
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(proxy=proxy.url, timeout=60, limits=limits) as client:
-            return await asyncio.gather(*(
-                client.post(upstream.url + CHAT, json=chat_body(f"{marker} {i}"),
-                            headers={"x-fake-scenario": "delay-300"})
-                for i in range(n)
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        upstream.url + CHAT, json=chat_body(f"{marker} {i}"), headers={"x-fake-scenario": "delay-300"}
+                    )
+                    for i in range(n)
+                )
+            )
 
     answers = asyncio.run(burst())
     assert [a.headers["x-ai-cache-status"] for a in answers] == ["MISS"] * n
@@ -112,7 +113,7 @@ async def test_calls_in_flight_when_the_breaker_opens_do_not_close_it(start_redi
         return [int(c.split("id=")[1].split()[0]) for c in clients if "cmd=blpop" in c]
 
     async def wait_blocked(n: int) -> list[int]:
-        while len(ids := await blocked_clients()) < n:
+        while len(ids := await blocked_clients()) < n:  # noqa: ASYNC110 (polls Redis, nothing to await)
             await asyncio.sleep(0.01)
         return ids
 
@@ -159,8 +160,9 @@ def namespace_problem() -> str | None:
     if not (shutil.which("unshare") and shutil.which("mount")):
         return "unshare or mount missing"
     with tempfile.TemporaryDirectory() as probe:
-        done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"], capture_output=True, text=True
+        )
     return f"cannot mount in a private mount namespace: {done.stderr.strip()}" if done.returncode else None
 
 
@@ -224,9 +226,12 @@ def test_a_read_only_cache_directory_still_answers(start_proxy, start_namespaced
     assert upstream.count(marker) == 3
     record.stop()
     assert record.logs().count("cannot write to cache directory") == 1
-    stats = subprocess.run(in_namespace(read_only(directory), [str(BIN / "ai-cache"), "--dir", directory,
-                                                                "stats", "--json"]),
-                           capture_output=True, text=True, timeout=60)
+    stats = subprocess.run(
+        in_namespace(read_only(directory), [str(BIN / "ai-cache"), "--dir", directory, "stats", "--json"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["entries"] == 1
 
@@ -236,10 +241,17 @@ def test_a_read_only_cache_directory_still_answers(start_proxy, start_namespaced
 #    with every lookup that still worked. A real full disk: a small tmpfs.
 def rows_in(proxy: Proxy, directory: str) -> int:
     """Entries in the proxy's cache database, read inside its mount namespace."""
-    count = ("import sqlite3, sys; print(sqlite3.connect(f'file:{sys.argv[1]}/cache.db?mode=ro', uri=True)"
-             ".execute('SELECT count(*) FROM Cache').fetchone()[0])")
-    done = subprocess.run(["nsenter", "-t", str(proxy.proc.pid), "-m", sys.executable, "-c", count, directory],
-                          capture_output=True, text=True, timeout=30, check=True)
+    count = (
+        "import sqlite3, sys; print(sqlite3.connect(f'file:{sys.argv[1]}/cache.db?mode=ro', uri=True)"
+        ".execute('SELECT count(*) FROM Cache').fetchone()[0])"
+    )
+    done = subprocess.run(
+        ["nsenter", "-t", str(proxy.proc.pid), "-m", sys.executable, "-c", count, directory],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return int(done.stdout)
 
 
@@ -294,8 +306,9 @@ def parent_proxy():
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_paced_replay_in_upstream_mode_never_reaches_the_parent_proxy(start_proxy, confdir, tmp_path, upstream,
-                                                                       marker, parent_proxy, scheme):
+def test_paced_replay_in_upstream_mode_never_reaches_the_parent_proxy(
+    start_proxy, confdir, tmp_path, upstream, marker, parent_proxy, scheme
+):
     provider, options, verify = upstream, {}, True
     if scheme == "https":  # through CONNECT, the flow mitmproxy forwards as a tunnel in upstream mode
         cert, key = make_tls_cert(str(tmp_path / "tls"))
@@ -316,8 +329,12 @@ def test_paced_replay_in_upstream_mode_never_reaches_the_parent_proxy(start_prox
             break
     recorder.stop()
     port, connections = parent_proxy
-    proxy = start_proxy(f"--mode=upstream:http://127.0.0.1:{port}", ai_cache_replay_speed="1",
-                        ai_cache_dir=recorder.options["ai_cache_dir"], **options)
+    proxy = start_proxy(
+        f"--mode=upstream:http://127.0.0.1:{port}",
+        ai_cache_replay_speed="1",
+        ai_cache_dir=recorder.options["ai_cache_dir"],
+        **options,
+    )
     answer, replayed = stream(proxy)
     assert (answer.status_code, answer.headers.get("x-ai-cache-status")) == (200, "HIT")
     assert replayed == recorded
@@ -329,8 +346,12 @@ def test_paced_replay_in_upstream_mode_never_reaches_the_parent_proxy(start_prox
 # 15. An upstream that compresses its stream although asked for `identity` had it passed
 #     through and never cached. The capture decodes what it records (bounded by
 #     ai_cache_max_body, whatever the compression ratio); a hit replays it uncompressed.
-DECODERS = {"gzip": lambda b: zlib.decompress(b, 31), "deflate": zlib.decompress,
-            "br": brotli.decompress, "zstd": lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b)}
+DECODERS = {
+    "gzip": lambda b: zlib.decompress(b, 31),
+    "deflate": zlib.decompress,
+    "br": brotli.decompress,
+    "zstd": lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b),
+}
 
 
 @pytest.mark.parametrize("encoding", DECODERS)

@@ -22,9 +22,18 @@ from ai_cache.keys import canonical_json
 from ai_cache.l1 import DiskStore
 from ai_cache.l2 import COMPRESSED, RedisStore
 from conftest import Proxy, RedisServer
-from test_cli import cache_dir, cli, fill, key_of, sample_entries, stored  # noqa: F401 (fixtures)
-from test_e2e_core import CHAT, chat_body, post, wait_for_status
-from test_e2e_redis import redis_key, wait_for_redis_key
+from helpers import (
+    CHAT,
+    chat_body,
+    fill,
+    key_of,
+    post,
+    redis_key,
+    sample_entries,
+    stored,
+    wait_for_redis_key,
+    wait_for_status,
+)
 
 SECRET = "SECRETVALUE"
 
@@ -38,13 +47,24 @@ def deep(levels: int) -> str:
 # nesting deeper than 64, text that is not Unicode. Such bodies pass through as BYPASS.
 def call(before: str = "", inside: str = "", prefix: str = "", after: str = "") -> str:
     """A chat call for "hello MARKER", raw, with text spliced in around its fields."""
-    return ('{"model":"gpt-4o-mini",' + before + '"messages":[{"role":"user",' + inside
-            + '"content":"' + prefix + 'hello MARKER"}]' + after + "}")
+    return (
+        '{"model":"gpt-4o-mini",'
+        + before
+        + '"messages":[{"role":"user",'
+        + inside
+        + '"content":"'
+        + prefix
+        + 'hello MARKER"}]'
+        + after
+        + "}"
+    )
 
 
 ODD_BODIES = {
-    "duplicate key": (call(before='"messages":[{"role":"user","content":"ATTACKER TEXT"}],'),
-                      "duplicate key 'messages'"),
+    "duplicate key": (
+        call(before='"messages":[{"role":"user","content":"ATTACKER TEXT"}],'),
+        "duplicate key 'messages'",
+    ),
     "nested duplicate": (call(inside='"content":"ATTACKER TEXT",'), "duplicate key 'content'"),
     "NaN": (call(after=',"temperature":NaN'), "NaN in the body"),
     "Infinity": (call(after=',"top_p":Infinity'), "Infinity in the body"),
@@ -78,8 +98,9 @@ def test_bodies_nested_up_to_the_limit_are_cached(shared_proxy, upstream, marker
 def test_scope_header_that_is_not_utf8_is_keyed(start_proxy, upstream, marker):
     proxy = start_proxy(ai_cache_scope_headers="authorization")
     headers = {"authorization": b"Bearer \xff\xfe-tenant"}
-    statuses = [post(proxy, upstream, CHAT, chat_body(marker), headers).headers.get("x-ai-cache-status")
-                for _ in range(2)]
+    statuses = [
+        post(proxy, upstream, CHAT, chat_body(marker), headers).headers.get("x-ai-cache-status") for _ in range(2)
+    ]
     assert statuses == ["MISS", "HIT"]
 
 
@@ -100,7 +121,7 @@ def test_undecodable_l1_entry_is_a_miss_and_is_replaced(shared_proxy, upstream, 
     assert "Addon error" not in proxy.logs()
 
 
-def test_export_survives_an_entry_that_cannot_be_exported(cli, tmp_path, caplog):  # noqa: F811
+def test_export_survives_an_entry_that_cannot_be_exported(cli, tmp_path, caplog):
     bad = replace(sample_entries()[0], key=key_of("deep"), meta={"request": {"body": json.loads(deep(500))}})
     cache_dir = fill(tmp_path / "cache", [*sample_entries(), bad])
     code, out, _ = cli("--dir", cache_dir, "export", tmp_path / "out")
@@ -126,16 +147,25 @@ BAD_FIXTURES = {
 }
 
 
-def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_path):  # noqa: F811
+def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_path):
     fixtures = tmp_path / "fixtures"
     cli("--dir", cache_dir, "export", fixtures)
     template = json.loads(next(fixtures.glob("anthropic-*.json")).read_text())
     for name, (make, _) in BAD_FIXTURES.items():
         document = make({**template, "key": key_of(name)})
         (fixtures / name).write_text(document if isinstance(document, str) else json.dumps(document))
-    framed = {**template, "key": key_of("framed"), "headers": [
-        ["content-type", "text/event-stream"], ["transfer-encoding", "chunked"], ["content-length", "5"],
-        ["connection", "keep-alive"], ["set-cookie", "a=b"], ["x-request-id", "kept"]]}
+    framed = {
+        **template,
+        "key": key_of("framed"),
+        "headers": [
+            ["content-type", "text/event-stream"],
+            ["transfer-encoding", "chunked"],
+            ["content-length", "5"],
+            ["connection", "keep-alive"],
+            ["set-cookie", "a=b"],
+            ["x-request-id", "kept"],
+        ],
+    }
     (fixtures / "framed.json").write_text(json.dumps(framed))
 
     code, out, err = cli("--dir", tmp_path / "copy", "import", fixtures)
@@ -155,16 +185,31 @@ def test_import_rejects_hostile_files_and_imports_the_rest(cli, cache_dir, tmp_p
 def replay_proxy(tmp_path_factory, confdir):
     workdir = tmp_path_factory.mktemp("replay")
     server = RedisServer(workdir).start()
-    proxy = Proxy(workdir, confdir, {"ai_cache_dir": str(workdir / "cache"), "ai_cache_mode": "replay",
-                                     "ai_cache_replay_speed": "1", "ai_cache_redis_url": server.url}, []).start()
+    proxy = Proxy(
+        workdir,
+        confdir,
+        {
+            "ai_cache_dir": str(workdir / "cache"),
+            "ai_cache_mode": "replay",
+            "ai_cache_replay_speed": "1",
+            "ai_cache_redis_url": server.url,
+        },
+        [],
+    ).start()
     yield proxy, server
     proxy.stop()
     server.stop()
 
 
 SSE = b'data: {"choices":[{"delta":{"content":"planted"}}]}\n\ndata: [DONE]\n\n'
-PLANTED = Entry("0" * 64, "sse", SSE, [("content-type", "text/event-stream")],
-                chunks=[(0.0, 20), (0.05, len(SSE) - 20)], meta={"protocol": "openai-chat"})
+PLANTED = Entry(
+    "0" * 64,
+    "sse",
+    SSE,
+    [("content-type", "text/event-stream")],
+    chunks=[(0.0, 20), (0.05, len(SSE) - 20)],
+    meta={"protocol": "openai-chat"},
+)
 HOSTILE_ENTRIES = {
     "header injection": dict(headers=[("x-evil", "a\r\nset-cookie: pwned=1")]),
     "header name": dict(headers=[("bad name", "v")]),
@@ -229,8 +274,15 @@ def test_corrupt_stored_entries_are_misses_and_dropped(replay_proxy, upstream, m
 def test_framing_headers_of_stored_entries_are_dropped(replay_proxy, upstream, marker, layer):
     proxy, server = replay_proxy
     key = replay_request(proxy, upstream, marker).headers["x-ai-cache-key"]
-    headers = [("content-type", "text/event-stream"), ("transfer-encoding", "chunked"), ("content-length", "7"),
-               ("connection", "upgrade"), ("upgrade", "h2c"), ("set-cookie", "a=b"), ("x-request-id", "kept")]
+    headers = [
+        ("content-type", "text/event-stream"),
+        ("transfer-encoding", "chunked"),
+        ("content-length", "7"),
+        ("connection", "upgrade"),
+        ("upgrade", "h2c"),
+        ("set-cookie", "a=b"),
+        ("x-request-id", "kept"),
+    ]
     plant(layer, proxy, server, key, replace(PLANTED, key=key, headers=headers).to_bytes())
     answer = replay_request(proxy, upstream, marker)  # paced (ai_cache_replay_speed=1)
     assert (answer.status_code, answer.headers["x-ai-cache-status"], answer.content) == (200, "HIT", SSE)
@@ -254,13 +306,21 @@ def test_corrupt_value_file_is_a_miss_and_is_replaced(start_proxy, upstream, mar
 
 # 11. Credential query parameters beyond the old fixed list, and the user's own
 #     (ai_cache_secret_params), never reach a store, an export, `ls --json` or a log line.
-def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli,  # noqa: F811
-                                                    tmp_path):
+def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli, tmp_path):
     server = start_redis()
-    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_secret_params="X-Tenant-Pass, other",
-                        flow_detail="0")
-    names = ["subscription-key", "Code", "sig", "access-token", "Password", "client_secret", "signature",
-             "token", "secret", "x-tenant-pass"]
+    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_secret_params="X-Tenant-Pass, other", flow_detail="0")
+    names = [
+        "subscription-key",
+        "Code",
+        "sig",
+        "access-token",
+        "Password",
+        "client_secret",
+        "signature",
+        "token",
+        "secret",
+        "x-tenant-pass",
+    ]
 
     def query(n: int) -> str:
         return "?api-version=1&" + "&".join(f"{name}={SECRET}{n}{i}" for i, name in enumerate(names))
@@ -281,15 +341,18 @@ def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, up
     exported = "".join("".join(p.read_text().split()) for p in (tmp_path / "export").iterdir())
     assert '["api-version","1"]' in exported and '["api-version","2"]' in exported  # the rest stays
     files = [p for p in [*cache_dir.rglob("*"), *(tmp_path / "export").iterdir()] if p.is_file()]
-    places = {"ls --json": listed.encode(), "logs": proxy.logs().encode(),
-              "redis": b"".join(client.get(k) or b"" for k in client.keys("*")),
-              **{str(p): p.read_bytes() for p in files}}
+    places = {
+        "ls --json": listed.encode(),
+        "logs": proxy.logs().encode(),
+        "redis": b"".join(client.get(k) or b"" for k in client.keys("*")),
+        **{str(p): p.read_bytes() for p in files},
+    }
     assert {place for place, data in places.items() if SECRET.encode() in data} == set()
 
 
 # 2. Entries are bounded: a large request keeps a preview and a hash, the whole encoded
 #    value stays within ai_cache_max_body, and Redis compression follows the encoded size.
-def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, marker, cli):  # noqa: F811
+def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, marker, cli):
     proxy = shared_proxy
     body = chat_body(marker)
     body["messages"].insert(0, {"role": "system", "content": "lorem ipsum " * 100_000})  # 1.2 MB
@@ -326,8 +389,13 @@ def test_entries_larger_than_max_body_are_not_stored(start_proxy, upstream, mark
 async def test_redis_compression_follows_the_encoded_size(start_redis):
     server = start_redis()
     store = RedisStore(server.url, 5.0, "t:")
-    small_answer = Entry(key_of("big request"), "json", b'{"ok": true}', [],
-                         meta={"request": {"body": {"prompt": "lorem ipsum " * 10_000}}})
+    small_answer = Entry(
+        key_of("big request"),
+        "json",
+        b'{"ok": true}',
+        [],
+        meta={"request": {"body": {"prompt": "lorem ipsum " * 10_000}}},
+    )
     assert len(small_answer.body) < 64 and len(small_answer.to_bytes()) > 100_000
     await store.put(small_answer, None)
     value = redis.Redis(port=server.port).get("t:" + small_answer.key)
@@ -338,7 +406,7 @@ async def test_redis_compression_follows_the_encoded_size(start_redis):
 
 # 12. Export writes new files and renames them: a symlink planted under a fixture's name
 #     is replaced, its target left alone.
-def test_export_does_not_write_through_symlinks(cli, cache_dir, tmp_path):  # noqa: F811
+def test_export_does_not_write_through_symlinks(cli, cache_dir, tmp_path):
     out = tmp_path / "out"
     cli("--dir", cache_dir, "export", out)
     names = sorted(p.name for p in out.iterdir())

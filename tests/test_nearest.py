@@ -15,19 +15,31 @@ HOST, PATH = "api.openai.com", "/v1/chat/completions"
 
 
 def described(body: dict, host: str = HOST, path: str = PATH, **headers: str) -> dict:
-    return {"method": "POST", "scheme": "https", "host": host, "path": path, "query": [],
-            "headers": headers, "body": body}
+    return {
+        "method": "POST",
+        "scheme": "https",
+        "host": host,
+        "path": path,
+        "query": [],
+        "headers": headers,
+        "body": body,
+    }
 
 
 def chat(*contents: str, model: str = "gpt-4o", **extra) -> dict:
     roles = ["system", "user", "assistant", "user"]
-    return {"model": model, "messages": [{"role": roles[i % 4], "content": c} for i, c in enumerate(contents)],
-            **extra}
+    return {"model": model, "messages": [{"role": roles[i % 4], "content": c} for i, c in enumerate(contents)], **extra}
 
 
 def recording(key_digit: str, request: dict, created_at: float = 1_700_000_000.0, body: bytes = b"{}") -> Entry:
-    return Entry(key_digit * 64, "json", body, [], created_at=created_at,
-                 meta={"model": request["body"].get("model", ""), "request": request})
+    return Entry(
+        key_digit * 64,
+        "json",
+        body,
+        [],
+        created_at=created_at,
+        meta={"model": request["body"].get("model", ""), "request": request},
+    )
 
 
 @pytest.fixture
@@ -114,9 +126,13 @@ async def test_explain_miss_reads_off_the_event_loop(store):
     explanation = await explain_miss(store, described(chat("sys", "hello!")), "gpt-4o", KeyPolicy())
     assert readers and readers[0] != threading.main_thread().name
     assert explanation.prompt == "hello!"
-    assert explanation.as_json() == {"prompt": "hello!", "nearest": {"key": "a" * 64, "differs_at": "messages[1].content"}}
+    assert explanation.as_json() == {
+        "prompt": "hello!",
+        "nearest": {"key": "a" * 64, "differs_at": "messages[1].content"},
+    }
     assert "nearest recording aaaaaaaaaaaa (same model, host and path) differs at messages[1].content" in (
-        explanation.sentence())
+        explanation.sentence()
+    )
 
 
 async def test_explain_miss_without_a_store_or_a_candidate():

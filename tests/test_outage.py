@@ -20,5 +20,7 @@ def test_one_warning_when_it_starts_and_one_after_a_quiet_spell(caplog, monkeypa
     outage.worked()
     outage.failed("store failed")  # a new outage is reported again
     assert [r.getMessage() for r in caplog.records] == [
-        "store failed", "store works again (100 calls failed meanwhile)", "store failed",
+        "store failed",
+        "store works again (100 calls failed meanwhile)",
+        "store failed",
     ]

@@ -11,13 +11,18 @@ from ai_cache.report import SUMMARY, Tally, show_connection_lines
 
 def test_summary_counts_calls_and_groups_not_stored_reasons():
     tally = Tally(hits=2, misses=5, bypasses=1, stored=1, tokens_saved=1, bytes_served=2048)
-    for why in ("upstream answered 500", 'error event in stream: {"error": {"message": "overloaded"}}',
-                "upstream answered 500", "larger than ai_cache_max_body (1024 bytes)"):
+    for why in (
+        "upstream answered 500",
+        'error event in stream: {"error": {"message": "overloaded"}}',
+        "upstream answered 500",
+        "larger than ai_cache_max_body (1024 bytes)",
+    ):
         tally.not_storing(why)
     line = f"ai-cache: {tally.summary()}"
     assert line == (
         "ai-cache: 8 LLM calls: 2 hits, 5 misses, 1 bypass; 1 stored, 4 not stored (upstream answered 500: 2, "
-        "error event in stream: 1, larger than ai_cache_max_body: 1); served from cache 2.0 KiB and 1 token")
+        "error event in stream: 1, larger than ai_cache_max_body: 1); served from cache 2.0 KiB and 1 token"
+    )
     assert SUMMARY.fullmatch(line).group(1) == "8"  # what with-ai-cache reads
 
 
@@ -33,10 +38,14 @@ def test_connection_lines_are_dropped_and_everything_else_kept(server_log):
     log = logging.getLogger("mitmproxy.proxy.server")
     show_connection_lines(False)
     show_connection_lines(False)  # idempotent, as configure runs on every option change
-    for message in ("client connect", "server connect api.openai.com:443 (1.2.3.4:443)",
-                    "server disconnect api.openai.com:443 (1.2.3.4:443)", "client disconnect",
-                    "error establishing server connection: [Errno 111] Connection refused",
-                    "server connection to api.openai.com:443 killed before connect: x"):
+    for message in (
+        "client connect",
+        "server connect api.openai.com:443 (1.2.3.4:443)",
+        "server disconnect api.openai.com:443 (1.2.3.4:443)",
+        "client disconnect",
+        "error establishing server connection: [Errno 111] Connection refused",
+        "server connection to api.openai.com:443 killed before connect: x",
+    ):
         log.info(message)
     log.warning("client connect")  # never hides a warning
     show_connection_lines(True)

@@ -38,7 +38,8 @@ async def test_an_expired_entry_is_found_with_why_and_kept_on_disk(cache):
 async def test_the_clients_max_age_still_applies_in_replay_mode(cache):
     cache.l1.put_sync(aged(2, "b"), None)
     assert (await cache.find("b" * 64, max_age=DAY, any_age=True)).stale.startswith(
-        "older than the client's max-age (age 2d, max-age 1d)")
+        "older than the client's max-age (age 2d, max-age 1d)"
+    )
     assert (await cache.find("b" * 64, max_age=3 * DAY)).stale == ""
 
 

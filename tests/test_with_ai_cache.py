@@ -22,7 +22,8 @@ SCRIPT = str(ROOT / "scripts" / "with-ai-cache")
 NODE_SDKS = ROOT / "tests" / "node" / "node_modules"
 PROGRAM = """
 import httpx, sys
-answer = httpx.post(sys.argv[1] + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": sys.argv[2]}]})
+body = {"model": "m", "messages": [{"role": "user", "content": sys.argv[2]}]}
+answer = httpx.post(sys.argv[1] + "/v1/chat/completions", json=body)
 print(answer.headers.get("x-ai-cache-status"), answer.json()["id"])
 sys.exit(3)
 """
@@ -79,8 +80,14 @@ def test_node_fetch_goes_through_the_proxy_over_https(run, tmp_path, confdir, ma
     cert, key = make_tls_cert(str(tmp_path / "tls"))
     program = tmp_path / "app.mjs"
     program.write_text(NODE_PROGRAM)
-    common = ["--dir", str(tmp_path / "cache"), "--confdir", str(confdir),
-              "--set", f"ssl_verify_upstream_trusted_ca={cert}"]
+    common = [
+        "--dir",
+        str(tmp_path / "cache"),
+        "--confdir",
+        str(confdir),
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={cert}",
+    ]
     with FakeUpstream(tls=(cert, key)) as upstream:  # trusted by Node through NODE_EXTRA_CA_CERTS only
         recorded = run(*common, "--", "node", str(program), upstream.url, marker)
         assert recorded.returncode == 0, recorded.stderr
@@ -94,13 +101,28 @@ def test_node_fetch_goes_through_the_proxy_over_https(run, tmp_path, confdir, ma
 
 
 @pytest.mark.skipif(not (NODE_SDKS / "openai").is_dir(), reason="no tests/node/node_modules (make node-deps)")
-def test_the_official_openai_node_sdk_goes_through_the_proxy_with_no_proxy_code(run, tmp_path, confdir, upstream,
-                                                                                  marker):
+def test_the_official_openai_node_sdk_goes_through_the_proxy_with_no_proxy_code(
+    run, tmp_path, confdir, upstream, marker
+):
     """`with-ai-cache -- node app.js` for an app that just does `new OpenAI()`."""
-    job = {"sdk": "openai", "call": "chat-stream", "baseURL": upstream.url + "/v1", "prompt": marker,
-           "model": "gpt-4o-mini", "headers": {}}
-    ran = run("--dir", str(tmp_path / "cache"), "--confdir", str(confdir),
-              "--", "node", str(NODE_SDKS.parent / "driver.mjs"), json.dumps(job))
+    job = {
+        "sdk": "openai",
+        "call": "chat-stream",
+        "baseURL": upstream.url + "/v1",
+        "prompt": marker,
+        "model": "gpt-4o-mini",
+        "headers": {},
+    }
+    ran = run(
+        "--dir",
+        str(tmp_path / "cache"),
+        "--confdir",
+        str(confdir),
+        "--",
+        "node",
+        str(NODE_SDKS.parent / "driver.mjs"),
+        json.dumps(job),
+    )
     assert ran.returncode == 0, ran.stderr
     calls = json.loads(ran.stdout)
     assert (calls["miss"]["status"], calls["hit"]["status"]) == ("MISS", "HIT")
@@ -122,24 +144,54 @@ for n, scenario, stream in ((1, "status-500", False), (2, "status-500", False), 
     httpx.post(sys.argv[1] + "/v1/chat/completions", headers={"x-fake-scenario": scenario},
                json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": f"{sys.argv[2]} {n}"}]})
 """
-    ran = run("--dir", str(tmp_path / "c"), "--confdir", str(confdir),
-              "--", sys.executable, "-c", program, upstream.url, marker)
+    ran = run(
+        "--dir",
+        str(tmp_path / "c"),
+        "--confdir",
+        str(confdir),
+        "--",
+        sys.executable,
+        "-c",
+        program,
+        upstream.url,
+        marker,
+    )
     assert ran.returncode == 0, ran.stderr
     assert summary(ran.stderr).startswith(
         "ai-cache: 3 LLM calls: 0 hits, 3 misses; 0 stored, 3 not stored "
-        "(upstream answered 500: 2, stream ended without its terminal event: 1);")
+        "(upstream answered 500: 2, stream ended without its terminal event: 1);"
+    )
 
 
 def test_the_proxy_log_has_one_line_per_llm_call(run, tmp_path, confdir, upstream, marker):
     log = tmp_path / "proxy.log"
-    calls = "; ".join(f"httpx.post(sys.argv[1] + '/v1/chat/completions', json={{'model': 'm', "
-                      f"'messages': [{{'role': 'user', 'content': sys.argv[2] + '{n}'}}]}})" for n in (1, 2, 1))
-    ran = run("--dir", str(tmp_path / "c"), "--confdir", str(confdir), "--log", str(log),
-              "--", sys.executable, "-c", f"import httpx, sys; {calls}", upstream.url, marker)
+    calls = "; ".join(
+        f"httpx.post(sys.argv[1] + '/v1/chat/completions', json={{'model': 'm', "
+        f"'messages': [{{'role': 'user', 'content': sys.argv[2] + '{n}'}}]}})"
+        for n in (1, 2, 1)
+    )
+    ran = run(
+        "--dir",
+        str(tmp_path / "c"),
+        "--confdir",
+        str(confdir),
+        "--log",
+        str(log),
+        "--",
+        sys.executable,
+        "-c",
+        f"import httpx, sys; {calls}",
+        upstream.url,
+        marker,
+    )
     assert ran.returncode == 0, ran.stderr
     lines = log.read_text().splitlines()
     assert [line.split("] ", 1)[1].split()[:2] for line in lines if " ai-cache: " in line][1:] == [
-        ["ai-cache:", "MISS"], ["ai-cache:", "MISS"], ["ai-cache:", "HIT"], ["ai-cache:", "3"]]
+        ["ai-cache:", "MISS"],
+        ["ai-cache:", "MISS"],
+        ["ai-cache:", "HIT"],
+        ["ai-cache:", "3"],
+    ]
     assert not [line for line in lines if re.search(r"(client|server) (connect|disconnect)", line)], lines
     assert len(lines) == 7  # + "Loading script", the options line and "proxy listening"
 

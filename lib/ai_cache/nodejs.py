@@ -37,8 +37,7 @@ def node_environment(directory: Path, environ: dict[str, str]) -> dict[str, str]
     options = environ.get("NODE_OPTIONS", "")
     if require not in options:
         options = f"{options} {require}".strip()
-    return {"NODE_USE_ENV_PROXY": "1", "NODE_OPTIONS": options,
-            "AI_CACHE_UNDICI": str(undici_path(directory))}
+    return {"NODE_USE_ENV_PROXY": "1", "NODE_OPTIONS": options, "AI_CACHE_UNDICI": str(undici_path(directory))}
 
 
 def needs_undici() -> bool:
@@ -49,7 +48,10 @@ def needs_undici() -> bool:
     try:
         answer = subprocess.run(
             [node, "-p", f"require({json.dumps(str(PRELOAD))}).nativeEnvProxy"],
-            capture_output=True, text=True, timeout=30, env={"PATH": os.environ.get("PATH", "")},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": os.environ.get("PATH", "")},
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -78,9 +80,20 @@ def ensure_undici(directory: Path) -> str | None:
             return None
         try:
             done = subprocess.run(
-                [npm, "install", "--prefix", str(directory), "--no-audit", "--no-fund",
-                 "--loglevel=error", f"undici@{UNDICI_VERSION}"],
-                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                [
+                    npm,
+                    "install",
+                    "--prefix",
+                    str(directory),
+                    "--no-audit",
+                    "--no-fund",
+                    "--loglevel=error",
+                    f"undici@{UNDICI_VERSION}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                stdin=subprocess.DEVNULL,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"npm failed: {e}"

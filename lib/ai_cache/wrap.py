@@ -12,28 +12,25 @@ import argparse
 import os
 import re
 import shlex
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from . import ADDON_PATH
-from .nodejs import (UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory,
-                     node_environment)
+from .launch import free_port, mitmdump_command, port_is_free, stop, wait_for_port
+from .nodejs import UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory, node_environment
 from .options import MODES
 from .report import SUMMARY
 
-# mitmproxy's mitmdump entry point, run by this interpreter: it has mitmproxy and this
-# package, wherever the installer put the console scripts (a venv, ~/.local/bin, pipx).
-MITMDUMP = [sys.executable, "-c", "import sys; from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())"]
 CA_BUNDLE = "ai-cache-ca-bundle.pem"
 # Where distributions keep their trust store, for Pythons built with another default.
-SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
-                  "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem")
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+)
 
 
 def proxy_environment(port: int, confdir: Path, environ: dict[str, str]) -> dict[str, str]:
@@ -45,8 +42,13 @@ def proxy_environment(port: int, confdir: Path, environ: dict[str, str]) -> dict
     proxy = f"http://127.0.0.1:{port}"
     bundle = str(confdir / CA_BUNDLE)
     return {
-        "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
-        "SSL_CERT_FILE": bundle, "REQUESTS_CA_BUNDLE": bundle, "CURL_CA_BUNDLE": bundle,
+        "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy,
+        "https_proxy": proxy,
+        "http_proxy": proxy,
+        "SSL_CERT_FILE": bundle,
+        "REQUESTS_CA_BUNDLE": bundle,
+        "CURL_CA_BUNDLE": bundle,
         "NODE_EXTRA_CA_CERTS": str(confdir / "mitmproxy-ca-cert.pem"),
         **node_environment(node_directory(), environ),
     }
@@ -84,46 +86,17 @@ def prepare_node() -> None:
     directory = node_directory()
     if installed_version(directory) == UNDICI_VERSION or not needs_undici():
         return
-    warn(f"installing undici {UNDICI_VERSION} into {directory} (once) so that this Node.js's "
-         "fetch uses the proxy")
+    warn(f"installing undici {UNDICI_VERSION} into {directory} (once) so that this Node.js's fetch uses the proxy")
     problem = ensure_undici(directory)
     if problem:
-        warn(f"cannot install undici {UNDICI_VERSION} into {directory} ({problem}): the fetch of "
-             "this Node.js (< 22.21, or 23) goes around the proxy unless the project has undici")
+        warn(
+            f"cannot install undici {UNDICI_VERSION} into {directory} ({problem}): the fetch of "
+            "this Node.js (< 22.21, or 23) goes around the proxy unless the project has undici"
+        )
 
 
 def warn(message: str) -> None:
     print(f"with-ai-cache: {message}", file=sys.stderr)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_for_port(port: int, alive: Callable[[], bool] = lambda: True, timeout: float = 30.0) -> None:
-    """Return once something listens on 127.0.0.1:port; RuntimeError when `alive()` turns
-    False (the process exited) or nothing listens within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("the process exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f}s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,10 +111,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="proxy port (default: a free one; 8080 with --env)")
     parser.add_argument("--confdir", default="~/.mitmproxy", help="mitmproxy's directory holding its CA")
     parser.add_argument("--log", help="write the proxy's output here (default: a temporary file)")
-    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                        help="any other mitmproxy or ai_cache_* option, once each")
-    parser.add_argument("--env", action="store_true",
-                        help="print export lines for a proxy already running on --port, and exit")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="any other mitmproxy or ai_cache_* option, once each",
+    )
+    parser.add_argument(
+        "--env", action="store_true", help="print export lines for a proxy already running on --port, and exit"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -166,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         warn(f"port {port} is in use; choose another --port or leave it out")
         return 1
     prepare_node()
-    options = {"ai_cache_mode": args.mode, "confdir": str(confdir), "flow_detail": "0",
-               "ai_cache_connection_log": "false"}
+    options = {
+        "ai_cache_mode": args.mode,
+        "confdir": str(confdir),
+        "flow_detail": "0",
+        "ai_cache_connection_log": "false",
+    }
     if args.dir:
         options["ai_cache_dir"] = str(Path(args.dir).resolve())
     if args.redis_url:
@@ -175,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         options[name] = value
-    command = [*MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(ADDON_PATH)]
-    for name, value in options.items():
-        command += ["--set", f"{name}={value}"]
+    command = mitmdump_command(port, options)
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ai-cache-", suffix=".log")[1])
     with open(log_path, "ab") as log:
         proxy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -198,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 warn(f"command not found: {args.command[0]}")
                 return 127
         finally:
-            proxy.terminate()
-            try:
-                proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
+            stop(proxy)
     found = list(SUMMARY.finditer(log_path.read_text(errors="replace")))
     report(found[-1] if found else None, log_path)
     if status != 0:
@@ -219,8 +196,10 @@ def report(summary: re.Match[str] | None, log_path: Path) -> None:
         return
     print(summary.group(0), file=sys.stderr)
     if int(summary.group(1)) == 0:
-        warn("no LLM call went through the proxy. If the command made any, it ignores "
-             "HTTPS_PROXY (see the README on Node.js) or called a host outside ai_cache_hosts.")
+        warn(
+            "no LLM call went through the proxy. If the command made any, it ignores "
+            "HTTPS_PROXY (see the README on Node.js) or called a host outside ai_cache_hosts."
+        )
 
 
 if __name__ == "__main__":
