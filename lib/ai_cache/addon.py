@@ -29,7 +29,6 @@ from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_option
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers, send_to_replay_server
 from .report import Tally, flow_line, human_size, show_connection_lines, store_outcome
-from .summary import prompt_preview, token_usage
 from .tiers import NotStorable, TieredCache, Written
 
 logger = logging.getLogger(__name__)
@@ -41,8 +40,9 @@ RECORDING = ("MISS", "REFRESH")  # statuses whose answer comes from upstream and
 def summarise(entry: Entry) -> None:
     """Metadata for humans and the CLI, and the request copy kept; parses the answer (a
     stream only at its edges), so it runs in the write's worker thread."""
-    entry.meta["usage"] = token_usage(entry.body, entry.format)
-    entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
+    protocol = BY_NAME[entry.meta["protocol"]]
+    entry.meta["usage"] = protocol.usage(entry.body, entry.format)
+    entry.meta["preview"] = protocol.preview(entry.meta["request"]["body"])
     entry.meta["request"] = stored_request(entry.meta["request"])
 
 
