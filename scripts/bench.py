@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
-from ai_cache.l1 import DiskStore  # noqa: E402
+from ai_cache.disk import DiskStore  # noqa: E402
 from ai_cache.wrap import free_port, wait_for_port  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -12,7 +12,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from ai_cache.addon import AICache
 from ai_cache.keys import KeyPolicy, cacheable_request, header_map
-from ai_cache.l2 import CircuitBreaker, redact
+from ai_cache.redis_store import CircuitBreaker, redact
 from ai_cache.options import misset_options, parse_duration, parse_size
 from ai_cache.protocols import recognise
 
@@ -67,7 +67,7 @@ async def test_miss_is_stored_and_the_next_request_is_answered_from_disk(addon):
     assert second.metadata["ai_cache"]["status"] == "HIT"
     assert json.loads(second.response.content) == ANSWER
     assert second.response.headers["X-AI-Cache-Layer"] == "l1"
-    stored = addon.cache.l1.get_sync(first.metadata["ai_cache"]["key"])
+    stored = addon.cache.disk.get_sync(first.metadata["ai_cache"]["key"])
     assert stored.meta["usage"] == {"input": 3, "output": 4}
     assert "sk-1" not in json.dumps(stored.header_dict())
     # Per-flow state stays plain data: flows can still be saved with -w.
@@ -96,7 +96,7 @@ async def test_error_answers_and_failed_flows_are_not_stored(addon):
         upstream_answers(addon, flow, status=status)
         await addon.response(flow)
     await addon.cache.drain()
-    assert list(addon.cache.l1.keys()) == []
+    assert list(addon.cache.disk.keys_sync()) == []
 
 
 BAD_VALUES = [
@@ -125,7 +125,7 @@ def test_a_bad_option_while_running_is_rolled_back(tmp_path, option, value):
         with pytest.raises(exceptions.OptionsError, match=option):
             tctx.configure(addon, **{option: value})
         assert addon.settings == settings and getattr(tctx.options, option) != value
-        addon.cache.l1.close()
+        addon.cache.disk.close_sync()
 
 
 def test_misspelt_and_repeated_options_are_named():
@@ -178,7 +178,7 @@ def test_keys_ignore_credentials_but_not_answer_headers():
 
 def test_breaker_opens_once_backs_off_and_closes(caplog, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("ai_cache.l2.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("ai_cache.redis_store.time.monotonic", lambda: clock[0])
     breaker = CircuitBreaker("Redis", base=1, cap=4)
     assert breaker.allow()
     breaker.failure(TimeoutError(), probe=False)
@@ -259,7 +259,7 @@ async def test_a_stream_that_ended_in_error_is_judged_by_its_capture(addon, fram
     flow.error = Error("Client disconnected.")
     addon.error(flow)
     await addon.cache.drain()
-    entry = addon.cache.l1.get_sync(flow.metadata["ai_cache"]["key"])
+    entry = addon.cache.disk.get_sync(flow.metadata["ai_cache"]["key"])
     assert (entry is not None) == stored
     if stored:
         assert entry.body == b"".join(frames)

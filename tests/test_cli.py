@@ -15,7 +15,7 @@ import pytest
 
 from ai_cache.cli import main
 from ai_cache.entry import Entry
-from ai_cache.l1 import DiskStore
+from ai_cache.disk import DiskStore
 
 NOW = time.time()
 SSE_CHUNKS = [
@@ -78,16 +78,16 @@ def fill(directory: Path, entries: list[Entry]) -> Path:
     store = DiskStore(directory)
     for entry in entries:
         assert store.put_sync(entry, None)
-    store.close()
+    store.close_sync()
     return directory
 
 
 def stored(directory: Path) -> dict[str, Entry]:
     store = DiskStore(directory)
     try:
-        return {key: store.get_sync(key) for key in store.keys()}
+        return {key: store.get_sync(key) for key in store.keys_sync()}
     finally:
-        store.close()
+        store.close_sync()
 
 
 @pytest.fixture

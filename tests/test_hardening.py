@@ -13,8 +13,8 @@ from mitmproxy.test import taddons
 
 from ai_cache.addon import AICache
 from ai_cache.capture import StreamCapture
-from ai_cache.l1 import DiskStore
-from ai_cache.l2 import redact
+from ai_cache.disk import DiskStore
+from ai_cache.redis_store import redact
 from ai_cache.protocols import BY_NAME
 from test_addon_unit import answered, chat_flow, upstream_answers
 from test_e2e_streams import STREAMS, stream_raw
@@ -84,7 +84,7 @@ def test_cli_delete_fails_loudly_when_the_store_cannot_delete(tmp_path, monkeypa
     store = DiskStore(directory)
     key = "ab" * 32
     assert store.put_sync(Entry(key, "json", b"{}", []), None)
-    store.close()
+    store.close_sync()
 
     def locked(self, *args, **kwargs):
         raise sqlite3.OperationalError("database is locked")
@@ -127,7 +127,7 @@ async def test_a_response_from_another_addon_is_not_recorded(tmp_path):
         addon.responseheaders(flow)  # mitmproxy emulates responseheaders for it
         await addon.response(flow)
         await addon.cache.drain()
-        stored = list(addon.cache.l1.keys())
+        stored = list(addon.cache.disk.keys_sync())
         await addon.cache.close()
         assert stored == []
 

@@ -11,7 +11,6 @@ import fnmatch
 import functools
 import json
 import logging
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -22,14 +21,13 @@ from .controls import Controls, take_controls
 from .entry import Entry, replayable_headers
 from .flights import InFlight
 from .keys import cacheable_request, header_map, host_of, path_of, stored_request
-from .l1 import DiskStore
-from .l2 import RedisStore, redact
+from .redis_store import redact
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import BY_NAME, recognise
 from .replay import TOKEN_HEADER, ReplayServer, immediate_response, make_headers, send_to_replay_server
 from .report import Tally, flow_line, human_size, show_connection_lines, store_outcome
-from .tiers import NotStorable, TieredCache, Written
+from .tiers import NotStorable, TieredCache, Written, open_cache
 
 logger = logging.getLogger(__name__)
 META = "ai_cache"
@@ -89,8 +87,8 @@ class AICache:
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
-            self.cache.l1.directory if self.cache.l1 and not self.cache.l1.read_only
-            else f"{settings.directory} ({'read-only' if self.cache.l1 else 'unusable'})",
+            self.cache.disk.directory if self.cache.disk and not self.cache.disk.read_only
+            else f"{settings.directory} ({'read-only' if self.cache.disk else 'unusable'})",
             f"{settings.ttl:g}s" if settings.ttl else "forever",
             human_size(settings.max_body),
             f"{settings.coalesce:g}s" if settings.coalesce else "off",
@@ -100,21 +98,10 @@ class AICache:
 
     def _open_stores(self, settings: Settings) -> None:
         try:
-            l1: DiskStore | None = DiskStore(settings.directory)
-        except (OSError, sqlite3.Error) as e:
-            logger.warning(
-                "ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e
-            )
-            l1 = None
-        try:
-            l2 = (
-                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix, settings.redis_pool)
-                if settings.redis_url
-                else None
-            )
-        except Exception as e:  # redis-py raises several types for a URL it cannot use
-            raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
-        old, self.cache = self.cache, TieredCache(l1, l2, settings.ttl)
+            cache = open_cache(settings)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        old, self.cache = self.cache, cache
         if old is not None:
             self._close_later(old)
 
@@ -124,8 +111,8 @@ class AICache:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # configured before the proxy runs: nothing is pending yet
-            if old.l1 is not None:
-                old.l1.close()
+            if old.disk is not None:
+                old.disk.close_sync()
             return
         self.cache.background(old.close())
 
@@ -185,7 +172,7 @@ class AICache:
             info["reason"] = "ai_cache_mode=off"
         elif controls.bypass and not offline:
             info["reason"] = "client asked"
-        elif not (self.cache.l1 or self.cache.l2) and not offline:
+        elif not self.cache.stores and not offline:
             info["reason"] = "no usable cache store"
         elif (mode == "refresh" or controls.refresh) and not (offline or controls.only_if_cached):
             info["status"] = "REFRESH"
@@ -258,7 +245,7 @@ class AICache:
             missing, explained = f"the recording of {what} is {stale}", {}
             info["reason"] = f"recording {stale}, answered 504 ({why})"
         else:
-            explanation = await explain_miss(self.cache.l1, request, info.get("model", ""), self.settings.policy)
+            explanation = await explain_miss(self.cache.disk, request, info.get("model", ""), self.settings.policy)
             missing, explained = f"no recording for {what}: {explanation.sentence()}", explanation.as_json()
             info["reason"] = f"no recording, answered 504 ({why}); {explanation.sentence()}"
         message = (

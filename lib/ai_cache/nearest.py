@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .keys import KeyPolicy, canonical_json, without_fields
-from .l1 import DiskStore
+from .disk import DiskStore
 from .protocols import recognise
 
 # Entries whose headers are read per miss, in a worker thread: bounds the work (measured
