@@ -41,7 +41,6 @@ async def test_a_hit_back_fills_every_store_before_the_one_that_had_it(tmp_path)
     written = await cache.store_soon(entry("d"), lambda e: None)
     assert written.layers == ("l1", "l2", "l3") and far.get_sync("d" * 64) is not None
     await cache.close()
-    await addon.cache.close()
 
 
 async def test_open_cache_opens_the_configured_stores(tmp_path):
