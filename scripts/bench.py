@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 
 from ai_cache.entry import Entry  # noqa: E402
-from ai_cache.l1 import DiskStore  # noqa: E402
+from ai_cache.disk import DiskStore  # noqa: E402
 from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port  # noqa: E402
 
 ADDON = str(ROOT / "ai_cache_addon.py")
@@ -294,7 +294,7 @@ def fill_l1(directory: Path, count: int) -> None:
         if store.get_sync(filler_entry(count - 1).key) is None:
             raise RuntimeError(f"filled L1 in {directory} does not return its entries")
     finally:
-        store.close()
+        store.close_sync()
 
 
 # Measuring

@@ -18,7 +18,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from ai_cache.entry import Entry
-from ai_cache.l1 import DiskStore
+from ai_cache.disk import DiskStore
 
 if TYPE_CHECKING:
     from ai_cache.addon import AICache
@@ -264,13 +264,13 @@ def fill(directory: Path, entries: list[Entry]) -> Path:
     store = DiskStore(directory)
     for entry in entries:
         assert store.put_sync(entry, None)
-    store.close()
+    store.close_sync()
     return directory
 
 
 def stored(directory: Path) -> dict[str, Entry]:
     store = DiskStore(directory)
     try:
-        return {key: store.get_sync(key) for key in store.keys()}
+        return {key: store.get_sync(key) for key in store.keys_sync()}
     finally:
-        store.close()
+        store.close_sync()

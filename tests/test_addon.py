@@ -39,7 +39,7 @@ async def test_miss_is_stored_and_the_next_request_is_answered_from_disk(addon):
     assert second.metadata["ai_cache"]["status"] == "HIT"
     assert json.loads(second.response.content) == ANSWER
     assert second.response.headers["X-AI-Cache-Layer"] == "l1"
-    stored = addon.cache.l1.get_sync(first.metadata["ai_cache"]["key"])
+    stored = addon.cache.disk.get_sync(first.metadata["ai_cache"]["key"])
     assert stored.meta["usage"] == {"input": 3, "output": 4}
     assert "sk-1" not in json.dumps(stored.header_dict())
     # Per-flow state stays plain data: flows can still be saved with -w.
@@ -68,7 +68,7 @@ async def test_error_answers_and_failed_flows_are_not_stored(addon):
         upstream_answers(addon, flow, status=status)
         await addon.response(flow)
     await addon.cache.drain()
-    assert list(addon.cache.l1.keys()) == []
+    assert list(addon.cache.disk.keys_sync()) == []
 
 
 async def test_replay_mode_never_goes_upstream_even_without_a_usable_store(tmp_path):
@@ -137,7 +137,7 @@ async def test_a_stream_that_ended_in_error_is_judged_by_its_capture(addon, fram
     flow.error = Error("Client disconnected.")
     addon.error(flow)
     await addon.cache.drain()
-    entry = addon.cache.l1.get_sync(flow.metadata["ai_cache"]["key"])
+    entry = addon.cache.disk.get_sync(flow.metadata["ai_cache"]["key"])
     assert (entry is not None) == stored
     if stored:
         assert entry.body == b"".join(frames)
@@ -202,7 +202,7 @@ async def test_a_response_from_another_addon_is_not_recorded(tmp_path):
         addon.responseheaders(flow)  # mitmproxy emulates responseheaders for it
         await addon.response(flow)
         await addon.cache.drain()
-        stored = list(addon.cache.l1.keys())
+        stored = list(addon.cache.disk.keys_sync())
         await addon.cache.close()
         assert stored == []
 

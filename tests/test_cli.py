@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ai_cache.cli import main
 from ai_cache.entry import Entry
-from ai_cache.l1 import DiskStore
+from ai_cache.disk import DiskStore
 from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, fill, key_of, sample_entries, stored
 
 SECRETS = ("SECRET-COOKIE", "sk-SECRET-KEY", "Bearer sk-SECRET-AUTH", "SECRET-QUERY")
@@ -303,7 +303,7 @@ def test_cli_delete_fails_loudly_when_the_store_cannot_delete(tmp_path, monkeypa
     store = DiskStore(directory)
     key = "ab" * 32
     assert store.put_sync(Entry(key, "json", b"{}", []), None)
-    store.close()
+    store.close_sync()
 
     def locked(self, *args, **kwargs):
         raise sqlite3.OperationalError("database is locked")

@@ -28,7 +28,7 @@ import zstandard
 
 from ai_cache.capture import StreamCapture
 from ai_cache.decoders import BOUNDED_BROTLI
-from ai_cache.l2 import RedisStore
+from ai_cache.redis_store import RedisStore
 from ai_cache.protocols import BY_NAME
 from conftest import BIN, Proxy
 from fake_upstream import FakeUpstream, make_tls_cert

@@ -19,8 +19,8 @@ import redis
 
 from ai_cache.entry import Entry
 from ai_cache.keys import canonical_json
-from ai_cache.l1 import DiskStore
-from ai_cache.l2 import COMPRESSED, RedisStore
+from ai_cache.disk import DiskStore
+from ai_cache.redis_store import COMPRESSED, RedisStore
 from conftest import Proxy, RedisServer
 from helpers import (
     CHAT,
@@ -360,7 +360,7 @@ def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, mark
     assert wait_for_status(proxy, upstream, body, "HIT").content == first.content
     store = DiskStore(proxy.options["ai_cache_dir"])
     entry = store.get_sync(first.headers["x-ai-cache-key"])
-    store.close()
+    store.close_sync()
     text = canonical_json(body).encode()
     request = entry.meta["request"]
     assert "body" not in request and request["body_size"] == len(text)

@@ -8,7 +8,7 @@ import pytest
 
 from ai_cache.entry import Entry
 from ai_cache.keys import KeyPolicy
-from ai_cache.l1 import DiskStore
+from ai_cache.disk import DiskStore
 from ai_cache.nearest import compare, differences, explain_miss, find_nearest
 
 HOST, PATH = "api.openai.com", "/v1/chat/completions"
@@ -46,7 +46,7 @@ def recording(key_digit: str, request: dict, created_at: float = 1_700_000_000.0
 def store(tmp_path):
     store = DiskStore(tmp_path / "cache")
     yield store
-    store.close()
+    store.close_sync()
 
 
 def test_differences_name_json_paths_in_request_order():

@@ -43,7 +43,7 @@ def test_a_bad_option_while_running_is_rolled_back(tmp_path, option, value):
         with pytest.raises(exceptions.OptionsError, match=option):
             tctx.configure(addon, **{option: value})
         assert addon.settings == settings and getattr(tctx.options, option) != value
-        addon.cache.l1.close()
+        addon.cache.disk.close_sync()
 
 
 def test_misspelt_and_repeated_options_are_named():

@@ -12,7 +12,7 @@ from mitmproxy.test import tflow
 from ai_cache.capture import StreamCapture
 from ai_cache.entry import Entry
 from ai_cache.flights import SingleFlight
-from ai_cache.l1 import DiskStore
+from ai_cache.disk import DiskStore
 from ai_cache.protocols import BY_NAME
 from ai_cache.recording import Recorder, finisher, new_capture, recorded_entry
 from ai_cache.report import Tally
@@ -80,7 +80,7 @@ def test_the_finisher_summarises_and_bounds_the_entry():
 
 async def test_conclude_stores_then_logs_and_releases_the_leader(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    cache = TieredCache(DiskStore(tmp_path / "cache"), None)
+    cache = TieredCache([DiskStore(tmp_path / "cache")])
     flights, tally = SingleFlight(), Tally()
     state = recording()
     flights.lead(state)
@@ -96,9 +96,9 @@ async def test_conclude_stores_then_logs_and_releases_the_leader(tmp_path, caplo
 
 
 async def test_conclude_counts_what_it_does_not_store(tmp_path):
-    cache = TieredCache(DiskStore(tmp_path / "cache"), None)
+    cache = TieredCache([DiskStore(tmp_path / "cache")])
     tally = Tally()
     Recorder(SingleFlight(), tally).conclude(tflow.tflow(resp=json_response(status=429)), recording(), cache, 10**6)
     await cache.drain()
-    assert tally.not_stored == {"upstream answered 429": 1} and list(cache.l1.keys()) == []
+    assert tally.not_stored == {"upstream answered 429": 1} and list(cache.disk.keys_sync()) == []
     await cache.close()

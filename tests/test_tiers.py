@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ai_cache.entry import Entry
-from ai_cache.l1 import DiskStore
+from ai_cache.disk import DiskStore
 from ai_cache.tiers import TieredCache
 
 DAY = 86400.0
@@ -15,7 +15,7 @@ DAY = 86400.0
 
 @pytest.fixture
 async def cache(tmp_path):
-    cache = TieredCache(DiskStore(tmp_path / "cache"), None, ttl=7 * DAY)
+    cache = TieredCache([DiskStore(tmp_path / "cache")], ttl=7 * DAY)
     yield cache
     await cache.close()
 
@@ -25,18 +25,18 @@ def aged(days: float, digit: str = "a") -> Entry:
 
 
 async def test_an_expired_entry_is_found_with_why_and_kept_on_disk(cache):
-    assert cache.l1.put_sync(aged(9), None)
+    assert cache.disk.put_sync(aged(9), None)
     found = await cache.find("a" * 64)
     assert found.stale == "expired (age 9d, ttl 7d)" and found.layer == "l1"
     assert await cache.lookup("a" * 64) is None
     # Replay mode: a recording is a recording, whatever its age.
     replayed = await cache.find("a" * 64, any_age=True)
     assert replayed.stale == "" and replayed.entry.key == "a" * 64
-    assert cache.l1.get_sync("a" * 64) is not None
+    assert cache.disk.get_sync("a" * 64) is not None
 
 
 async def test_the_clients_max_age_still_applies_in_replay_mode(cache):
-    cache.l1.put_sync(aged(2, "b"), None)
+    cache.disk.put_sync(aged(2, "b"), None)
     assert (await cache.find("b" * 64, max_age=DAY, any_age=True)).stale.startswith(
         "older than the client's max-age (age 2d, max-age 1d)"
     )

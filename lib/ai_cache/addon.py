@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import sqlite3
 
 from mitmproxy import ctx, exceptions, http
 
@@ -19,8 +18,7 @@ from .controls import Controls, take_controls
 from .entry import Entry
 from .flights import SingleFlight
 from .keys import cacheable_request, header_map, host_of, path_of
-from .l1 import DiskStore
-from .l2 import RedisStore, redact
+from .redis_store import redact
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import recognise
@@ -29,7 +27,7 @@ from .replay import PacedReplay
 from .report import Tally, flow_line, human_size, show_connection_lines
 from .responses import cache_headers, immediate_response, no_recording
 from .state import FlowState, Mode, Status, attach, state_of
-from .tiers import TieredCache
+from .tiers import TieredCache, open_cache
 
 logger = logging.getLogger(__name__)
 STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix", "redis_pool")
@@ -78,8 +76,8 @@ class AICache:
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
-            self.cache.l1.directory if self.cache.l1 and not self.cache.l1.read_only
-            else f"{settings.directory} ({'read-only' if self.cache.l1 else 'unusable'})",
+            self.cache.disk.directory if self.cache.disk and not self.cache.disk.read_only
+            else f"{settings.directory} ({'read-only' if self.cache.disk else 'unusable'})",
             f"{settings.ttl:g}s" if settings.ttl else "forever",
             human_size(settings.max_body),
             f"{settings.coalesce:g}s" if settings.coalesce else "off",
@@ -89,21 +87,10 @@ class AICache:
 
     def _open_stores(self, settings: Settings) -> None:
         try:
-            l1: DiskStore | None = DiskStore(settings.directory)
-        except (OSError, sqlite3.Error) as e:
-            logger.warning(
-                "ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e
-            )
-            l1 = None
-        try:
-            l2 = (
-                RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix, settings.redis_pool)
-                if settings.redis_url
-                else None
-            )
-        except Exception as e:  # redis-py raises several types for a URL it cannot use
-            raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
-        old, self.cache = self.cache, TieredCache(l1, l2, settings.ttl)
+            cache = open_cache(settings)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        old, self.cache = self.cache, cache
         if old is not None:
             self._close_later(old)
 
@@ -113,8 +100,8 @@ class AICache:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # configured before the proxy runs: nothing is pending yet
-            if old.l1 is not None:
-                old.l1.close()
+            if old.disk is not None:
+                old.disk.close_sync()
             return
         self.cache.background(old.close())
 
@@ -174,7 +161,7 @@ class AICache:
             state.reason = "ai_cache_mode=off"
         elif controls.bypass and not offline:
             state.reason = "client asked"
-        elif not (cache.l1 or cache.l2) and not offline:
+        elif not cache.stores and not offline:
             state.reason = "no usable cache store"
         elif (mode is Mode.REFRESH or controls.refresh) and not (offline or controls.only_if_cached):
             state.status = Status.REFRESH
@@ -216,7 +203,7 @@ class AICache:
             explanation = None
             state.reason = f"recording {stale}, answered 504 ({why})"
         else:
-            explanation = await explain_miss(cache.l1, state.request or {}, state.model or "", settings.policy)
+            explanation = await explain_miss(cache.disk, state.request or {}, state.model or "", settings.policy)
             state.reason = f"no recording, answered 504 ({why}); {explanation.sentence()}"
         state.served = True
         return no_recording(state, why, stale, explanation, cache_headers(state) if settings.headers else [])

@@ -29,8 +29,8 @@ from diskcache.core import DBNAME
 from . import ADDON_PATH
 from .entry import FORMATS, Entry
 from .fixtures import export_dir, import_dir
-from .l1 import DiskStore
-from .l2 import RedisStore, redact
+from .disk import DiskStore
+from .redis_store import RedisStore, redact
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
 from .report import human_age, human_size
@@ -102,7 +102,7 @@ class Cache:
         return asyncio.run(session())
 
     def keys(self) -> list[str]:
-        keys = set(self.l1.keys()) if self.l1 else set()
+        keys = set(self.l1.keys_sync()) if self.l1 else set()
         if self.redis_url:
             keys.update(self._redis(RedisStore.keys))
         return sorted(keys)
@@ -112,7 +112,7 @@ class Cache:
         wanted = None if keys is None else list(keys)
         found: dict[str, Stored] = {}
         if self.l1:
-            for key in self.l1.keys() if wanted is None else wanted:
+            for key in self.l1.keys_sync() if wanted is None else wanted:
                 if entry := self.l1.get_sync(key):
                     found[key] = Stored(entry, ["l1"])
         if self.redis_url:
@@ -166,7 +166,7 @@ class Cache:
 
     def close(self) -> None:
         if self.l1:
-            self.l1.close()
+            self.l1.close_sync()
 
 
 # Presentation

@@ -50,11 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from .entry import FORMATS, Entry, EntryError, validated
-from .keys import CREDENTIAL_HEADERS, CREDENTIAL_PARAMS, canonical_json
+from .keys import CREDENTIAL_PARAMS, canonical_json
+from .protocols import credential_headers
 
 FIXTURE_VERSION = 1
 # A response's set-cookie carries a session credential too.
-SECRET_HEADERS = CREDENTIAL_HEADERS | {"set-cookie"}
+RESPONSE_CREDENTIAL_HEADERS = frozenset({"set-cookie"})
 SLUG_LENGTH = 40
 
 
@@ -68,17 +69,18 @@ class FixtureError(ValueError):
 def scrubbed(entry: Entry) -> Entry:
     """A copy of the entry without credentials, whatever an older version stored."""
     meta = copy.deepcopy(entry.meta)
+    secret = credential_headers() | RESPONSE_CREDENTIAL_HEADERS
     request = meta.get("request")
     if isinstance(request, dict):
         if isinstance(request.get("headers"), dict):
             request["headers"] = {
-                k: v for k, v in request["headers"].items() if k.lower() not in SECRET_HEADERS
+                k: v for k, v in request["headers"].items() if k.lower() not in secret
             }
         if isinstance(request.get("query"), list):
             request["query"] = [
                 pair for pair in request["query"] if str(pair[0]).lower() not in CREDENTIAL_PARAMS
             ]
-    headers = [(k, v) for k, v in entry.headers if k.lower() not in SECRET_HEADERS]
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in secret]
     return Entry(entry.key, entry.format, entry.body, headers, entry.created_at, entry.status,
                  list(entry.chunks), meta)
 

@@ -16,13 +16,9 @@ from typing import Any
 
 from mitmproxy import http
 
-from .protocols import Protocol
+from .protocols import Protocol, answer_headers
 
 KEY_VERSION = "ai-cache/1"
-# Never in a key, an entry, an export or a log line.
-CREDENTIAL_HEADERS = frozenset(
-    {"authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "proxy-authorization"}
-)
 # Query parameters that carry credentials (compared lower-cased): API keys, Azure APIM's
 # subscription-key, Azure Functions' code, SAS signatures, OAuth tokens and secrets.
 CREDENTIAL_PARAMS = frozenset({
@@ -38,8 +34,6 @@ JSON_CONTAINERS = frozenset({dict, list})
 # every hit decodes the entry, and a 50 MB prompt's copy made each one take 0.5 s.
 REQUEST_COPY_LIMIT = 64 * 1024
 PREVIEW_CHARS = 1024
-# Headers that change what the provider answers.
-ANSWER_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta")
 
 
 @dataclass(frozen=True)
@@ -201,14 +195,14 @@ def cacheable_request(
     path = path_of(request)
     query = safe_query(request, policy.secret_params)
     stream = protocol.wants_stream(body, path)
-    answer_headers = {h: headers[h] for h in ANSWER_HEADERS if h in headers}
+    answering = {h: headers[h] for h in answer_headers() if h in headers}
     described = {
         "method": request.method,
         "scheme": request.scheme,
         "host": host_of(request),
         "path": path,
         "query": query,
-        "headers": answer_headers,
+        "headers": answering,
         "body": body,
     }
     model = protocol.model(body, path)
@@ -220,7 +214,7 @@ def cacheable_request(
         described["host"] if policy.include_host else "",
         path,
         query,
-        answer_headers,
+        answering,
         scope_digest(headers, policy.scope_headers),
         stream,
         without_fields(body, policy.ignore_fields),

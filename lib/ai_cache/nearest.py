@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .keys import KeyPolicy, canonical_json, without_fields
-from .l1 import DiskStore
-from .summary import prompt_preview
+from .disk import DiskStore
+from .protocols import recognise
 
 # Entries whose headers are read per miss, in a worker thread: bounds the work (measured
 # with 2 KB prompts: 6 ms per 100 entries, 144 ms for 2000). Larger caches are searched in
@@ -137,4 +137,6 @@ async def explain_miss(
 ) -> MissExplanation:
     """The prompt preview and the nearest recording; the L1 reads run in a worker thread."""
     nearest = await asyncio.to_thread(find_nearest, store, request, model, policy) if store else None
-    return MissExplanation(prompt_preview(request.get("body") or {}), nearest)
+    protocol = recognise(request["method"], request["path"])
+    body = request.get("body") or {}
+    return MissExplanation(protocol.preview(body) if protocol else "", nearest)

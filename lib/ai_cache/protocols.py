@@ -1,16 +1,28 @@
-"""Provider protocol families: is this request mine, does it stream, did the stream finish?
+"""Provider protocol families: the one place a provider's wire format is known.
+
+Each family is one class: which paths are its own, the body fields every real call has,
+how it streams, its terminal and error events, where it reports token usage, where the
+prompt is, and which headers change its answers or carry its credentials. Adding a
+provider is one class passed to `register`, plus its test data.
 
 Recognition is by method and path shape on any host, so OpenAI-compatible servers
-(Azure, Ollama's /v1, vLLM, OpenRouter, Groq...) are covered without a host list.
+(Azure, Ollama's /v1, vLLM, OpenRouter, Groq...) are covered without a host list. When
+several families' shapes fit a path, the most specific (longest) shape wins: that is
+how `/chat/completions` is chat and not legacy completions, without depending on the
+order of the registry.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from functools import cache
+from typing import Any, ClassVar
 
 from .sse import Event
+from .summary import edge_events, one_line, text_of
 
 
 def json_value(text: str | bytes) -> Any:
@@ -33,27 +45,64 @@ def json_object(text: str | bytes) -> dict[str, Any] | None:
 # An `"error"` key with a value that is not null (`"error": null` is in good answers).
 # The value's first byte must be present, so a chunk ending at `"error": nu` is no match.
 ERROR_KEY = rb'"error"\s*:\s*[\[{"0-9tf-]'
+# Credentials every request may carry, whatever its family: never in a key, an entry,
+# an export or a log line. Each family adds its own.
+BASE_CREDENTIAL_HEADERS = frozenset({"cookie", "proxy-authorization"})
 
 
-class Protocol:
-    """One family. Subclasses override only what differs from OpenAI chat."""
+def path_shape(shape: str) -> re.Pattern[str]:
+    """`models/*:generateContent` as a pattern for a path's last segments: literal
+    segments, `*` standing for one or more characters within a segment."""
+    parts = (re.escape(part).replace(r"\*", "[^/]+") for part in shape.split("/"))
+    return re.compile("/" + "/".join(parts) + "$")
 
-    name = "openai-chat"
-    path_pattern = re.compile(r"/chat/completions$")
+
+class Protocol(ABC):
+    """One provider family. Subclasses declare their facts; the methods here apply them."""
+
+    name: ClassVar[str]
+    # The path endings that are this family's (see `path_shape`); the longest that fits wins.
+    path_shapes: ClassVar[tuple[str, ...]]
+    # Path segments that make a fitting path someone else's (OpenAI Assistants'
+    # /threads/{id}/messages is no Anthropic call).
+    excluded_segments: ClassVar[frozenset[str]] = frozenset()
     # Body fields a real call of this family always has: a JSON POST to a path that only
     # looks like ours (a chat app's /channels/1/messages) passes through untouched.
-    required_fields: tuple[str, ...] = ("messages",)
+    required_fields: ClassVar[tuple[str, ...]]
+    # How its streams are framed (the answer's content type decides what a capture parses).
+    stream_format: ClassVar[str] = "sse"
     # Bytes every error event contains, and the pattern that confirms one: a stream
     # without the needle needs no event-by-event search, keeping the capture at memory speed.
-    error_needles: tuple[bytes, ...] = (b'"error"',)
-    error_pattern = re.compile(ERROR_KEY)
+    error_needles: ClassVar[tuple[bytes, ...]] = (b'"error"',)
+    error_pattern: ClassVar[re.Pattern[bytes]] = re.compile(ERROR_KEY)
     # Whether the terminal event alone proves the stream complete, however the connection
     # ended after it: SDKs close the response at the sentinel while servers end the body
     # a moment later, so a complete stream often ends in mitmproxy's `error` hook.
-    terminal_proves_end = True
+    terminal_proves_end: ClassVar[bool] = True
+    # Where answers report tokens: (container, input field, output field), the container
+    # "" for the answer object itself; `usage_nested` names objects that wrap an answer
+    # inside a stream event (Responses' response.completed, Anthropic's message_start).
+    usage_fields: ClassVar[tuple[tuple[str, str, str], ...]]
+    usage_nested: ClassVar[tuple[str, ...]] = ()
+    # Body fields holding the prompt, in the order a preview looks for text.
+    prompt_fields: ClassVar[tuple[str, ...]]
+    # Request headers that change the answer (so they are part of the key) and that carry
+    # credentials (so they are never stored), on top of BASE_CREDENTIAL_HEADERS.
+    answer_headers: ClassVar[tuple[str, ...]] = ()
+    own_credential_headers: ClassVar[frozenset[str]] = frozenset()
 
-    def matches(self, path: str) -> bool:
-        return bool(self.path_pattern.search(path))
+    def __init__(self) -> None:
+        self._shapes = tuple((len(shape), path_shape(shape)) for shape in self.path_shapes)
+
+    @property
+    def credential_headers(self) -> frozenset[str]:
+        return BASE_CREDENTIAL_HEADERS | self.own_credential_headers
+
+    def fit(self, path: str) -> int:
+        """How specific this family's best shape fitting `path` is: 0 when none fits."""
+        if self.excluded_segments and not self.excluded_segments.isdisjoint(path.split("/")[:-1]):
+            return 0
+        return max((length for length, pattern in self._shapes if pattern.search(path)), default=0)
 
     def expects(self, body: dict[str, Any]) -> bool:
         return all(name in body for name in self.required_fields)
@@ -63,6 +112,7 @@ class Protocol:
         return body.get("stream") is True
 
     def model(self, body: dict[str, Any], path: str) -> str:
+        """The body's model, else a deployment name in the path (Azure's)."""
         model = body.get("model")
         if isinstance(model, str):
             return model
@@ -77,8 +127,9 @@ class Protocol:
         kind = obj.get("type") if obj else None
         return kind if isinstance(kind, str) else "message"
 
+    @abstractmethod
     def is_terminal(self, event: Event) -> bool:
-        return event.data == "[DONE]"
+        """Whether this event ends a complete stream."""
 
     def is_error(self, event: Event) -> bool:
         if '"error"' not in event.data:
@@ -86,20 +137,91 @@ class Protocol:
         obj = json_object(event.data)
         return obj is not None and obj.get("error") is not None
 
+    def usage(self, body: bytes, fmt: str) -> dict[str, int]:
+        """Input/output tokens the answer reports; streams report them cumulatively, so
+        take maxima. A stream is parsed only at its edges, where providers report usage."""
+        if fmt == "json":
+            obj = json_object(body)
+            objects = [obj] if obj else []
+        else:
+            objects = [o for e in edge_events(body, fmt) if (o := json_object(e.data))]
+        tokens_in = tokens_out = 0
+        for obj in objects:
+            nodes = [obj] + [obj[n] for n in self.usage_nested if isinstance(obj.get(n), dict)]
+            for node in nodes:
+                for container, in_name, out_name in self.usage_fields:
+                    usage = node.get(container) if container else node
+                    if isinstance(usage, dict):
+                        i, o = usage.get(in_name), usage.get(out_name)
+                        tokens_in = max(tokens_in, i if isinstance(i, int) else 0)
+                        tokens_out = max(tokens_out, o if isinstance(o, int) else 0)
+        return {"input": tokens_in, "output": tokens_out} if tokens_in or tokens_out else {}
 
-class OpenAICompletions(Protocol):
+    def preview(self, body: dict[str, Any], width: int = 60) -> str:
+        """The last prompt text of a request, on one line (the body itself when it has none)."""
+        for name in self.prompt_fields:
+            value = body.get(name)
+            if isinstance(value, list) and value:
+                value = value[-1]
+            if text := text_of(value):
+                return one_line(text, width)
+        return one_line(json.dumps(body)[:width], width)
+
+    def user_text(self, body: dict[str, Any]) -> str:
+        """The text of the last user turn(s): what a semantic lookup compares. The
+        messages-based default; prompt-based families override it."""
+        return "\n".join(text_of(m.get("content")) for m in last_user_turns(body.get("messages"), "role"))
+
+
+def last_user_turns(turns: Any, role_key: str, default_role: str = "") -> list[dict[str, Any]]:
+    """The last run of consecutive user turns in a list of turns (after them, only
+    assistant or tool turns, such as an Anthropic prefill)."""
+    if not isinstance(turns, list):
+        return []
+    found: list[dict[str, Any]] = []
+    for turn in reversed(turns):
+        is_user = isinstance(turn, dict) and turn.get(role_key, default_role) == "user"
+        if is_user:
+            found.append(turn)
+        elif found:
+            break
+    return found[::-1]
+
+
+class OpenAIChat(Protocol):
+    name = "openai-chat"
+    path_shapes = ("chat/completions",)
+    required_fields = ("messages",)
+    usage_fields = (("usage", "prompt_tokens", "completion_tokens"),)
+    prompt_fields = ("messages",)
+    answer_headers = ("openai-beta",)
+    # `api-key` is Azure OpenAI's; OpenAI-compatible gateways also take `x-api-key`.
+    own_credential_headers = frozenset({"authorization", "api-key", "x-api-key"})
+
+    def is_terminal(self, event: Event) -> bool:
+        return event.data == "[DONE]"
+
+
+class OpenAICompletions(OpenAIChat):
     name = "openai-completions"
-    path_pattern = re.compile(r"(?<!/chat)/completions$")
+    path_shapes = ("completions",)
     required_fields = ("prompt",)
+    prompt_fields = ("prompt",)
+
+    def user_text(self, body: dict[str, Any]) -> str:
+        return _prompt_text(body.get("prompt"))
 
 
-class OpenAIResponses(Protocol):
+class OpenAIResponses(OpenAIChat):
     name = "openai-responses"
-    path_pattern = re.compile(r"/responses$")
+    path_shapes = ("responses",)
     failures = frozenset({"error", "response.failed", "response.incomplete"})
     required_fields = ("model",)
     error_needles = (b'"error"', b"event: error", b"event:error", b"response.failed", b"response.incomplete")
     error_pattern = re.compile(ERROR_KEY + rb"|event: ?error\b|response\.failed|response\.incomplete")
+    usage_fields = (("usage", "input_tokens", "output_tokens"),)
+    usage_nested = ("response",)
+    prompt_fields = ("input",)
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "response.completed"
@@ -109,24 +231,40 @@ class OpenAIResponses(Protocol):
             return False
         return self.event_type(event) in self.failures
 
+    def user_text(self, body: dict[str, Any]) -> str:
+        """`input` is a string, or items of which messages have roles."""
+        items = body.get("input")
+        if isinstance(items, str):
+            return items
+        return "\n".join(text_of(m.get("content")) for m in last_user_turns(items, "role"))
 
-class OpenAIEmbeddings(Protocol):
+
+class OpenAIEmbeddings(OpenAIChat):
     name = "openai-embeddings"
-    path_pattern = re.compile(r"/embeddings$")
+    path_shapes = ("embeddings",)
     required_fields = ("input",)
+    prompt_fields = ("input",)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return False
 
+    def user_text(self, body: dict[str, Any]) -> str:
+        return _prompt_text(body.get("input"))
+
 
 class AnthropicMessages(Protocol):
     name = "anthropic-messages"
-    # Not OpenAI Assistants' /threads/{id}/messages.
-    path_pattern = re.compile(r"^(?!.*/threads/).*/messages$")
+    path_shapes = ("messages",)
+    excluded_segments = frozenset({"threads"})
     # Anthropic's API rejects calls without max_tokens, so every real one carries it.
     required_fields = ("model", "messages", "max_tokens")
     error_needles = (b'"error"', b"event: error", b"event:error")
     error_pattern = re.compile(ERROR_KEY + rb"|event: ?error\b")
+    usage_fields = (("usage", "input_tokens", "output_tokens"),)
+    usage_nested = ("message",)
+    prompt_fields = ("messages",)
+    answer_headers = ("anthropic-version", "anthropic-beta")
+    own_credential_headers = frozenset({"x-api-key", "authorization"})
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"
@@ -139,11 +277,14 @@ class AnthropicMessages(Protocol):
 
 class Gemini(Protocol):
     name = "gemini"
-    path_pattern = re.compile(r"/models/[^/]+:(generateContent|streamGenerateContent)$")
+    path_shapes = ("models/*:generateContent", "models/*:streamGenerateContent")
     required_fields = ("contents",)
     # No sentinel: a later event could still follow a finishReason, so only a body that
     # ended cleanly counts (clients read Gemini streams to the end of the body anyway).
     terminal_proves_end = False
+    usage_fields = (("usageMetadata", "promptTokenCount", "candidatesTokenCount"),)
+    prompt_fields = ("contents",)
+    own_credential_headers = frozenset({"x-goog-api-key", "authorization"})
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return path.endswith(":streamGenerateContent")
@@ -160,11 +301,20 @@ class Gemini(Protocol):
             isinstance(c, dict) and c.get("finishReason") for c in candidates
         )
 
+    def user_text(self, body: dict[str, Any]) -> str:
+        """A content without a role is the user's (single-turn requests omit it)."""
+        turns = last_user_turns(body.get("contents"), "role", "user")
+        return "\n".join(text_of(turn.get("parts")) for turn in turns)
+
 
 class OllamaNative(Protocol):
     name = "ollama"
-    path_pattern = re.compile(r"/api/(chat|generate)$")
+    path_shapes = ("api/chat", "api/generate")
     required_fields = ("model",)
+    stream_format = "ndjson"
+    usage_fields = (("", "prompt_eval_count", "eval_count"),)
+    prompt_fields = ("messages", "prompt")
+    own_credential_headers = frozenset({"authorization"})  # Ollama behind an authenticating proxy
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         """Ollama streams unless told `"stream": false`."""
@@ -174,24 +324,64 @@ class OllamaNative(Protocol):
         obj = json_object(event.data)
         return obj is not None and obj.get("done") is True
 
+    def user_text(self, body: dict[str, Any]) -> str:
+        """/api/chat has messages, /api/generate a prompt."""
+        return super().user_text(body) if "messages" in body else _prompt_text(body.get("prompt"))
 
-PROTOCOLS: tuple[Protocol, ...] = (
-    Protocol(),
-    OpenAICompletions(),
-    OpenAIResponses(),
-    OpenAIEmbeddings(),
-    AnthropicMessages(),
-    Gemini(),
-    OllamaNative(),
-)
-BY_NAME = {p.name: p for p in PROTOCOLS}
+
+def _prompt_text(value: Any) -> str:
+    """A prompt given as a string or a list of strings (token arrays have no text)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(v for v in value if isinstance(v, str))
+    return ""
+
+
+PROTOCOLS: list[Protocol] = []
+BY_NAME: dict[str, Protocol] = {}
+
+
+def register(protocol: Protocol) -> Protocol:
+    """Adds a family; its name must be new."""
+    if protocol.name in BY_NAME:
+        raise ValueError(f"protocol {protocol.name!r} is registered already")
+    PROTOCOLS.append(protocol)
+    BY_NAME[protocol.name] = protocol
+    answer_headers.cache_clear()
+    credential_headers.cache_clear()
+    return protocol
 
 
 def recognise(method: str, path: str) -> Protocol | None:
     """The family of a request, or None: everything else passes through untouched."""
     if method != "POST":
         return None
+    best, best_fit = None, 0
     for protocol in PROTOCOLS:
-        if protocol.matches(path):
-            return protocol
-    return None
+        if (fit := protocol.fit(path)) > best_fit:
+            best, best_fit = protocol, fit
+    return best
+
+
+def _union(groups: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for group in groups for name in group))
+
+
+@cache
+def answer_headers() -> tuple[str, ...]:
+    """Every family's answer-changing headers: each is in the key of every request, as
+    OpenAI-compatible gateways forward to several providers (an Anthropic model behind
+    /chat/completions may honour anthropic-beta)."""
+    return _union(p.answer_headers for p in PROTOCOLS)
+
+
+@cache
+def credential_headers() -> frozenset[str]:
+    """Every family's credential headers: none is ever stored, whatever the request's family."""
+    return frozenset(_union(p.credential_headers for p in PROTOCOLS)) | BASE_CREDENTIAL_HEADERS
+
+
+for family in (OpenAIChat, OpenAICompletions, OpenAIResponses, OpenAIEmbeddings, AnthropicMessages, Gemini,
+               OllamaNative):
+    register(family())

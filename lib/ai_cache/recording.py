@@ -19,10 +19,9 @@ from .capture import StreamCapture, body_format
 from .entry import Entry, replayable_headers
 from .flights import SingleFlight
 from .keys import host_of, path_of, stored_request
-from .protocols import BY_NAME
+from .protocols import BY_NAME, Protocol
 from .report import Tally, flow_line, store_outcome
 from .state import FlowState
-from .summary import prompt_preview, token_usage
 from .tiers import NotStorable, TieredCache, Written
 
 logger = logging.getLogger(__name__)
@@ -33,11 +32,11 @@ def where(flow: http.HTTPFlow) -> str:
     return host_of(flow.request) + path_of(flow.request)
 
 
-def summarise(entry: Entry) -> None:
+def summarise(entry: Entry, protocol: Protocol) -> None:
     """Metadata for humans and the CLI, and the request copy kept; parses the answer (a
     stream only at its edges), so it runs in the write's worker thread."""
-    entry.meta["usage"] = token_usage(entry.body, entry.format)
-    entry.meta["preview"] = prompt_preview(entry.meta["request"]["body"])
+    entry.meta["usage"] = protocol.usage(entry.body, entry.format)
+    entry.meta["preview"] = protocol.preview(entry.meta["request"]["body"])
     entry.meta["request"] = stored_request(entry.meta["request"])
 
 
@@ -55,7 +54,7 @@ def finisher(capture: StreamCapture, max_body: int) -> Callable[[Entry], None]:
     def finish(entry: Entry) -> None:
         if capture.needs_full_check and (problem := capture.full_check()):
             raise NotStorable(problem)
-        summarise(entry)
+        summarise(entry, capture.protocol)
         if (size := entry.encoded_size()) > max_body:
             raise NotStorable(f"too large: the entry has {size} bytes, above ai_cache_max_body")
 

@@ -1,22 +1,30 @@
-"""L1 then L2: lookups, back-fill and writes, with the TTL judged from `created_at`.
+"""A list of stores, nearest first: lookups, back-fill and writes, with the TTL judged
+from `created_at`; and `open_cache`, the one place the configured stores are opened.
 
 An entry keeps its original `created_at` through every copy, so a back-filled entry
-reports an honest age and never outlives its TTL by being copied. L1 keeps entries past
-their TTL (only a lookup judges them, so replay mode can still serve them and a miss can
-say "expired"); Redis, memory shared by a team, drops them at the TTL.
+reports an honest age and never outlives its TTL by being copied. A store that keeps
+entries past their TTL (disk: only a lookup judges them, so replay mode can still serve
+them and a miss can say "expired") is written without an expiry; one that drops them
+(Redis, memory shared by a team) gets the time the entry has left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from .disk import DiskStore
 from .entry import Entry
-from .l1 import DiskStore
-from .l2 import RedisStore
+from .options import Settings
+from .redis_store import RedisStore
 from .report import human_age
+from .store import Store, WritesInThread
+
+logger = logging.getLogger(__name__)
 
 
 class NotStorable(Exception):
@@ -40,16 +48,24 @@ class Written:
 
 @dataclass
 class TieredCache:
-    l1: DiskStore | None
-    l2: RedisStore | None
+    stores: list[Store]  # nearest first
     ttl: float = 0.0  # seconds; 0 keeps entries forever
     _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
     # Entries whose background write has not finished: lookups already see them.
     _unwritten: dict[str, Entry] = field(default_factory=dict, repr=False)
 
+    @property
+    def disk(self) -> DiskStore | None:
+        """The local disk store, whose recordings a replay miss searches for the nearest."""
+        return next((store for store in self.stores if isinstance(store, DiskStore)), None)
+
     def remaining(self, entry: Entry) -> float | None:
         """Seconds the entry may still live (None: forever; <= 0: expired): Redis's `EX`."""
         return self.ttl - entry.age() if self.ttl else None
+
+    def expiry(self, store: Store, entry: Entry) -> float | None:
+        """The expiry a store is given: none for stores that keep entries past the TTL."""
+        return self.remaining(entry) if store.drops_expired else None
 
     def staleness(self, entry: Entry, max_age: float | None, any_age: bool = False) -> str:
         """Why the entry may not be served, "" when it may. `any_age` (replay mode) lets the
@@ -62,24 +78,25 @@ class TieredCache:
         return ""
 
     async def find(self, key: str, max_age: float | None = None, any_age: bool = False) -> Found | None:
-        """The first servable entry and its layer (an L2 hit back-fills L1); else the first
-        entry found that may not be served, with why, so that a miss can say "expired"."""
+        """The first servable entry and its layer (a hit back-fills the stores before the
+        one that had it); else the first entry found that may not be served, with why, so
+        that a miss can say "expired"."""
         unservable: Found | None = None
         unwritten = self._unwritten.get(key)
         if unwritten is not None:
-            found = Found(unwritten, "l1" if self.l1 else "l2",
+            found = Found(unwritten, self.stores[0].layer if self.stores else "",
                           self.staleness(unwritten, max_age, any_age))
             if not found.stale:
                 return found
             unservable = found
-        for store in (self.l1, self.l2):
-            entry = await store.get(key) if store is not None else None
+        for position, store in enumerate(self.stores):
+            entry = await store.get(key)
             if entry is None:
                 continue
             found = Found(entry, store.layer, self.staleness(entry, max_age, any_age))
             if not found.stale:
-                if store is self.l2 and self.l1 is not None:
-                    self.background(self.l1.put(entry, None))
+                for nearer in self.stores[:position]:
+                    self.background(nearer.put(entry, self.expiry(nearer, entry)))
                 return found
             unservable = unservable or found
         return unservable
@@ -92,7 +109,8 @@ class TieredCache:
     def store_soon(
         self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True
     ) -> asyncio.Task[Written]:
-        """Write off the request path; `prepare` and the L1 write share one worker-thread trip.
+        """Write off the request path; `prepare` and the writes of stores that block (disk)
+        share one worker-thread trip.
 
         A visible entry is served to lookups at once, before it is written; `prepare` may
         raise NotStorable to drop the entry (a faulty answer must not have been visible;
@@ -105,15 +123,16 @@ class TieredCache:
             layers: list[str] = []
             problems: list[str] = []
             try:
-                if problem := await asyncio.to_thread(self._prepare_and_write_l1, entry, prepare):
-                    problems.append(problem)
-                elif self.l1 is not None:
-                    layers.append(self.l1.layer)
-                if self.l2 is not None:
-                    if await self.l2.put(entry, self.remaining(entry)):
-                        layers.append(self.l2.layer)
+                written = await asyncio.to_thread(self._prepare_and_write_in_thread, entry, prepare)
+                for store in self.stores:
+                    if store in written:
+                        done, problem = written[store]
                     else:
-                        problems.append("L2 write failed")
+                        done, problem = await store.put(entry, self.expiry(store, entry)), ""
+                    if done:
+                        layers.append(store.layer)
+                    else:
+                        problems.append(f"{store.layer.upper()} {problem or 'write failed'}")
             except NotStorable as e:
                 return Written(problem=str(e))
             finally:
@@ -123,12 +142,17 @@ class TieredCache:
 
         return self.background(write())
 
-    def _prepare_and_write_l1(self, entry: Entry, prepare: Callable[[Entry], None]) -> str:
-        """Why L1 did not take the entry ("" when it did, or when there is no L1)."""
+    def _prepare_and_write_in_thread(
+        self, entry: Entry, prepare: Callable[[Entry], None]
+    ) -> dict[Store, tuple[bool, str]]:
+        """Whether each store that blocks took the entry, and its failure if not."""
         prepare(entry)
-        if self.l1 is None or self.l1.put_sync(entry, None):  # L1 keeps entries past the TTL: see above
-            return ""
-        return f"L1 {self.l1.failure or 'write failed'}"
+        written: dict[Store, tuple[bool, str]] = {}
+        for store in self.stores:
+            if isinstance(store, WritesInThread):
+                done = store.put_sync(entry, self.expiry(store, entry))
+                written[store] = (done, "" if done else store.failure or "")
+        return written
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""
@@ -144,7 +168,23 @@ class TieredCache:
 
     async def close(self) -> None:
         await self.drain()
-        if self.l2 is not None:
-            await self.l2.close()
-        if self.l1 is not None:
-            self.l1.close()
+        for store in reversed(self.stores):
+            await store.close()
+
+
+def open_cache(settings: Settings) -> TieredCache:
+    """The configured stores, nearest first: the cache directory (L1; left out with a
+    warning when it cannot be opened at all) and Redis when a URL is set. Raises
+    ValueError naming the option for a Redis URL that cannot be used."""
+    stores: list[Store] = []
+    try:
+        stores.append(DiskStore(settings.directory, layer="l1"))
+    except (OSError, sqlite3.Error) as e:
+        logger.warning("ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e)
+    if settings.redis_url:
+        try:
+            stores.append(RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix,
+                                     settings.redis_pool, layer="l2"))
+        except Exception as e:  # redis-py raises several types for a URL it cannot use
+            raise ValueError(f"ai_cache_redis_url: {e}") from None
+    return TieredCache(stores, settings.ttl)

@@ -1,13 +1,13 @@
-"""ai_cache.l2 without a server: the circuit breaker and the redaction of Redis URLs."""
+"""ai_cache.redis_store without a server: the circuit breaker and the redaction of Redis URLs."""
 
 from __future__ import annotations
 
-from ai_cache.l2 import CircuitBreaker, redact
+from ai_cache.redis_store import CircuitBreaker, redact
 
 
 def test_breaker_opens_once_backs_off_and_closes(caplog, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("ai_cache.l2.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("ai_cache.redis_store.time.monotonic", lambda: clock[0])
     breaker = CircuitBreaker("Redis", base=1, cap=4)
     assert breaker.allow()
     breaker.failure(TimeoutError(), probe=False)

@@ -1,4 +1,5 @@
-"""L2: Redis shared by a team or CI fleet, behind one fail-open `with_redis` wrapper.
+"""The Redis store: shared by a team or CI fleet (the second tier by default), behind one
+fail-open `with_redis` wrapper.
 
 Every Redis call goes through `RedisStore.with_redis`: it bounds the call by the
 timeout, turns every failure into the caller's default, and keeps a circuit breaker so
@@ -129,13 +130,14 @@ def describe(error: BaseException) -> str:
 
 
 class RedisStore:
-    layer = "l2"
+    drops_expired = True  # memory shared by a team: entries go at the TTL
 
-    def __init__(self, url: str, timeout: float, prefix: str, pool: int = DEFAULT_POOL) -> None:
+    def __init__(self, url: str, timeout: float, prefix: str, pool: int = DEFAULT_POOL, layer: str = "l2") -> None:
+        self.layer = layer
         self.timeout = timeout
         self.prefix = prefix
         self.client = connect(url, timeout, pool)
-        self.name = f"Redis L2 at {redact(url)}"
+        self.name = f"Redis {layer.upper()} at {redact(url)}"
         self.breaker = CircuitBreaker(self.name)
         # One slot per pooled connection: a call waits (bounded) for a free one instead of
         # failing, and a wait that runs out is a skipped call, not Redis being down.
@@ -193,14 +195,15 @@ class RedisStore:
         if data is None:
             return None
         if not isinstance(data, bytes):  # decode_responses=true in the URL: the value may be fine
-            logger.warning("ai-cache: L2 value for %s is %s, not bytes", key[:12], type(data).__name__)
+            logger.warning("ai-cache: %s value for %s is %s, not bytes", self.layer.upper(), key[:12],
+                           type(data).__name__)
             return None
         try:
             if data.startswith(COMPRESSED):
                 data = await asyncio.to_thread(zlib.decompress, data[len(COMPRESSED) :])
             entry = Entry.from_bytes(data, key)
         except (EntryError, zlib.error) as e:
-            logger.warning("ai-cache: discarding unreadable L2 value for %s: %s", key[:12], e)
+            logger.warning("ai-cache: discarding unreadable %s value for %s: %s", self.layer.upper(), key[:12], e)
             await self.delete(key)
             return None
         return entry

@@ -1,5 +1,6 @@
-"""L1: diskcache on local disk, the embedded default. Writes and large reads run in a
-worker thread; small reads run inline, being cheaper than the thread hop (see `get`).
+"""The disk store: diskcache on local disk, the embedded default and first tier. Writes
+and large reads run in a worker thread; small reads run inline, being cheaper than the
+thread hop (see `get`).
 
 A store that breaks (unwritable directory, full disk, corrupt database) degrades to
 "miss / skip the write" with one warning until it works again: never a failed request.
@@ -17,7 +18,7 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -82,11 +83,14 @@ def _read_and_close(handle: BinaryIO) -> bytes:
 
 
 class DiskStore:
-    layer = "l1"
+    # Entries stay past the TTL: only a lookup judges them, so replay mode can still serve
+    # them and a miss can say "expired".
+    drops_expired = False
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, layer: str = "l1") -> None:
         """Opens (creating) the cache directory, read-only if it cannot be written;
         raises the OS/SQLite error if it cannot be read either."""
+        self.layer = layer
         self.directory = Path(directory).expanduser()
         # Why writes are off for good (None: they are on).
         self.read_only: str | None = None
@@ -107,7 +111,7 @@ class DiskStore:
         # the CLI, report it.
         self.failure: str | None = None
         self._outages = {
-            kind: Outage(f"ai-cache: L1 {kind} in {self.directory} work again") for kind in ("reads", "writes")
+            kind: Outage(f"ai-cache: {layer.upper()} {kind} in {self.directory} work again") for kind in ("reads", "writes")
         }
 
     def _guarded(self, what: str, call: Callable[[], T], default: T) -> T:
@@ -117,7 +121,7 @@ class DiskStore:
             result = call()
         except STORE_ERRORS as e:
             self.failure = f"{what} failed: {e}"
-            outage.failed(f"ai-cache: L1 {what} failed in {self.directory}, going on without it: {e}")
+            outage.failed(f"ai-cache: {self.layer.upper()} {what} failed in {self.directory}, going on without it: {e}")
             return default
         outage.worked()
         self.failure = None
@@ -143,7 +147,7 @@ class DiskStore:
         try:
             return Entry.from_bytes(data, key)
         except EntryError as e:
-            logger.warning("ai-cache: discarding unreadable L1 entry %s: %s", key[:12], e)
+            logger.warning("ai-cache: discarding unreadable %s entry %s: %s", self.layer.upper(), key[:12], e)
             return None
 
     def put_sync(self, entry: Entry, expire: float | None) -> bool:
@@ -155,8 +159,8 @@ class DiskStore:
     def delete_sync(self, key: str) -> bool:
         return self._writable() and self._guarded("delete", lambda: self._cache.delete(key), False)
 
-    def keys(self) -> Iterator[str]:
-        yield from self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
+    def keys_sync(self) -> list[str]:
+        return self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
 
     def headers(self, limit: int) -> list[dict[str, Any]]:
         """The headers (`Entry.header_dict`, no body) of at most `limit` entries, in key
@@ -173,7 +177,7 @@ class DiskStore:
                     continue
         return found
 
-    def close(self) -> None:
+    def close_sync(self) -> None:
         self._cache.close()
 
     # Async API for hooks.
@@ -200,3 +204,10 @@ class DiskStore:
 
     async def delete(self, key: str) -> bool:
         return await asyncio.to_thread(self.delete_sync, key)
+
+    async def keys(self) -> list[str]:
+        return await asyncio.to_thread(self.keys_sync)
+
+    async def close(self) -> None:
+        """Inline: diskcache's connections belong to the threads that opened them."""
+        self.close_sync()

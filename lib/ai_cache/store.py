@@ -1,0 +1,40 @@
+"""What a cache tier is: the interface `TieredCache` reads and writes through.
+
+Every method is async at the boundary, so a store may block (disk) or wait on the
+network (Redis) without the hooks knowing which. A store fails open: a failure is a
+miss or a skipped write (with one warning per outage), never an exception.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .entry import Entry
+
+
+class Store(Protocol):
+    # The name of its position in headers and logs ("l1", "l2"), set by configuration.
+    layer: str
+    # Whether it drops entries at the TTL (memory shared by a team) or keeps them for
+    # lookups to judge (local recordings that replay mode may still serve).
+    drops_expired: bool
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def put(self, entry: Entry, expire: float | None) -> bool: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def keys(self) -> list[str]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class WritesInThread(Protocol):
+    """A store whose writes block: the tiered cache makes them in the worker thread that
+    prepares the entry, saving a thread hop per write."""
+
+    failure: str | None
+
+    def put_sync(self, entry: Entry, expire: float | None) -> bool: ...
