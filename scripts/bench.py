@@ -40,8 +40,8 @@ from mitmproxy.version import VERSION as MITMPROXY_VERSION
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 
-from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.disk import DiskStore  # noqa: E402
+from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port  # noqa: E402
 
 ADDON = str(ROOT / "ai_cache_addon.py")

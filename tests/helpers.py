@@ -17,8 +17,8 @@ import redis
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from ai_cache.entry import Entry
 from ai_cache.disk import DiskStore
+from ai_cache.entry import Entry
 
 if TYPE_CHECKING:
     from ai_cache.addon import AICache

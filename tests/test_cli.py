@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from ai_cache.cli import main
-from ai_cache.entry import Entry
 from ai_cache.disk import DiskStore
+from ai_cache.entry import Entry
 from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, fill, key_of, sample_entries, stored
 
 SECRETS = ("SECRET-COOKIE", "sk-SECRET-KEY", "Bearer sk-SECRET-AUTH", "SECRET-QUERY")

@@ -28,8 +28,8 @@ import zstandard
 
 from ai_cache.capture import StreamCapture
 from ai_cache.decoders import BOUNDED_BROTLI
-from ai_cache.redis_store import RedisStore
 from ai_cache.protocols import BY_NAME
+from ai_cache.redis_store import RedisStore
 from conftest import BIN, Proxy
 from fake_upstream import FakeUpstream, make_tls_cert
 from helpers import CHAT, chat_body, post, stream_raw, wait_for_redis_key, wait_for_status

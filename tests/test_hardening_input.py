@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis
 
+from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
 from ai_cache.keys import canonical_json
-from ai_cache.disk import DiskStore
 from ai_cache.redis_store import COMPRESSED, RedisStore
 from conftest import Proxy, RedisServer
 from helpers import (

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
+from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
 from ai_cache.keys import KeyPolicy
-from ai_cache.disk import DiskStore
 from ai_cache.nearest import compare, differences, explain_miss, find_nearest
 
 HOST, PATH = "api.openai.com", "/v1/chat/completions"

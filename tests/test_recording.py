@@ -10,19 +10,23 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from ai_cache.capture import StreamCapture
+from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
 from ai_cache.flights import SingleFlight
-from ai_cache.disk import DiskStore
 from ai_cache.protocols import BY_NAME
 from ai_cache.recording import Recorder, finisher, new_capture, recorded_entry
 from ai_cache.report import Tally
 from ai_cache.state import FlowState, Status
 from ai_cache.tiers import NotStorable, TieredCache
 
-ANSWER = json.dumps({"id": "c1", "object": "chat.completion", "choices": [],
-                     "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
-REQUEST = {"host": "api.openai.com", "path": "/v1/chat/completions",
-           "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+ANSWER = json.dumps(
+    {"id": "c1", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+).encode()
+REQUEST = {
+    "host": "api.openai.com",
+    "path": "/v1/chat/completions",
+    "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+}
 
 
 def recording(key: str = "ab" * 32) -> FlowState:
@@ -42,12 +46,15 @@ def test_a_complete_json_answer_becomes_an_entry():
     assert entry.meta["protocol"] == "openai-chat" and state.format == "json"
 
 
-@pytest.mark.parametrize("response,ended_by,why", [
-    (None, "", "no response"),
-    (None, "Client disconnected.", "Client disconnected."),
-    (json_response(status=500), "", "upstream answered 500"),
-    (json_response(), "Client disconnected.", "Client disconnected."),  # a JSON body proves nothing
-])
+@pytest.mark.parametrize(
+    "response,ended_by,why",
+    [
+        (None, "", "no response"),
+        (None, "Client disconnected.", "Client disconnected."),
+        (json_response(status=500), "", "upstream answered 500"),
+        (json_response(), "Client disconnected.", "Client disconnected."),  # a JSON body proves nothing
+    ],
+)
 def test_answers_that_are_not_stored_say_why(response, ended_by, why):
     assert recorded_entry(response, recording(), 10**6, ended_by) == why
 

@@ -11,9 +11,14 @@ from ai_cache.entry import Entry
 from ai_cache.replay import TOKEN_HEADER, PacedReplay
 from ai_cache.state import FlowState, Status, attach
 
-CHUNKS = [b"data: {\"a\": 1}\n\n", b"data: [DONE]\n\n"]
-ENTRY = Entry("k", "sse", b"".join(CHUNKS), [("content-type", "text/event-stream")],
-              chunks=[(0.0, len(CHUNKS[0])), (0.01, len(CHUNKS[1]))])
+CHUNKS = [b'data: {"a": 1}\n\n', b"data: [DONE]\n\n"]
+ENTRY = Entry(
+    "k",
+    "sse",
+    b"".join(CHUNKS),
+    [("content-type", "text/event-stream")],
+    chunks=[(0.0, len(CHUNKS[0])), (0.01, len(CHUNKS[1]))],
+)
 
 
 async def fetch(port: int, token: str) -> bytes:

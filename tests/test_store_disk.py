@@ -29,8 +29,9 @@ async def test_the_disk_store_is_async_at_the_boundary(tmp_path):
 
 
 async def test_a_hit_back_fills_every_store_before_the_one_that_had_it(tmp_path):
-    near, middle, far = (DiskStore(tmp_path / name, layer) for name, layer in
-                         (("near", "l1"), ("middle", "l2"), ("far", "l3")))
+    near, middle, far = (
+        DiskStore(tmp_path / name, layer) for name, layer in (("near", "l1"), ("middle", "l2"), ("far", "l3"))
+    )
     cache = TieredCache([near, middle, far])
     assert await far.put(entry("c"), None)
     found = await cache.find("c" * 64)
@@ -46,8 +47,9 @@ async def test_a_hit_back_fills_every_store_before_the_one_that_had_it(tmp_path)
 async def test_open_cache_opens_the_configured_stores(tmp_path):
     addon = AICache()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, ai_cache_dir=str(tmp_path / "cache"), ai_cache_ttl="60s",
-                       ai_cache_redis_url="redis://127.0.0.1:1/0")
+        tctx.configure(
+            addon, ai_cache_dir=str(tmp_path / "cache"), ai_cache_ttl="60s", ai_cache_redis_url="redis://127.0.0.1:1/0"
+        )
         cache = open_cache(Settings.from_options(tctx.options))
     assert [(type(s), s.layer) for s in cache.stores] == [(DiskStore, "l1"), (RedisStore, "l2")]
     assert cache.disk is cache.stores[0] and cache.ttl == 60.0

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from ai_cache.entry import Entry
 from ai_cache.disk import DiskStore
+from ai_cache.entry import Entry
 from ai_cache.tiers import TieredCache
 
 DAY = 86400.0

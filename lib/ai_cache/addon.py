@@ -18,11 +18,11 @@ from .controls import Controls, take_controls
 from .entry import Entry
 from .flights import SingleFlight
 from .keys import cacheable_request, header_map, host_of, path_of
-from .redis_store import redact
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import recognise
 from .recording import Recorder, new_capture, where
+from .redis_store import redact
 from .replay import PacedReplay
 from .report import Tally, flow_line, human_size, show_connection_lines
 from .responses import cache_headers, immediate_response, no_recording
@@ -58,9 +58,7 @@ class AICache:
             return
         try:
             settings = Settings.from_options(ctx.options)
-            if self.settings is None or any(
-                getattr(self.settings, f) != getattr(settings, f) for f in STORE_SETTINGS
-            ):
+            if self.settings is None or any(getattr(self.settings, f) != getattr(settings, f) for f in STORE_SETTINGS):
                 self._open_stores(settings)
         except exceptions.OptionsError as e:
             if self.settings is not None:
@@ -76,7 +74,8 @@ class AICache:
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
             settings.mode,
-            self.cache.disk.directory if self.cache.disk and not self.cache.disk.read_only
+            self.cache.disk.directory
+            if self.cache.disk and not self.cache.disk.read_only
             else f"{settings.directory} ({'read-only' if self.cache.disk else 'unusable'})",
             f"{settings.ttl:g}s" if settings.ttl else "forever",
             human_size(settings.max_body),
@@ -152,8 +151,9 @@ class AICache:
         names = (request.host.lower(), host_of(request), f"{request.host.lower()}:{request.port}")
         return any(fnmatch.fnmatchcase(name, glob) for glob in settings.hosts for name in names)
 
-    async def _route(self, flow: http.HTTPFlow, state: FlowState, controls: Controls,
-                     settings: Settings, cache: TieredCache) -> None:
+    async def _route(
+        self, flow: http.HTTPFlow, state: FlowState, controls: Controls, settings: Settings, cache: TieredCache
+    ) -> None:
         """BYPASS, REFRESH, or look up: HIT, or MISS (answered 504 when upstream is off-limits)."""
         mode = settings.mode
         offline = mode is Mode.REPLAY
@@ -167,8 +167,11 @@ class AICache:
             state.status = Status.REFRESH
         elif (found := await cache.find(state.key, controls.max_age, any_age=offline)) and not found.stale:
             await self._serve_hit(flow, state, found.entry, found.layer, settings)
-        elif not offline and (hit := await self.flights.answer(
-                state, settings.coalesce, lambda: cache.lookup(state.key, controls.max_age))):
+        elif not offline and (
+            hit := await self.flights.answer(
+                state, settings.coalesce, lambda: cache.lookup(state.key, controls.max_age)
+            )
+        ):
             state.coalesced = True
             await self._serve_hit(flow, state, *hit, settings)
         else:
@@ -182,8 +185,9 @@ class AICache:
                 if settings.coalesce:
                     self.flights.lead(state)
 
-    async def _serve_hit(self, flow: http.HTTPFlow, state: FlowState, entry: Entry, layer: str,
-                         settings: Settings) -> None:
+    async def _serve_hit(
+        self, flow: http.HTTPFlow, state: FlowState, entry: Entry, layer: str, settings: Settings
+    ) -> None:
         state.status, state.layer, state.age, state.format = Status.HIT, layer, entry.age(), entry.format
         state.size, state.saved_tokens = len(entry.body), sum(entry.tokens())
         self.tally.tokens_saved += state.saved_tokens
@@ -195,8 +199,9 @@ class AICache:
             flow.response = immediate_response(entry, headers)
             flow.is_replay = "response"
 
-    async def _no_recording(self, state: FlowState, offline: bool, stale: str, settings: Settings,
-                            cache: TieredCache) -> http.Response:
+    async def _no_recording(
+        self, state: FlowState, offline: bool, stale: str, settings: Settings, cache: TieredCache
+    ) -> http.Response:
         """The 504 for a miss that may not go upstream, with why it missed."""
         why = "ai_cache_mode=replay" if offline else "the client sent Cache-Control: only-if-cached"
         if stale:
@@ -232,9 +237,11 @@ class AICache:
         if state is None or flow.response is None or self.cache is None or self.settings is None:
             return
         if state.status is Status.HIT:
-            outcome = f"age {state.age:.0f}s" + (
-                f", saved {state.saved_tokens} tokens" if state.saved_tokens else ""
-            ) + (", waited for an identical request in flight" if state.coalesced else "")
+            outcome = (
+                f"age {state.age:.0f}s"
+                + (f", saved {state.saved_tokens} tokens" if state.saved_tokens else "")
+                + (", waited for an identical request in flight" if state.coalesced else "")
+            )
             logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, outcome))
             return
         self.recorder.conclude(flow, state, self.cache, self.settings.max_body)

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -27,12 +27,12 @@ from urllib.parse import urlencode
 from diskcache.core import DBNAME
 
 from . import ADDON_PATH
+from .disk import DiskStore
 from .entry import FORMATS, Entry
 from .fixtures import export_dir, import_dir
-from .disk import DiskStore
-from .redis_store import RedisStore, redact
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
+from .redis_store import RedisStore, redact
 from .report import human_age, human_size
 
 T = TypeVar("T")
@@ -175,7 +175,7 @@ class Cache:
 def table(rows: list[list[str]]) -> list[str]:
     """Columns padded to their widest cell; the last one is left ragged."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
-    return ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + row[-1:]) for row in rows]
+    return ["  ".join([c.ljust(w) for c, w in zip(row, widths, strict=False)] + row[-1:]) for row in rows]
 
 
 def counted(n: int, one: str, many: str) -> str:
@@ -183,7 +183,7 @@ def counted(n: int, one: str, many: str) -> str:
 
 
 def entry_count(n: int) -> str:
-    """"1 entry", "2 entries": every count of entries the CLI prints."""
+    """ "1 entry", "2 entries": every count of entries the CLI prints."""
     return counted(n, "entry", "entries")
 
 
@@ -323,7 +323,7 @@ def cmd_show(args: argparse.Namespace, cache: Cache) -> int:
         sys.stdout.buffer.write(entry.body)
         sys.stdout.buffer.flush()
         return 0
-    created = datetime.fromtimestamp(entry.created_at, timezone.utc).isoformat(timespec="seconds")
+    created = datetime.fromtimestamp(entry.created_at, UTC).isoformat(timespec="seconds")
     shape = entry.format
     if entry.chunks and entry.format != "json":
         shape += f", {len(entry.chunks)} chunks over {entry.chunks[-1][0]:.3f}s"
@@ -347,8 +347,10 @@ def cmd_show(args: argparse.Namespace, cache: Cache) -> int:
     if "body" in request:
         print(f"\nrequest body:\n{pretty_json(request['body'])}")
     elif "body_preview" in request:  # a large body: its start and its hash were kept
-        print(f"\nrequest body ({request.get('body_size')} bytes, sha256 {request.get('body_sha256')}), "
-              f"beginning:\n{request['body_preview']}")
+        print(
+            f"\nrequest body ({request.get('body_size')} bytes, sha256 {request.get('body_sha256')}), "
+            f"beginning:\n{request['body_preview']}"
+        )
     print(f"\nresponse body:\n{readable_body(entry)}")
     return 0
 
@@ -391,8 +393,10 @@ def cmd_clear(args: argparse.Namespace, cache: Cache) -> int:
     keys = cache.keys()
     if not args.yes:
         if not sys.stdin.isatty():
-            raise CLIError(f"refusing to delete all {entry_count(len(keys))} in {cache.where} "
-                           "without --yes (no terminal to ask)", status=2)
+            raise CLIError(
+                f"refusing to delete all {entry_count(len(keys))} in {cache.where} without --yes (no terminal to ask)",
+                status=2,
+            )
         try:
             answer = input(f"Delete all {entry_count(len(keys))} in {cache.where}? [y/N] ")
         except EOFError:
@@ -418,13 +422,23 @@ def duration(text: str) -> float:
 def add_filters(parser: argparse.ArgumentParser, need_age: bool = False) -> None:
     group = parser.add_argument_group("filters")
     group.add_argument("--model", metavar="GLOB", help="only this model; a glob like 'gpt-4o*' works")
-    group.add_argument("--protocol", choices=sorted(BY_NAME), metavar="NAME",
-                       help=f"only this protocol family: {', '.join(sorted(BY_NAME))}")
+    group.add_argument(
+        "--protocol",
+        choices=sorted(BY_NAME),
+        metavar="NAME",
+        help=f"only this protocol family: {', '.join(sorted(BY_NAME))}",
+    )
     group.add_argument("--format", choices=FORMATS, help="only this body format")
-    group.add_argument("--older-than", type=duration, metavar="DURATION", required=need_age,
-                       help="only entries recorded longer ago than this (90s, 30m, 12h, 7d)")
-    group.add_argument("--newer-than", type=duration, metavar="DURATION",
-                       help="only entries recorded more recently than this")
+    group.add_argument(
+        "--older-than",
+        type=duration,
+        metavar="DURATION",
+        required=need_age,
+        help="only entries recorded longer ago than this (90s, 30m, 12h, 7d)",
+    )
+    group.add_argument(
+        "--newer-than", type=duration, metavar="DURATION", help="only entries recorded more recently than this"
+    )
 
 
 def add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -435,13 +449,24 @@ def add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         return value if defaults else argparse.SUPPRESS
 
     directory, prefix = option_default("ai_cache_dir"), option_default("ai_cache_redis_prefix")
-    parser.add_argument("--dir", default=default(directory), metavar="DIR",
-                        help=f"the L1 cache directory, as the addon's ai_cache_dir (default: {directory})")
-    parser.add_argument("--redis-url", default=default(""), metavar="URL",
-                        help="also act on this Redis L2 (redis://host:6379/0, rediss://, unix://, "
-                             "redis+cluster://)")
-    parser.add_argument("--redis-prefix", default=default(prefix), metavar="PREFIX",
-                        help=f"prefix of the cache's Redis keys (default: {prefix})")
+    parser.add_argument(
+        "--dir",
+        default=default(directory),
+        metavar="DIR",
+        help=f"the L1 cache directory, as the addon's ai_cache_dir (default: {directory})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=default(""),
+        metavar="URL",
+        help="also act on this Redis L2 (redis://host:6379/0, rediss://, unix://, redis+cluster://)",
+    )
+    parser.add_argument(
+        "--redis-prefix",
+        default=default(prefix),
+        metavar="PREFIX",
+        help=f"prefix of the cache's Redis keys (default: {prefix})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,9 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(create=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(
-        name: str, run: Callable[[argparse.Namespace, Cache], int], help_text: str
-    ) -> argparse.ArgumentParser:
+    def command(name: str, run: Callable[[argparse.Namespace, Cache], int], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_global_options(sub, defaults=False)
         sub.set_defaults(run=run)
@@ -464,8 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("stats", cmd_stats, "Count entries, bytes and tokens by protocol, model and format.")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     add_filters(sub)
-    sub = command("ls", cmd_ls,
-                  "List entries, newest first: key, age, format, protocol, model, size, prompt.")
+    sub = command("ls", cmd_ls, "List entries, newest first: key, age, format, protocol, model, size, prompt.")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     add_filters(sub)
     sub = command("show", cmd_show, "Print one entry's metadata, request and answer.")
@@ -474,8 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("export", cmd_export, "Write entries as reviewable JSON fixture files, one per entry.")
     sub.add_argument("target", type=Path, metavar="DIR", help="directory for the files (created)")
     add_filters(sub)
-    sub = command("import", cmd_import,
-                  "Store the fixture files of a directory; bad files are reported and skipped.")
+    sub = command("import", cmd_import, "Store the fixture files of a directory; bad files are reported and skipped.")
     sub.add_argument("source", type=Path, metavar="DIR", help="directory of *.json fixture files")
     sub.set_defaults(create=True)
     sub = command("purge", cmd_purge, "Delete the entries older than a duration.")

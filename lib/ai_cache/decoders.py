@@ -10,7 +10,7 @@ brotli and zstandard come with mitmproxy.
 from __future__ import annotations
 
 import zlib
-from typing import Protocol
+from typing import IO, Protocol, cast
 
 import brotli
 import zstandard
@@ -101,7 +101,9 @@ class ZstdDecoder:
     def __init__(self) -> None:
         self._sink = _Sink()
         self._writer = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_writer(
-            self._sink, write_size=64 * 1024, closefd=False
+            cast(IO[bytes], self._sink),  # zstandard only calls write() on it
+            write_size=64 * 1024,
+            closefd=False,
         )
 
     def decode(self, data: bytes, room: int) -> bytes:

@@ -11,6 +11,7 @@ is opened read-only: lookups go on, writes are off.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import itertools
 import logging
@@ -71,9 +72,7 @@ class ReadOnlyCache(diskcache.Cache):
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = self._local.con = sqlite3.connect(
-                self._uri, uri=True, timeout=self._timeout, isolation_level=None
-            )
+            con = self._local.con = sqlite3.connect(self._uri, uri=True, timeout=self._timeout, isolation_level=None)
         return con
 
 
@@ -105,13 +104,17 @@ class DiskStore:
             except STORE_ERRORS:
                 raise e from None
             self.read_only = "writes are off: the cache directory cannot be written"
-            logger.warning("ai-cache: cannot write to cache directory %s (%s): lookups are served "
-                           "from it, writes are off", self.directory, e)
+            logger.warning(
+                "ai-cache: cannot write to cache directory %s (%s): lookups are served from it, writes are off",
+                self.directory,
+                e,
+            )
         # The last failure (None after a success): callers that must not fail open, like
         # the CLI, report it.
         self.failure: str | None = None
         self._outages = {
-            kind: Outage(f"ai-cache: {layer.upper()} {kind} in {self.directory} work again") for kind in ("reads", "writes")
+            kind: Outage(f"ai-cache: {layer.upper()} {kind} in {self.directory} work again")
+            for kind in ("reads", "writes")
         }
 
     def _guarded(self, what: str, call: Callable[[], T], default: T) -> T:
@@ -166,8 +169,9 @@ class DiskStore:
         """The headers (`Entry.header_dict`, no body) of at most `limit` entries, in key
         order: a bounded read for diagnostics. Entries that cannot be read are left out."""
         found: list[dict[str, Any]] = []
-        for key in self._guarded("listing", lambda: list(itertools.islice(self._cache.iterkeys(), limit)), []):
-            value = self._guarded("read", lambda: self._cache.get(key, read=True), None)
+        keys: list[str] = self._guarded("listing", lambda: list(itertools.islice(self._cache.iterkeys(), limit)), [])
+        for key in keys:
+            value = self._guarded("read", functools.partial(self._cache.get, key, read=True), None)
             if value is None:
                 continue
             with io.BytesIO(value) if isinstance(value, bytes) else value as handle:

@@ -35,9 +35,19 @@ CONTENT_TYPES = {
 # Upstream headers never replayed: cookies, hop-by-hop, and framing that will not match.
 UNREPLAYABLE_HEADERS = frozenset(
     {
-        "set-cookie", "connection", "keep-alive", "proxy-authenticate", "proxy-connection",
-        "te", "trailer", "transfer-encoding", "upgrade", "content-length", "content-encoding",
-        "date", "alt-svc",
+        "set-cookie",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "date",
+        "alt-svc",
     }
 )
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -189,8 +199,10 @@ def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [
         (k, v)
         for k, v in headers
-        if k.lower() not in UNREPLAYABLE_HEADERS and not k.lower().startswith(CONTROL_PREFIX)
-        and HEADER_NAME.fullmatch(k) and HEADER_VALUE.fullmatch(v)
+        if k.lower() not in UNREPLAYABLE_HEADERS
+        and not k.lower().startswith(CONTROL_PREFIX)
+        and HEADER_NAME.fullmatch(k)
+        and HEADER_VALUE.fullmatch(v)
     ]
 
 

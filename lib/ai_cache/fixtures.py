@@ -73,16 +73,11 @@ def scrubbed(entry: Entry) -> Entry:
     request = meta.get("request")
     if isinstance(request, dict):
         if isinstance(request.get("headers"), dict):
-            request["headers"] = {
-                k: v for k, v in request["headers"].items() if k.lower() not in secret
-            }
+            request["headers"] = {k: v for k, v in request["headers"].items() if k.lower() not in secret}
         if isinstance(request.get("query"), list):
-            request["query"] = [
-                pair for pair in request["query"] if str(pair[0]).lower() not in CREDENTIAL_PARAMS
-            ]
+            request["query"] = [pair for pair in request["query"] if str(pair[0]).lower() not in CREDENTIAL_PARAMS]
     headers = [(k, v) for k, v in entry.headers if k.lower() not in secret]
-    return Entry(entry.key, entry.format, entry.body, headers, entry.created_at, entry.status,
-                 list(entry.chunks), meta)
+    return Entry(entry.key, entry.format, entry.body, headers, entry.created_at, entry.status, list(entry.chunks), meta)
 
 
 def slug(text: str) -> str:
@@ -256,7 +251,7 @@ def from_fixture(document: Any) -> Entry:
     """The entry a fixture document describes, checked like every entry read from outside
     (see `entry.validated`); FixtureError says what is wrong with it."""
     if not isinstance(document, dict) or document.get("ai_cache_fixture") != FIXTURE_VERSION:
-        raise FixtureError(f"not an ai-cache fixture (needs \"ai_cache_fixture\": {FIXTURE_VERSION})")
+        raise FixtureError(f'not an ai-cache fixture (needs "ai_cache_fixture": {FIXTURE_VERSION})')
     key = _field(document, "key", str)
     fmt = _field(document, "format", str)
     if fmt not in FORMATS:
@@ -267,16 +262,18 @@ def from_fixture(document: Any) -> Entry:
     status = _field(document, "status", int)
     body, chunks = (_read_json_body if fmt == "json" else _read_stream_body)(document)
     try:
-        return validated(Entry(
-            key=key,
-            format=fmt,
-            body=body,
-            headers=[(name, value) for name, value in headers],
-            created_at=_seconds(_field(document, "created_at", (int, float)), "created_at"),
-            status=status,
-            chunks=chunks,
-            meta=_field(document, "meta", dict),
-        ))
+        return validated(
+            Entry(
+                key=key,
+                format=fmt,
+                body=body,
+                headers=[(name, value) for name, value in headers],
+                created_at=_seconds(_field(document, "created_at", (int, float)), "created_at"),
+                status=status,
+                chunks=chunks,
+                meta=_field(document, "meta", dict),
+            )
+        )
     except EntryError as e:
         raise FixtureError(str(e)) from None
 

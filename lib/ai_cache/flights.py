@@ -33,16 +33,16 @@ class SingleFlight:
             self._leaders[state.key] = asyncio.get_running_loop().create_future()
 
     async def answer(
-        self, state: FlowState, timeout: float, lookup: Callable[[], Awaitable[Answer | None]]
+        self, state: FlowState, patience: float, lookup: Callable[[], Awaitable[Answer | None]]
     ) -> Answer | None:
-        """Wait up to `timeout` for the leader of the flow's key to land, then `lookup` its
+        """Wait up to `patience` seconds for the leader of the flow's key to land, then `lookup` its
         answer; None at once when no identical request is in flight."""
         leader = self._leaders.get(state.key)
         if leader is None:
             return None
         try:
-            await asyncio.wait_for(asyncio.shield(leader), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(asyncio.shield(leader), patience)
+        except TimeoutError:
             pass
         state.followed = True
         return await lookup()

@@ -21,11 +21,30 @@ from .protocols import Protocol, answer_headers
 KEY_VERSION = "ai-cache/1"
 # Query parameters that carry credentials (compared lower-cased): API keys, Azure APIM's
 # subscription-key, Azure Functions' code, SAS signatures, OAuth tokens and secrets.
-CREDENTIAL_PARAMS = frozenset({
-    "key", "api_key", "api-key", "apikey", "x-api-key", "subscription-key", "code", "sig",
-    "signature", "token", "access_token", "access-token", "id_token", "refresh_token",
-    "auth", "auth_token", "secret", "client_secret", "password", "pwd",
-})
+CREDENTIAL_PARAMS = frozenset(
+    {
+        "key",
+        "api_key",
+        "api-key",
+        "apikey",
+        "x-api-key",
+        "subscription-key",
+        "code",
+        "sig",
+        "signature",
+        "token",
+        "access_token",
+        "access-token",
+        "id_token",
+        "refresh_token",
+        "auth",
+        "auth_token",
+        "secret",
+        "client_secret",
+        "password",
+        "pwd",
+    }
+)
 # Deeper request bodies are not cached: nothing real nests this deep, and deep values
 # break recursive encoders (export, exceeding Python's recursion limit) further down.
 MAX_NESTING = 64
@@ -81,7 +100,8 @@ def safe_query(request: http.Request, secret: frozenset[str] = frozenset()) -> l
     if "?" not in request.path:
         return []
     return sorted(
-        (k, v) for k, v in request.query.items(multi=True)
+        (k, v)
+        for k, v in request.query.items(multi=True)
         if k.lower() not in CREDENTIAL_PARAMS and k.lower() not in secret
     )
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .keys import KeyPolicy, canonical_json, without_fields
 from .disk import DiskStore
+from .keys import KeyPolicy, canonical_json, without_fields
 from .protocols import recognise
 
 # Entries whose headers are read per miss, in a worker thread: bounds the work (measured
@@ -80,8 +80,12 @@ def _named(value: Any) -> dict[str, Any]:
 def compare(wanted: dict[str, Any], recorded: dict[str, Any], policy: KeyPolicy) -> tuple[str, int]:
     """The first differing field of two described requests (body first, then query and
     answer-determining headers) and how many leaves differ in all."""
-    found = list(differences(without_fields(wanted.get("body") or {}, policy.ignore_fields),
-                             without_fields(recorded.get("body") or {}, policy.ignore_fields)))
+    found = list(
+        differences(
+            without_fields(wanted.get("body") or {}, policy.ignore_fields),
+            without_fields(recorded.get("body") or {}, policy.ignore_fields),
+        )
+    )
     for part, label in (("query", "query"), ("headers", "header")):
         mine, theirs = _named(wanted.get(part)), _named(recorded.get(part))
         found += [(f"{label} {name}", 1) for name in {**mine, **theirs} if mine.get(name) != theirs.get(name)]
@@ -121,9 +125,13 @@ class MissExplanation:
         text = f"prompt {self.prompt!r}; "
         if self.nearest is None:
             return text + "no recording of the same model, host and path"
-        where = f"differs at {self.nearest.field}" if self.nearest.field else (
-            "has the same request but other key settings (ai_cache_scope_headers, "
-            "ai_cache_ignore_fields or another ai-cache version)"
+        where = (
+            f"differs at {self.nearest.field}"
+            if self.nearest.field
+            else (
+                "has the same request but other key settings (ai_cache_scope_headers, "
+                "ai_cache_ignore_fields or another ai-cache version)"
+            )
         )
         return text + f"nearest recording {self.nearest.key[:12]} (same model, host and path) {where}"
 

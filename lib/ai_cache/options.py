@@ -22,65 +22,134 @@ from .state import Mode
 PREFIX = "ai_cache_"
 MODES = tuple(mode.value for mode in Mode)
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-              "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
 
 # name, type, default, help
 OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
-    ("ai_cache_dir", str, "~/.cache/ai-cache",
-     "Directory of the L1 cache (diskcache), created if missing. An unusable directory "
-     "degrades the addon to pass-through with one warning."),
-    ("ai_cache_mode", str, "record",
-     "record: read-through cache (answer hits, fetch and store misses). replay: never "
-     "contact upstream; a miss answers 504 explaining that no recording exists. refresh: "
-     "always fetch and overwrite. off: pass everything through."),
-    ("ai_cache_ttl", str, "0",
-     "How long entries stay valid, in seconds or with a unit (90s, 30m, 12h, 7d); 0 keeps "
-     "them forever. Judged from when the answer was recorded, in every layer."),
-    ("ai_cache_max_body", str, "10MiB",
-     "Largest answer stored, in bytes or with a unit (512KiB, 10MiB). Larger answers and "
-     "streams still reach the client in full; they are just not stored."),
-    ("ai_cache_headers", bool, True,
-     "Add X-AI-Cache-Status, -Key, -Age and -Layer to answers of recognised requests."),
-    ("ai_cache_ignore_fields", str, "",
-     "Comma-separated request body fields left out of the key when they do not change "
-     "the answer, e.g. 'user,metadata' or a nested 'metadata.user_id'."),
-    ("ai_cache_scope_headers", str, "",
-     "Comma-separated request headers whose values (hashed, never stored) are folded into "
-     "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key."),
-    ("ai_cache_secret_params", str, "",
-     "Comma-separated query parameters that carry credentials, on top of the built-in ones "
-     "(key, api_key, subscription-key, code, sig, token, access_token, secret, password, ...): "
-     "forwarded upstream, never stored, logged or part of the key. Case-insensitive."),
-    ("ai_cache_hosts", str, "",
-     "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
-     "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host. When set, "
-     "mitmproxy decrypts only these hosts (allow_hosts, unless set) and tunnels other TLS untouched."),
-    ("ai_cache_key_host", bool, True,
-     "Put the upstream host in the key. Turn off to replay recordings against another host "
-     "(a staging gateway, a reverse proxy on another port)."),
-    ("ai_cache_coalesce", str, "60",
-     "Single flight: an identical request arriving while the first is still in flight waits "
-     "up to this many seconds (or 2m, ...) for that answer instead of paying for it again; "
-     "0 sends every request upstream. Waiting followers of a stream get it once it completed."),
-    ("ai_cache_replay_speed", str, "0",
-     "Pace of replayed streams: 0 sends a cached stream at once; 1 replays it at the "
-     "recorded pace; 2 twice as fast, 0.5 half as fast."),
-    ("ai_cache_redis_url", str, "",
-     "Redis for the shared L2 cache, empty for none: redis://[user:pass@]host:6379/0, "
-     "rediss:// for TLS, unix:///path/redis.sock, redis+cluster://host:7000 for a cluster."),
-    ("ai_cache_redis_timeout", str, "100",
-     "Milliseconds any Redis call may take before it counts as failed and the request goes "
-     "on without L2. Failures open a circuit breaker that skips Redis for a growing cool-down."),
-    ("ai_cache_redis_prefix", str, "ai-cache:",
-     "Prefix of every Redis key the cache writes."),
-    ("ai_cache_redis_pool", str, "256",
-     "Most Redis connections (= concurrent calls) the proxy opens. A call that finds them "
-     "all busy waits up to ai_cache_redis_timeout for one, then goes on without L2; busy "
-     "connections never count as Redis failing."),
-    ("ai_cache_connection_log", bool, True,
-     "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
-     "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay."),
+    (
+        "ai_cache_dir",
+        str,
+        "~/.cache/ai-cache",
+        "Directory of the L1 cache (diskcache), created if missing. An unusable directory "
+        "degrades the addon to pass-through with one warning.",
+    ),
+    (
+        "ai_cache_mode",
+        str,
+        "record",
+        "record: read-through cache (answer hits, fetch and store misses). replay: never "
+        "contact upstream; a miss answers 504 explaining that no recording exists. refresh: "
+        "always fetch and overwrite. off: pass everything through.",
+    ),
+    (
+        "ai_cache_ttl",
+        str,
+        "0",
+        "How long entries stay valid, in seconds or with a unit (90s, 30m, 12h, 7d); 0 keeps "
+        "them forever. Judged from when the answer was recorded, in every layer.",
+    ),
+    (
+        "ai_cache_max_body",
+        str,
+        "10MiB",
+        "Largest answer stored, in bytes or with a unit (512KiB, 10MiB). Larger answers and "
+        "streams still reach the client in full; they are just not stored.",
+    ),
+    ("ai_cache_headers", bool, True, "Add X-AI-Cache-Status, -Key, -Age and -Layer to answers of recognised requests."),
+    (
+        "ai_cache_ignore_fields",
+        str,
+        "",
+        "Comma-separated request body fields left out of the key when they do not change "
+        "the answer, e.g. 'user,metadata' or a nested 'metadata.user_id'.",
+    ),
+    (
+        "ai_cache_scope_headers",
+        str,
+        "",
+        "Comma-separated request headers whose values (hashed, never stored) are folded into "
+        "the key to isolate tenants; 'authorization' or 'x-api-key' means one cache per API key.",
+    ),
+    (
+        "ai_cache_secret_params",
+        str,
+        "",
+        "Comma-separated query parameters that carry credentials, on top of the built-in ones "
+        "(key, api_key, subscription-key, code, sig, token, access_token, secret, password, ...): "
+        "forwarded upstream, never stored, logged or part of the key. Case-insensitive.",
+    ),
+    (
+        "ai_cache_hosts",
+        str,
+        "",
+        "Comma-separated hosts whose LLM calls are cached, globs allowed ('api.openai.com,"
+        "*.anthropic.com,localhost:11434'); empty caches recognised calls to any host. When set, "
+        "mitmproxy decrypts only these hosts (allow_hosts, unless set) and tunnels other TLS untouched.",
+    ),
+    (
+        "ai_cache_key_host",
+        bool,
+        True,
+        "Put the upstream host in the key. Turn off to replay recordings against another host "
+        "(a staging gateway, a reverse proxy on another port).",
+    ),
+    (
+        "ai_cache_coalesce",
+        str,
+        "60",
+        "Single flight: an identical request arriving while the first is still in flight waits "
+        "up to this many seconds (or 2m, ...) for that answer instead of paying for it again; "
+        "0 sends every request upstream. Waiting followers of a stream get it once it completed.",
+    ),
+    (
+        "ai_cache_replay_speed",
+        str,
+        "0",
+        "Pace of replayed streams: 0 sends a cached stream at once; 1 replays it at the "
+        "recorded pace; 2 twice as fast, 0.5 half as fast.",
+    ),
+    (
+        "ai_cache_redis_url",
+        str,
+        "",
+        "Redis for the shared L2 cache, empty for none: redis://[user:pass@]host:6379/0, "
+        "rediss:// for TLS, unix:///path/redis.sock, redis+cluster://host:7000 for a cluster.",
+    ),
+    (
+        "ai_cache_redis_timeout",
+        str,
+        "100",
+        "Milliseconds any Redis call may take before it counts as failed and the request goes "
+        "on without L2. Failures open a circuit breaker that skips Redis for a growing cool-down.",
+    ),
+    ("ai_cache_redis_prefix", str, "ai-cache:", "Prefix of every Redis key the cache writes."),
+    (
+        "ai_cache_redis_pool",
+        str,
+        "256",
+        "Most Redis connections (= concurrent calls) the proxy opens. A call that finds them "
+        "all busy waits up to ai_cache_redis_timeout for one, then goes on without L2; busy "
+        "connections never count as Redis failing.",
+    ),
+    (
+        "ai_cache_connection_log",
+        bool,
+        True,
+        "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
+        "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay.",
+    ),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
 
@@ -96,12 +165,14 @@ def misset_options(deferred: Mapping[str, Any]) -> list[str]:
             if isinstance(given, list) and len(given) > 1:
                 problems.append(f"{name} is set {len(given)} times; set each option once")
         elif name.startswith(PREFIX):  # compare what follows the prefix, which all share
-            close = difflib.get_close_matches(name[len(PREFIX):], [n[len(PREFIX):] for n in sorted(OPTION_NAMES)], n=1)
+            close = difflib.get_close_matches(
+                name[len(PREFIX) :], [n[len(PREFIX) :] for n in sorted(OPTION_NAMES)], n=1
+            )
             problems.append(f"unknown option {name}" + (f" (did you mean {PREFIX}{close[0]}?)" if close else ""))
     return problems
 
 
-def parse_number(text: str, units: dict[str, float], what: str) -> float:
+def parse_number(text: str, units: Mapping[str, float], what: str) -> float:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in units:
         raise ValueError(f"{text!r} is not a {what}")
@@ -155,9 +226,7 @@ class Settings:
 
         mode = options.ai_cache_mode.strip().lower()
         if mode not in MODES:
-            raise exceptions.OptionsError(
-                f"ai_cache_mode: {options.ai_cache_mode!r} is not one of {', '.join(MODES)}"
-            )
+            raise exceptions.OptionsError(f"ai_cache_mode: {options.ai_cache_mode!r} is not one of {', '.join(MODES)}")
         redis_url = options.ai_cache_redis_url.strip()
         if redis_url and not re.match(r"^(rediss?|unix|rediss?\+cluster)://", redis_url):
             raise exceptions.OptionsError(
@@ -177,14 +246,24 @@ class Settings:
                 secret_params=frozenset(p.lower() for p in parse_list(options.ai_cache_secret_params)),
             ),
             coalesce=parsed("ai_cache_coalesce", parse_duration),
-            replay_speed=parsed("ai_cache_replay_speed", float, lambda v: 0 <= v < float("inf"),
-                                "must be 0 (at once) or a positive speed factor"),
+            replay_speed=parsed(
+                "ai_cache_replay_speed",
+                float,
+                lambda v: 0 <= v < float("inf"),
+                "must be 0 (at once) or a positive speed factor",
+            ),
             redis_url=redis_url,
-            redis_timeout=parsed("ai_cache_redis_timeout", float, lambda v: 0 < v <= 60000,
-                                 "must be between 0 and 60000 milliseconds") / 1000,
+            redis_timeout=parsed(
+                "ai_cache_redis_timeout", float, lambda v: 0 < v <= 60000, "must be between 0 and 60000 milliseconds"
+            )
+            / 1000,
             redis_prefix=options.ai_cache_redis_prefix,
-            redis_pool=parsed("ai_cache_redis_pool", int, lambda v: 1 <= v <= 100_000,
-                              "must be a number of connections from 1 to 100000"),
+            redis_pool=parsed(
+                "ai_cache_redis_pool",
+                int,
+                lambda v: 1 <= v <= 100_000,
+                "must be a number of connections from 1 to 100000",
+            ),
             connection_log=options.ai_cache_connection_log,
         )
 

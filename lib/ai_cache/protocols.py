@@ -297,9 +297,7 @@ class Gemini(Protocol):
         """No sentinel: the last event must carry a finishReason."""
         obj = json_object(event.data)
         candidates = obj.get("candidates") if obj else None
-        return isinstance(candidates, list) and any(
-            isinstance(c, dict) and c.get("finishReason") for c in candidates
-        )
+        return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates)
 
     def user_text(self, body: dict[str, Any]) -> str:
         """A content without a role is the user's (single-turn requests omit it)."""
@@ -382,6 +380,13 @@ def credential_headers() -> frozenset[str]:
     return frozenset(_union(p.credential_headers for p in PROTOCOLS)) | BASE_CREDENTIAL_HEADERS
 
 
-for family in (OpenAIChat, OpenAICompletions, OpenAIResponses, OpenAIEmbeddings, AnthropicMessages, Gemini,
-               OllamaNative):
+for family in (
+    OpenAIChat,
+    OpenAICompletions,
+    OpenAIResponses,
+    OpenAIEmbeddings,
+    AnthropicMessages,
+    Gemini,
+    OllamaNative,
+):
     register(family())

@@ -87,8 +87,12 @@ def recorded_entry(
         body=capture.body,
         headers=replayable_headers(list(response.headers.items(multi=True))),
         chunks=capture.chunks,
-        meta={"protocol": state.protocol, "model": state.model or "", "stream": bool(state.stream),
-              "request": state.request},
+        meta={
+            "protocol": state.protocol,
+            "model": state.model or "",
+            "stream": bool(state.stream),
+            "request": state.request,
+        },
     )
     return entry, capture
 
@@ -100,8 +104,9 @@ class Recorder:
         self.flights = flights
         self.tally = tally
 
-    def conclude(self, flow: http.HTTPFlow, state: FlowState, cache: TieredCache, max_body: int,
-                 ended_by: str = "") -> None:
+    def conclude(
+        self, flow: http.HTTPFlow, state: FlowState, cache: TieredCache, max_body: int, ended_by: str = ""
+    ) -> None:
         """`ended_by` is the error a flow ended with: the capture still decides, because a
         client that closes right after the terminal event leaves a complete stream."""
         written: asyncio.Task[Written] | None = None

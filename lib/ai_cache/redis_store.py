@@ -114,7 +114,8 @@ class CircuitBreaker:
         elif not self.is_open:
             logger.warning(
                 "ai-cache: %s failed (%s), skipping it for a while: requests go on without it",
-                self.name, describe(error),
+                self.name,
+                describe(error),
             )
             self.cooldown = self.base
         else:  # a call that started before the breaker opened: already counted
@@ -166,8 +167,9 @@ class RedisStore:
             return default
         except WRITE_REFUSALS as e:  # it answered: reads still work
             self.breaker.success(probe)
-            self.refusing.failed(f"ai-cache: {self.name} refuses writes ({describe(e)}); "
-                                 "lookups go on, new entries stay local")
+            self.refusing.failed(
+                f"ai-cache: {self.name} refuses writes ({describe(e)}); lookups go on, new entries stay local"
+            )
             return default
         except Exception as e:  # fail open: no Redis problem may reach a request
             self.breaker.failure(e, probe)
@@ -184,7 +186,7 @@ class RedisStore:
             return await self.slots.acquire()  # at once, without a task for the timeout
         try:
             return await asyncio.wait_for(self.slots.acquire(), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def redis_key(self, key: str) -> str:
@@ -195,8 +197,9 @@ class RedisStore:
         if data is None:
             return None
         if not isinstance(data, bytes):  # decode_responses=true in the URL: the value may be fine
-            logger.warning("ai-cache: %s value for %s is %s, not bytes", self.layer.upper(), key[:12],
-                           type(data).__name__)
+            logger.warning(
+                "ai-cache: %s value for %s is %s, not bytes", self.layer.upper(), key[:12], type(data).__name__
+            )
             return None
         try:
             if data.startswith(COMPRESSED):
@@ -226,7 +229,8 @@ class RedisStore:
         async def scan(client: Any) -> list[bytes]:
             return [k async for k in client.scan_iter(match=pattern, count=1000)]
 
-        return [k.decode()[len(self.prefix) :] for k in await self.with_redis(scan, [])]
+        found: list[bytes] = await self.with_redis(scan, [])
+        return [k.decode()[len(self.prefix) :] for k in found]
 
     async def close(self) -> None:
         try:

@@ -76,9 +76,8 @@ class ReplayServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-            headers = http.Headers(
-                [tuple(line.split(b":", 1)) for line in head.split(b"\r\n")[1:] if b":" in line]
-            )
+            lines = [line.partition(b":") for line in head.split(b"\r\n")[1:] if b":" in line]
+            headers = http.Headers([(name, value) for name, _, value in lines])
             length = int(headers.get("content-length", "0") or 0)
             await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
             registered = self._pending.pop(headers.get(TOKEN_HEADER, "").strip(), None)
@@ -99,8 +98,7 @@ class ReplayServer:
                     await asyncio.sleep(delay)
                 writer.write(data)
             await writer.drain()
-        except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             logger.debug("ai-cache: replay client went away")
         finally:
             writer.close()
@@ -123,8 +121,9 @@ class PacedReplay:
         """Pacing a single chunk, or a JSON body, would only delay it."""
         return speed > 0 and entry.format != "json" and len(entry.chunks) > 1
 
-    async def pace(self, flow: http.HTTPFlow, state: FlowState, entry: Entry,
-                   headers: list[tuple[str, str]], speed: float) -> None:
+    async def pace(
+        self, flow: http.HTTPFlow, state: FlowState, entry: Entry, headers: list[tuple[str, str]], speed: float
+    ) -> None:
         """Send `flow` to the replay server, which answers it with `entry` and `headers`."""
         port = await self.server.ensure_started()
         state.token = self.server.register(entry, headers, speed)

@@ -33,14 +33,17 @@ def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> ht
     return response
 
 
-def no_recording(state: FlowState, why: str, stale: str, explanation: MissExplanation | None,
-                 headers: list[tuple[str, str]]) -> http.Response:
+def no_recording(
+    state: FlowState, why: str, stale: str, explanation: MissExplanation | None, headers: list[tuple[str, str]]
+) -> http.Response:
     """The 504 for a miss that may not go upstream (`why`): what is missing, why it missed
     (`stale`, or the prompt, the nearest recording and where it differs) and what to do.
     `x-should-retry: false` stops the SDKs' retries, which cannot help."""
     request = state.request or {}
-    what = (f"this {state.protocol} request (model {state.model or '-'}, "
-            f"{request.get('host', '')}{request.get('path', '')}, key {state.key[:16]})")
+    what = (
+        f"this {state.protocol} request (model {state.model or '-'}, "
+        f"{request.get('host', '')}{request.get('path', '')}, key {state.key[:16]})"
+    )
     if explanation is None:
         missing, explained = f"the recording of {what} is {stale}", {}
     else:
@@ -49,7 +52,18 @@ def no_recording(state: FlowState, why: str, stale: str, explanation: MissExplan
         f"ai-cache: {missing}; {why} forbids contacting upstream. Record it by running "
         f"once with ai_cache_mode=record (the default) and the upstream reachable."
     )
-    body = {"type": "error", "error": {"type": "ai_cache_miss", "code": "ai_cache_no_recording",
-                                       "message": message, "key": state.key, **explained}}
-    return http.Response.make(504, json.dumps(body), make_headers(
-        [("content-type", "application/json"), ("x-should-retry", "false"), *headers]))
+    body = {
+        "type": "error",
+        "error": {
+            "type": "ai_cache_miss",
+            "code": "ai_cache_no_recording",
+            "message": message,
+            "key": state.key,
+            **explained,
+        },
+    }
+    return http.Response.make(
+        504,
+        json.dumps(body),
+        make_headers([("content-type", "application/json"), ("x-should-retry", "false"), *headers]),
+    )

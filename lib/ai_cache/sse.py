@@ -32,7 +32,8 @@ def parse_sse(body: bytes) -> tuple[list[Event], bool]:
     is no event, so a cut-off stream never counts its last, partial frame.
     """
     events: list[Event] = []
-    name, data, pending = "", [], False
+    name, pending = "", False
+    data: list[str] = []
     *lines, rest = with_lf(body).split(b"\n")
     for line in lines:
         if line.endswith(b"\r"):

@@ -84,8 +84,9 @@ class TieredCache:
         unservable: Found | None = None
         unwritten = self._unwritten.get(key)
         if unwritten is not None:
-            found = Found(unwritten, self.stores[0].layer if self.stores else "",
-                          self.staleness(unwritten, max_age, any_age))
+            found = Found(
+                unwritten, self.stores[0].layer if self.stores else "", self.staleness(unwritten, max_age, any_age)
+            )
             if not found.stale:
                 return found
             unservable = found
@@ -106,9 +107,7 @@ class TieredCache:
         found = await self.find(key, max_age)
         return (found.entry, found.layer) if found and not found.stale else None
 
-    def store_soon(
-        self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True
-    ) -> asyncio.Task[Written]:
+    def store_soon(self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True) -> asyncio.Task[Written]:
         """Write off the request path; `prepare` and the writes of stores that block (disk)
         share one worker-thread trip.
 
@@ -183,8 +182,11 @@ def open_cache(settings: Settings) -> TieredCache:
         logger.warning("ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e)
     if settings.redis_url:
         try:
-            stores.append(RedisStore(settings.redis_url, settings.redis_timeout, settings.redis_prefix,
-                                     settings.redis_pool, layer="l2"))
+            stores.append(
+                RedisStore(
+                    settings.redis_url, settings.redis_timeout, settings.redis_prefix, settings.redis_pool, layer="l2"
+                )
+            )
         except Exception as e:  # redis-py raises several types for a URL it cannot use
             raise ValueError(f"ai_cache_redis_url: {e}") from None
     return TieredCache(stores, settings.ttl)
