@@ -274,3 +274,7 @@ def stored(directory: Path) -> dict[str, Entry]:
         return {key: store.get_sync(key) for key in store.keys_sync()}
     finally:
         store.close_sync()
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+import zlib
 
 import pytest
 
@@ -162,3 +164,15 @@ def test_lone_cr_framed_stream_is_storable():
     capture = StreamCapture(BY_NAME["openai-chat"], "sse", 10**6)
     capture(b'data: {"choices": []}\r\rdata: [DONE]\r\r')
     assert capture.incompleteness() is None
+
+
+def test_a_zip_bomb_never_expands_past_the_size_cap():
+    bomb = zlib.compressobj(wbits=31)
+    chunk = bomb.compress(b"\0" * 100_000_000) + bomb.flush()  # 100 MB in ~100 KB
+    capture = StreamCapture(BY_NAME["openai-chat"], "sse", 1_000_000, "gzip")
+    tracemalloc.start()
+    assert capture(chunk) is chunk  # the client's bytes pass untouched
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert capture.incompleteness() == "larger than ai_cache_max_body (1000000 bytes)"
+    assert peak < 4_000_000  # the decoder stopped at the cap, it did not expand 100 MB

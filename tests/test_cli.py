@@ -8,12 +8,13 @@ import re
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ai_cache.cli import main
 from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
-from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, fill, key_of, sample_entries, stored
+from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, deep, fill, key_of, sample_entries, stored
 
 SECRETS = ("SECRET-COOKIE", "sk-SECRET-KEY", "Bearer sk-SECRET-AUTH", "SECRET-QUERY")
 
@@ -314,3 +315,11 @@ def test_cli_delete_fails_loudly_when_the_store_cannot_delete(tmp_path, monkeypa
     monkeypatch.undo()
     assert DiskStore(directory).get_sync(key) is not None  # the entry is still there
     assert status != 0, f"exit 0 with: {out.strip()}"
+
+
+def test_export_survives_an_entry_that_cannot_be_exported(cli, tmp_path, caplog):
+    bad = replace(sample_entries()[0], key=key_of("deep"), meta={"request": {"body": json.loads(deep(500))}})
+    cache_dir = fill(tmp_path / "cache", [*sample_entries(), bad])
+    code, out, _ = cli("--dir", cache_dir, "export", tmp_path / "out")
+    assert code == 0 and len(list((tmp_path / "out").iterdir())) == 3
+    assert f"discarding unreadable L1 entry {key_of('deep')[:12]}: meta nested deeper" in caplog.text

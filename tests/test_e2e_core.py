@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -10,9 +11,11 @@ import time
 import anthropic
 import pytest
 
+from ai_cache.disk import DiskStore
+from ai_cache.keys import canonical_json
 from ai_cache.launch import mitmdump_command
 from conftest import ADDON
-from helpers import CHAT, chat_body, openai_client, post, wait_for_status
+from helpers import CHAT, chat_body, deep, openai_client, post, wait_for_status
 
 
 def test_openai_sdk_miss_then_hit_replays_the_same_answer(shared_proxy, upstream, marker):
@@ -360,3 +363,101 @@ def test_misspelt_or_repeated_options_stop_startup(tmp_path, settings, message):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in output and "Traceback" not in output
+
+
+# A body is keyed only when every JSON reader reads it the same way: duplicate
+# keys (Python keeps the last, others the first), NaN/Infinity, numbers that overflow,
+# nesting deeper than 64, text that is not Unicode. Such bodies pass through as BYPASS.
+def call(before: str = "", inside: str = "", prefix: str = "", after: str = "") -> str:
+    """A chat call for "hello MARKER", raw, with text spliced in around its fields."""
+    return (
+        '{"model":"gpt-4o-mini",'
+        + before
+        + '"messages":[{"role":"user",'
+        + inside
+        + '"content":"'
+        + prefix
+        + 'hello MARKER"}]'
+        + after
+        + "}"
+    )
+
+
+ODD_BODIES = {
+    "duplicate key": (
+        call(before='"messages":[{"role":"user","content":"ATTACKER TEXT"}],'),
+        "duplicate key 'messages'",
+    ),
+    "nested duplicate": (call(inside='"content":"ATTACKER TEXT",'), "duplicate key 'content'"),
+    "NaN": (call(after=',"temperature":NaN'), "NaN in the body"),
+    "Infinity": (call(after=',"top_p":Infinity'), "Infinity in the body"),
+    "-Infinity": (call(after=',"top_p":-Infinity'), "-Infinity in the body"),
+    "overflow": (call(after=',"seed":1e400'), "number 1e400 in the body is out of range"),
+    "nested 500 deep": (call(after=f',"metadata":{deep(500)}'), "nested deeper than 64 levels"),
+    "lone surrogate": (call(prefix="\\ud800 "), "lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("raw,reason", ODD_BODIES.values(), ids=ODD_BODIES.keys())
+def test_bodies_json_readers_disagree_on_pass_through_uncached(shared_proxy, upstream, marker, raw, reason):
+    body = raw.replace("MARKER", marker).encode()
+    answers = [post(shared_proxy, upstream, CHAT, None, raw=body) for _ in range(2)]
+    assert [(a.status_code, a.headers.get("x-ai-cache-status")) for a in answers] == [(200, "BYPASS")] * 2
+    assert upstream.count(marker) == 2
+    # Nothing was stored under the key of the prompt Python's reading would have given.
+    assert post(shared_proxy, upstream, CHAT, chat_body(marker)).headers["x-ai-cache-status"] == "MISS"
+    logs = shared_proxy.logs()
+    assert re.search(f"BYPASS openai-chat .*: not cacheable: .*{re.escape(reason)}", logs)
+    assert "Addon error" not in logs and "Traceback" not in logs
+
+
+def test_bodies_nested_up_to_the_limit_are_cached(shared_proxy, upstream, marker):
+    # body -> metadata: one level plus 63 lists = 64 levels.
+    raw = json.dumps(chat_body(marker)).encode()[:-1] + f',"metadata":{deep(63)}}}'.encode()
+    statuses = [post(shared_proxy, upstream, CHAT, None, raw=raw).headers["x-ai-cache-status"] for _ in range(2)]
+    assert statuses == ["MISS", "HIT"]
+
+
+def test_scope_header_that_is_not_utf8_is_keyed(start_proxy, upstream, marker):
+    proxy = start_proxy(ai_cache_scope_headers="authorization")
+    headers = {"authorization": b"Bearer \xff\xfe-tenant"}
+    statuses = [
+        post(proxy, upstream, CHAT, chat_body(marker), headers).headers.get("x-ai-cache-status") for _ in range(2)
+    ]
+    assert statuses == ["MISS", "HIT"]
+
+
+# Entries are bounded: a large request keeps a preview and a hash, and the whole encoded
+# value stays within ai_cache_max_body.
+def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, marker, cli):
+    proxy = shared_proxy
+    body = chat_body(marker)
+    body["messages"].insert(0, {"role": "system", "content": "lorem ipsum " * 100_000})  # 1.2 MB
+    first = post(proxy, upstream, CHAT, body)
+    assert wait_for_status(proxy, upstream, body, "HIT").content == first.content
+    store = DiskStore(proxy.options["ai_cache_dir"])
+    entry = store.get_sync(first.headers["x-ai-cache-key"])
+    store.close_sync()
+    text = canonical_json(body).encode()
+    request = entry.meta["request"]
+    assert "body" not in request and request["body_size"] == len(text)
+    assert request["body_sha256"] == hashlib.sha256(text).hexdigest()
+    assert text.decode().startswith(request["body_preview"]) and len(request["body_preview"]) >= 1000
+    assert entry.meta["preview"] == f"hello {marker}"
+    assert len(entry.to_bytes()) < 8 * 1024
+    code, shown, _ = cli("--dir", proxy.options["ai_cache_dir"], "show", first.headers["x-ai-cache-key"])
+    assert code == 0 and f"sha256 {request['body_sha256']}" in shown
+
+
+def test_entries_larger_than_max_body_are_not_stored(start_proxy, upstream, marker):
+    proxy = start_proxy(ai_cache_max_body="20KiB")
+    body = chat_body(marker)
+    body["messages"].insert(0, {"role": "system", "content": "lorem ipsum " * 4000})  # a 48 KB request copy
+    first = post(proxy, upstream, CHAT, body)
+    assert len(first.content) < 1024  # the answer alone is far below the cap
+    for _ in range(100):  # the write (and its check) runs in the background
+        if "not stored: too large: the entry has" in proxy.logs():
+            break
+        time.sleep(0.05)
+    assert "not stored: too large: the entry has" in proxy.logs()
+    assert post(proxy, upstream, CHAT, body).headers["x-ai-cache-status"] == "MISS"

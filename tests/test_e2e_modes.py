@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,3 +186,69 @@ def test_export_import_replay_round_trip(start_proxy, own_upstream, marker, tmp_
             assert b"".join(r.iter_raw()) == recorded["stream"]
         assert time.monotonic() - start > 0.3  # the recorded pace survived the round trip
     assert own_upstream.count(marker) == 2
+
+
+# A paced replay is served by a small server inside the proxy, at 127.0.0.1:<port>. In
+# `--mode upstream:...` that rewritten flow was sent to the parent proxy, which saw the
+# replay token and the cached answer. Paced replays must never leave the machine.
+@pytest.fixture
+def parent_proxy():
+    """A TCP listener standing in for an upstream proxy: counts connections, answers none."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.1)
+    accepted: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, peer = sock.accept()
+                accepted.append(peer)
+                conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_paced_replay_in_upstream_mode_never_reaches_the_parent_proxy(
+    start_proxy, confdir, tmp_path, upstream, marker, parent_proxy, scheme
+):
+    provider, options, verify = upstream, {}, True
+    if scheme == "https":  # through CONNECT, the flow mitmproxy forwards as a tunnel in upstream mode
+        cert, key = make_tls_cert(str(tmp_path / "tls"))
+        provider = FakeUpstream(tls=(cert, key)).start()
+        options = {"ssl_verify_upstream_trusted_ca": cert}
+        verify = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
+    body = chat_body(marker, stream=True)
+
+    def stream(proxy, headers: dict | None = None) -> tuple[httpx.Response, bytes]:
+        with httpx.Client(proxy=proxy.url, verify=verify, timeout=30) as client:
+            with client.stream("POST", provider.url + CHAT, json=body, headers=headers or {}) as response:
+                return response, b"".join(response.iter_raw())
+
+    recorder = start_proxy(**options)
+    _, recorded = stream(recorder, {"x-fake-scenario": "slow"})
+    for _ in range(50):  # the write finishes in the background
+        if stream(recorder)[0].headers["x-ai-cache-status"] == "HIT":
+            break
+    recorder.stop()
+    port, connections = parent_proxy
+    proxy = start_proxy(
+        f"--mode=upstream:http://127.0.0.1:{port}",
+        ai_cache_replay_speed="1",
+        ai_cache_dir=recorder.options["ai_cache_dir"],
+        **options,
+    )
+    answer, replayed = stream(proxy)
+    assert (answer.status_code, answer.headers.get("x-ai-cache-status")) == (200, "HIT")
+    assert replayed == recorded
+    assert connections == []
+    if provider is not upstream:
+        provider.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import pytest
 import redis
 
@@ -268,3 +270,56 @@ def test_large_streams_are_compressed_in_redis_and_replay_byte_identical(start_p
     hit, replayed = stream_raw(b, upstream, CHAT, chat_body(marker, stream=True), headers)
     assert hit.headers["x-ai-cache-layer"] == "l2"
     assert replayed == recorded
+
+
+# A healthy Redis must not look broken under load: redis-py's async pool refused the
+# 101st concurrent call (MaxConnectionsError), which opened the breaker and dropped writes.
+def test_200_concurrent_misses_all_reach_redis_and_the_breaker_stays_closed(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    # A generous timeout: on a loaded 2-core machine the proxy's own event loop lags past
+    # 100 ms in a 200-flow burst, and such timeouts are real failures for the breaker.
+    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_redis_timeout="2000")
+    n = 200
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(proxy=proxy.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        upstream.url + CHAT, json=chat_body(f"{marker} {i}"), headers={"x-fake-scenario": "delay-300"}
+                    )
+                    for i in range(n)
+                )
+            )
+
+    answers = asyncio.run(burst())
+    assert [a.headers["x-ai-cache-status"] for a in answers] == ["MISS"] * n
+    keys = {"ai-cache:" + a.headers["x-ai-cache-key"] for a in answers}
+    client = redis.Redis(port=server.port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(client.exists(k) for k in keys) < n:
+        time.sleep(0.1)  # the writes finish in the background
+    assert sum(client.exists(k) for k in keys) == n
+    assert "skipping it for a while" not in proxy.logs()
+
+
+# A Redis that refuses writes (out of memory, a read-only replica) still serves reads:
+# the refusal is not an outage of the whole store.
+def test_a_redis_refusing_writes_still_serves_hits(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    recorder = start_proxy(ai_cache_redis_url=server.url)
+    recorded = post(recorder, upstream, CHAT, chat_body(marker))
+    client = redis.Redis(port=server.port)
+    wait_for_redis_key(client, "ai-cache:" + recorded.headers["x-ai-cache-key"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # every write is refused now: OOM
+    proxy = start_proxy(ai_cache_redis_url=server.url)  # an empty L1: everything comes from L2
+    for i in range(3):
+        assert post(proxy, upstream, CHAT, chat_body(f"{marker} new {i}")).headers["x-ai-cache-status"] == "MISS"
+    hit = post(proxy, upstream, CHAT, chat_body(marker))
+    assert (hit.headers["x-ai-cache-status"], hit.headers.get("x-ai-cache-layer")) == ("HIT", "l2")
+    assert upstream.count(marker) == 4  # the recording and the three new questions
+    logs = proxy.logs()
+    assert "skipping it for a while" not in logs
+    assert logs.count("refuses writes") == 1

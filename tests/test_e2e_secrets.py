@@ -64,3 +64,52 @@ def test_credentials_never_reach_cache_redis_exports_or_logs(start_proxy, start_
         assert needle not in redis_values, secret
         assert needle.decode() not in proxy.logs(), secret
     assert len(list(export_dir.glob("*.json"))) == 3
+
+
+SECRET = "SECRETVALUE"
+
+
+# Credential query parameters beyond the old fixed list, and the user's own
+# (ai_cache_secret_params), never reach a store, an export, `ls --json` or a log line.
+def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, upstream, marker, cli, tmp_path):
+    server = start_redis()
+    proxy = start_proxy(ai_cache_redis_url=server.url, ai_cache_secret_params="X-Tenant-Pass, other", flow_detail="0")
+    names = [
+        "subscription-key",
+        "Code",
+        "sig",
+        "access-token",
+        "Password",
+        "client_secret",
+        "signature",
+        "token",
+        "secret",
+        "x-tenant-pass",
+    ]
+
+    def query(n: int) -> str:
+        return "?api-version=1&" + "&".join(f"{name}={SECRET}{n}{i}" for i, name in enumerate(names))
+
+    first = post(proxy, upstream, CHAT + query(1), chat_body(marker))
+    client = redis.Redis(port=server.port)
+    wait_for_redis_key(client, redis_key(first))
+    second = post(proxy, upstream, CHAT + query(2), chat_body(marker))
+    assert second.headers["x-ai-cache-status"] == "HIT"  # not part of the key
+    other_version = post(proxy, upstream, CHAT + query(1).replace("version=1", "version=2"), chat_body(marker))
+    assert other_version.headers["x-ai-cache-status"] == "MISS"  # the rest of the query still is
+    cache_dir = Path(proxy.options["ai_cache_dir"])
+    code, listed, _ = cli("--dir", cache_dir, "ls", "--json")
+    assert code == 0 and marker in listed
+    cli("--dir", cache_dir, "export", tmp_path / "export")
+    proxy.stop()
+
+    exported = "".join("".join(p.read_text().split()) for p in (tmp_path / "export").iterdir())
+    assert '["api-version","1"]' in exported and '["api-version","2"]' in exported  # the rest stays
+    files = [p for p in [*cache_dir.rglob("*"), *(tmp_path / "export").iterdir()] if p.is_file()]
+    places = {
+        "ls --json": listed.encode(),
+        "logs": proxy.logs().encode(),
+        "redis": b"".join(client.get(k) or b"" for k in client.keys("*")),
+        **{str(p): p.read_bytes() for p in files},
+    }
+    assert {place for place, data in places.items() if SECRET.encode() in data} == set()

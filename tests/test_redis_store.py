@@ -1,8 +1,16 @@
-"""ai_cache.redis_store without a server: the circuit breaker and the redaction of Redis URLs."""
+"""ai_cache.redis_store: the circuit breaker and the redaction of Redis URLs; against a real
+redis-server, compression by encoded size and a breaker that calls in flight cannot close."""
 
 from __future__ import annotations
 
-from ai_cache.redis_store import CircuitBreaker, redact
+import asyncio
+
+import redis
+import redis.asyncio
+
+from ai_cache.entry import Entry
+from ai_cache.redis_store import COMPRESSED, CircuitBreaker, RedisStore, redact
+from helpers import key_of
 
 
 def test_breaker_opens_once_backs_off_and_closes(caplog, monkeypatch):
@@ -35,3 +43,51 @@ def test_redact_hides_redis_passwords():
 # Passwords given as a query parameter (redis-py accepts ?password=) are logged.
 def test_redis_password_in_query_is_redacted():
     assert "hunter2" not in redact("redis://cache.internal:6379/0?password=hunter2")
+
+
+# Entries are bounded: Redis compression follows the encoded size.
+async def test_redis_compression_follows_the_encoded_size(start_redis):
+    server = start_redis()
+    store = RedisStore(server.url, 5.0, "t:")
+    small_answer = Entry(
+        key_of("big request"),
+        "json",
+        b'{"ok": true}',
+        [],
+        meta={"request": {"body": {"prompt": "lorem ipsum " * 10_000}}},
+    )
+    assert len(small_answer.body) < 64 and len(small_answer.to_bytes()) > 100_000
+    await store.put(small_answer, None)
+    value = redis.Redis(port=server.port).get("t:" + small_answer.key)
+    assert value.startswith(COMPRESSED) and len(value) < 10_000
+    assert (await store.get(small_answer.key)).meta == small_answer.meta
+    await store.close()
+
+
+# The breaker flapped: calls already in flight when it opened succeeded and closed it
+# again at once. Only the probe after the cool-down may close it.
+async def test_calls_in_flight_when_the_breaker_opens_do_not_close_it(start_redis):
+    server = start_redis()
+    store = RedisStore(server.url, 5.0, "t:")
+    admin = redis.asyncio.Redis(port=server.port)
+
+    async def blocked_clients() -> list[int]:
+        clients = (await admin.execute_command("CLIENT", "LIST")).decode().splitlines()
+        return [int(c.split("id=")[1].split()[0]) for c in clients if "cmd=blpop" in c]
+
+    async def wait_blocked(n: int) -> list[int]:
+        while len(ids := await blocked_clients()) < n:  # noqa: ASYNC110 (polls Redis, nothing to await)
+            await asyncio.sleep(0.01)
+        return ids
+
+    failing = asyncio.create_task(store.with_redis(lambda r: r.blpop("a", 10), "default"))
+    [victim] = await wait_blocked(1)
+    in_flight = asyncio.create_task(store.with_redis(lambda r: r.blpop("b", 10), "default"))
+    await wait_blocked(2)
+    await admin.execute_command("CLIENT", "KILL", "ID", victim)  # a real connection failure
+    assert await failing == "default" and store.breaker.is_open
+    await admin.lpush("b", "x")  # the call that was already in flight succeeds
+    assert list(await in_flight) == [b"b", b"x"]
+    assert store.breaker.is_open
+    await store.close()
+    await admin.aclose()
