@@ -164,9 +164,9 @@ class TieredCache:
         return sorted(found)
 
     async def copies(self, keys: Iterable[str] | None = None) -> dict[str, tuple[Entry, list[str]]]:
-        """The entries under `keys` (default: every stored one), each with the layers that
-        hold it, the nearest copy first; unlike `find`, for listings: nothing is judged
-        or back-filled."""
+        """The entries under `keys` (default: every stored one), each as the nearest store
+        has it, with the layers that hold it. For listings: unlike `find`, nothing is
+        judged or back-filled."""
         wanted = None if keys is None else list(keys)
         found: dict[str, tuple[Entry, list[str]]] = {}
         for store in self.stores:
