@@ -14,10 +14,10 @@ from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
 from ai_cache.flights import SingleFlight
 from ai_cache.protocols import BY_NAME
-from ai_cache.recording import Recorder, finisher, new_capture, recorded_entry
+from ai_cache.recording import NotStorable, Recorder, finisher, new_capture, recorded_entry
 from ai_cache.report import Tally
 from ai_cache.state import FlowState, Status
-from ai_cache.tiers import NotStorable, TieredCache
+from ai_cache.tiers import TieredCache
 
 ANSWER = json.dumps(
     {"id": "c1", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}

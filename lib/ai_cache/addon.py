@@ -88,7 +88,7 @@ class AICache:
         try:
             cache = open_cache(settings)
         except ValueError as e:
-            raise exceptions.OptionsError(str(e)) from None
+            raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
         old, self.cache = self.cache, cache
         if old is not None:
             self._close_later(old)

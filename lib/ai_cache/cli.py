@@ -17,14 +17,12 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
-
-from diskcache.core import DBNAME
 
 from . import ADDON_PATH
 from .disk import DiskStore
@@ -32,8 +30,10 @@ from .entry import FORMATS, Entry
 from .fixtures import export_dir, import_dir
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
-from .redis_store import RedisStore, redact
+from .redis_store import DEFAULT_POOL, RedisStore, redact
 from .report import human_age, human_size
+from .store import Store
+from .tiers import open_cache
 
 T = TypeVar("T")
 # Seconds: unlike a proxied request, a person at a terminal can wait for Redis.
@@ -53,7 +53,19 @@ def option_default(name: str) -> Any:
     return next(default for option, _, default, _ in OPTIONS if option == name)
 
 
-# The cache, both layers
+# The cache, as the addon's tiered cache
+
+
+@dataclass(frozen=True)
+class Stores:
+    """What `open_cache` reads, from the command line."""
+
+    directory: str
+    redis_url: str
+    redis_prefix: str
+    redis_timeout: float = REDIS_TIMEOUT
+    redis_pool: int = DEFAULT_POOL
+    ttl: float = 0.0  # no expiry on writes: the addon judges freshness from each `created_at`
 
 
 @dataclass
@@ -63,67 +75,42 @@ class Stored:
 
 
 class Cache:
-    """L1 when the directory holds a cache (or `create`), L2 when a Redis URL is given."""
+    """The addon's tiered cache, L1 only when the directory holds a cache (or `create`),
+    run on one event loop per command. Unlike the proxy, the CLI reports a store that
+    fails instead of going on without it."""
 
     def __init__(self, directory: Path, redis_url: str, redis_prefix: str, create: bool) -> None:
         self.directory = directory
         self.redis_url = redis_url
-        self.redis_prefix = redis_prefix
-        self.l1: DiskStore | None = None
-        if create or (directory / DBNAME).exists():
-            try:
-                self.l1 = DiskStore(directory)
-            except (OSError, sqlite3.Error) as e:
-                raise CLIError(f"cannot open the cache in {directory}: {e}") from None
-        elif not redis_url:
+        try:
+            self.tiers = open_cache(Stores(str(directory), redis_url, redis_prefix), create=create, fail_open=False)
+        except (OSError, sqlite3.Error) as e:
+            raise CLIError(f"cannot open the cache in {directory}: {e}") from None
+        except ValueError as e:
+            raise CLIError(f"--redis-url: {e}") from None
+        if not self.tiers.stores:
             raise CLIError(f"no cache in {directory} (--dir chooses another directory)")
+        self.loop = asyncio.Runner()
 
     @property
     def where(self) -> str:
-        places = [str(self.directory)] if self.l1 else []
+        places = [str(self.directory)] if self.tiers.disk else []
         return " + ".join(places + ([redact(self.redis_url)] if self.redis_url else []))
 
-    def _redis(self, work: Callable[[RedisStore], Awaitable[T]]) -> T:
-        """Run `work` on a fresh L2 connection; the store fails open, the CLI must not."""
-
-        async def session() -> T:
-            try:
-                store = RedisStore(self.redis_url, REDIS_TIMEOUT, self.redis_prefix)
-            except ValueError as e:
-                raise CLIError(f"--redis-url: {e}") from None
-            try:
-                result = await work(store)
-            finally:
-                await store.close()
-            if store.breaker.is_open:
-                raise CLIError(f"Redis at {redact(self.redis_url)} failed; L2 was not fully read or written")
-            return result
-
-        return asyncio.run(session())
+    def _run(self, work: Coroutine[Any, Any, T]) -> T:
+        """`work` on the command's event loop. Redis fails open, the CLI must not: a Redis
+        that failed meanwhile fails the command."""
+        result = self.loop.run(work)
+        if any(isinstance(store, RedisStore) and store.breaker.is_open for store in self.tiers.stores):
+            raise CLIError(f"Redis at {redact(self.redis_url)} failed; L2 was not fully read or written")
+        return result
 
     def keys(self) -> list[str]:
-        keys = set(self.l1.keys_sync()) if self.l1 else set()
-        if self.redis_url:
-            keys.update(self._redis(RedisStore.keys))
-        return sorted(keys)
+        return self._run(self.tiers.keys())
 
     def entries(self, keys: Iterable[str] | None = None) -> list[Stored]:
         """The entries under `keys` (default: all), each with the layers holding it."""
-        wanted = None if keys is None else list(keys)
-        found: dict[str, Stored] = {}
-        if self.l1:
-            for key in self.l1.keys_sync() if wanted is None else wanted:
-                if entry := self.l1.get_sync(key):
-                    found[key] = Stored(entry, ["l1"])
-        if self.redis_url:
-
-            async def fetch(store: RedisStore) -> list[Entry]:
-                keys = await store.keys() if wanted is None else wanted
-                return [e for key in keys if (e := await store.get(key))]
-
-            for entry in self._redis(fetch):
-                found.setdefault(entry.key, Stored(entry, [])).layers.append("l2")
-        return list(found.values())
+        return [Stored(entry, layers) for entry, layers in self._run(self.tiers.copies(keys)).values()]
 
     def find(self, prefix: str) -> Stored:
         """The one entry whose key starts with `prefix`."""
@@ -138,35 +125,35 @@ class Cache:
         return found[0]
 
     def put(self, entries: list[Entry]) -> None:
-        """Store without an expiry: the addon judges freshness from each `created_at`."""
-        if self.l1:
-            failed = sum(not self.l1.put_sync(entry, None) for entry in entries)
-            if failed:
+        """Store in each layer in turn, stopping at the first that fails."""
+
+        async def put_all(store: Store) -> list[bool]:
+            return [await store.put(entry, self.tiers.expiry(store, entry)) for entry in entries]
+
+        for store in self.tiers.stores:
+            failed = self._run(put_all(store)).count(False)
+            if failed and isinstance(store, DiskStore):
                 raise CLIError(f"could not write {entry_count(failed)} to {self.directory}")
-        if self.redis_url:
-
-            async def put_all(store: RedisStore) -> None:
-                for entry in entries:
-                    await store.put(entry, None)
-
-            self._redis(put_all)
 
     def delete(self, keys: list[str]) -> None:
-        if self.l1:
-            failures = [f for key in keys if not self.l1.delete_sync(key) and (f := self.l1.failure)]
-            if failures:
+        """Delete from each layer in turn, stopping at the first that fails."""
+
+        async def delete_all(store: Store) -> list[str]:
+            failures = []
+            for key in keys:
+                if not await store.delete(key) and isinstance(store, DiskStore) and store.failure:
+                    failures.append(store.failure)
+            return failures
+
+        for store in self.tiers.stores:
+            if failures := self._run(delete_all(store)):
                 raise CLIError(f"could not delete {entry_count(len(failures))} in {self.directory}: {failures[-1]}")
-        if self.redis_url:
-
-            async def delete_all(store: RedisStore) -> None:
-                for key in keys:
-                    await store.delete(key)
-
-            self._redis(delete_all)
 
     def close(self) -> None:
-        if self.l1:
-            self.l1.close_sync()
+        try:
+            self.loop.run(self.tiers.close())
+        finally:
+            self.loop.close()
 
 
 # Presentation

@@ -22,9 +22,13 @@ from .keys import host_of, path_of, stored_request
 from .protocols import BY_NAME, Protocol
 from .report import Tally, flow_line, store_outcome
 from .state import FlowState
-from .tiers import NotStorable, TieredCache, Written
+from .tiers import TieredCache, WriteCancelled, Written
 
 logger = logging.getLogger(__name__)
+
+
+class NotStorable(WriteCancelled):
+    """A check in the write's worker thread found that an answer must not be stored after all."""
 
 
 def where(flow: http.HTTPFlow) -> str:

@@ -1,5 +1,6 @@
 """A list of stores, nearest first: lookups, back-fill and writes, with the TTL judged
-from `created_at`; and `open_cache`, the one place the configured stores are opened.
+from `created_at`; and `open_cache`, the one place stores are opened, for the proxy and
+the CLI alike.
 
 An entry keeps its original `created_at` through every copy, so a back-filled entry
 reports an honest age and never outlives its TTL by being copied. A store that keeps
@@ -13,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+from diskcache.core import DBNAME
 
 from .disk import DiskStore
 from .entry import Entry
-from .options import Settings
 from .redis_store import RedisStore
 from .report import human_age
 from .store import Store, WritesInThread
@@ -27,8 +30,8 @@ from .store import Store, WritesInThread
 logger = logging.getLogger(__name__)
 
 
-class NotStorable(Exception):
-    """A background check found that an answer must not be stored after all."""
+class WriteCancelled(Exception):
+    """Raised by a `store_soon` finish hook to drop the entry; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,13 @@ class TieredCache:
         found = await self.find(key, max_age)
         return (found.entry, found.layer) if found and not found.stale else None
 
-    def store_soon(self, entry: Entry, prepare: Callable[[Entry], None], visible: bool = True) -> asyncio.Task[Written]:
-        """Write off the request path; `prepare` and the writes of stores that block (disk)
-        share one worker-thread trip.
+    def store_soon(self, entry: Entry, finish: Callable[[Entry], None], visible: bool = True) -> asyncio.Task[Written]:
+        """Write off the request path; `finish` (the caller's last work on the entry) and
+        the writes of stores that block (disk) share one worker-thread trip.
 
-        A visible entry is served to lookups at once, before it is written; `prepare` may
-        raise NotStorable to drop the entry (a faulty answer must not have been visible;
-        one merely too large to keep may have been, being complete).
+        A visible entry is served to lookups at once, before it is written; `finish` may
+        raise WriteCancelled to drop the entry (so an entry that may prove faulty must not
+        be visible; one that may merely prove too large to keep may be, being complete).
         """
         if visible:
             self._unwritten[entry.key] = entry
@@ -122,7 +125,7 @@ class TieredCache:
             layers: list[str] = []
             problems: list[str] = []
             try:
-                written = await asyncio.to_thread(self._prepare_and_write_in_thread, entry, prepare)
+                written = await asyncio.to_thread(self._finish_and_write_in_thread, entry, finish)
                 for store in self.stores:
                     if store in written:
                         done, problem = written[store]
@@ -132,7 +135,7 @@ class TieredCache:
                         layers.append(store.layer)
                     else:
                         problems.append(f"{store.layer.upper()} {problem or 'write failed'}")
-            except NotStorable as e:
+            except WriteCancelled as e:
                 return Written(problem=str(e))
             finally:
                 if self._unwritten.get(entry.key) is entry:
@@ -141,17 +144,36 @@ class TieredCache:
 
         return self.background(write())
 
-    def _prepare_and_write_in_thread(
-        self, entry: Entry, prepare: Callable[[Entry], None]
+    def _finish_and_write_in_thread(
+        self, entry: Entry, finish: Callable[[Entry], None]
     ) -> dict[Store, tuple[bool, str]]:
         """Whether each store that blocks took the entry, and its failure if not."""
-        prepare(entry)
+        finish(entry)
         written: dict[Store, tuple[bool, str]] = {}
         for store in self.stores:
             if isinstance(store, WritesInThread):
                 done = store.put_sync(entry, self.expiry(store, entry))
                 written[store] = (done, "" if done else store.failure or "")
         return written
+
+    async def keys(self) -> list[str]:
+        """Every key any store holds, sorted."""
+        found: set[str] = set()
+        for store in self.stores:
+            found.update(await store.keys())
+        return sorted(found)
+
+    async def copies(self, keys: Iterable[str] | None = None) -> dict[str, tuple[Entry, list[str]]]:
+        """The entries under `keys` (default: every stored one), each as the nearest store
+        has it, with the layers that hold it. For listings: unlike `find`, nothing is
+        judged or back-filled."""
+        wanted = None if keys is None else list(keys)
+        found: dict[str, tuple[Entry, list[str]]] = {}
+        for store in self.stores:
+            for key in await store.keys() if wanted is None else wanted:
+                if entry := await store.get(key):
+                    found.setdefault(key, (entry, []))[1].append(store.layer)
+        return found
 
     def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Run store work off the request path, holding a reference until it ends."""
@@ -171,15 +193,41 @@ class TieredCache:
             await store.close()
 
 
-def open_cache(settings: Settings) -> TieredCache:
-    """The configured stores, nearest first: the cache directory (L1; left out with a
-    warning when it cannot be opened at all) and Redis when a URL is set. Raises
-    ValueError naming the option for a Redis URL that cannot be used."""
+class StoreSettings(Protocol):
+    """What `open_cache` reads: the addon's `Settings`, or the CLI's flags."""
+
+    @property
+    def directory(self) -> str: ...
+    @property
+    def ttl(self) -> float: ...
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def redis_timeout(self) -> float: ...
+    @property
+    def redis_prefix(self) -> str: ...
+    @property
+    def redis_pool(self) -> int: ...
+
+
+def open_cache(settings: StoreSettings, create: bool = True, fail_open: bool = True) -> TieredCache:
+    """The configured stores, nearest first: the cache directory (L1) and Redis when a URL
+    is set. Raises ValueError for a Redis URL that cannot be used (the caller names the
+    option or flag that set it).
+
+    The proxy creates the directory and fails open: a directory that cannot be opened at
+    all leaves L1 out with a warning. The CLI (`create=False`) opens only a directory
+    that holds a cache, and (`fail_open=False`) gets the OS/SQLite error to report.
+    """
     stores: list[Store] = []
-    try:
-        stores.append(DiskStore(settings.directory, layer="l1"))
-    except (OSError, sqlite3.Error) as e:
-        logger.warning("ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e)
+    directory = Path(settings.directory).expanduser()
+    if create or (directory / DBNAME).exists():
+        try:
+            stores.append(DiskStore(directory, layer="l1"))
+        except (OSError, sqlite3.Error) as e:
+            if not fail_open:
+                raise
+            logger.warning("ai-cache: cannot use cache directory %s (%s); L1 is off", settings.directory, e)
     if settings.redis_url:
         try:
             stores.append(
@@ -188,5 +236,5 @@ def open_cache(settings: Settings) -> TieredCache:
                 )
             )
         except Exception as e:  # redis-py raises several types for a URL it cannot use
-            raise ValueError(f"ai_cache_redis_url: {e}") from None
+            raise ValueError(str(e)) from None
     return TieredCache(stores, settings.ttl)
