@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import httpx
@@ -224,36 +223,3 @@ def test_client_leaving_a_paced_replay_costs_nothing(start_proxy, upstream, mark
     assert again.endswith(b"data: [DONE]\n\n")
     logs = proxy.logs()
     assert "Traceback" not in logs and "Addon error" not in logs
-
-
-@pytest.mark.parametrize("coalesce,upstream_calls", [("60", 1), ("0", 6)])
-def test_identical_requests_in_flight_reach_the_provider_once(start_proxy, upstream, marker, coalesce, upstream_calls):
-    proxy = start_proxy(ai_cache_coalesce=coalesce)
-    body = chat_body(marker, stream=True)
-    with ThreadPoolExecutor(6) as pool:
-        results = list(
-            pool.map(lambda _: stream_raw(proxy, upstream, CHAT, body, {"x-fake-scenario": "slow"}), range(6))
-        )
-    assert upstream.count(marker) == upstream_calls
-    statuses = sorted(r.headers["x-ai-cache-status"] for r, _ in results)
-    if upstream_calls == 1:
-        assert statuses == ["HIT"] * 5 + ["MISS"]
-        assert len({raw for _, raw in results}) == 1  # every follower got the leader's exact stream
-        assert "waited for an identical request in flight" in proxy.logs()
-    else:
-        assert statuses == ["MISS"] * 6
-
-
-# Single flight does not work for "suspect" streams (every OpenAI Responses stream:
-#    its response objects carry `"error": null`). The leader lands before the suspect
-#    entry becomes visible, so every follower misses and goes upstream.
-def test_single_flight_holds_for_responses_streams(start_proxy, upstream, marker):
-    proxy = start_proxy(ai_cache_coalesce="60")
-    path, make, _ = STREAMS["openai-responses"]
-    body = make(marker)
-    with ThreadPoolExecutor(5) as pool:
-        results = list(
-            pool.map(lambda _: stream_raw(proxy, upstream, path, body, {"x-fake-scenario": "slow"}), range(5))
-        )
-    statuses = sorted(r.headers["x-ai-cache-status"] for r, _ in results)
-    assert upstream.count(marker) == 1, statuses
