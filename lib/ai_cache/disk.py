@@ -165,6 +165,10 @@ class DiskStore:
     def keys_sync(self) -> list[str]:
         return self._guarded("listing", lambda: list(self._cache.iterkeys()), [])
 
+    def count_sync(self) -> int:
+        """How many entries it holds (diskcache keeps the count: one small read)."""
+        return self._guarded("listing", lambda: len(self._cache), 0)
+
     def headers(self, limit: int) -> list[dict[str, Any]]:
         """The headers (`Entry.header_dict`, no body) of at most `limit` entries, in key
         order: a bounded read for diagnostics. Entries that cannot be read are left out."""

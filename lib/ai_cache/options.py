@@ -150,6 +150,19 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
         "Keep mitmproxy's client/server connect and disconnect lines (four per connection). "
         "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay.",
     ),
+    (
+        "ai_cache_metrics",
+        str,
+        "",
+        "[HOST:]PORT to serve GET /metrics (Prometheus text format) and GET /stats (the same "
+        "numbers as JSON) on; HOST defaults to 127.0.0.1. Empty: no metrics endpoint.",
+    ),
+    (
+        "ai_cache_metrics_models",
+        bool,
+        False,
+        "Add a model label to the request counter. Off by default: every model name seen makes new series.",
+    ),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
 
@@ -189,6 +202,17 @@ def parse_size(text: str) -> int:
     return int(parse_number(text, SIZE_UNITS, "size (e.g. 1048576, 512KiB, 10MiB)"))
 
 
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """(host, port) from '[HOST:]PORT' ('9464', '0.0.0.0:9464', '[::1]:9464'); None when empty."""
+    if not text.strip():
+        return None
+    host, _, port = text.strip().rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not [HOST:]PORT with a port from 1 to 65535")
+    return host, int(port)
+
+
 def parse_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -209,6 +233,8 @@ class Settings:
     redis_prefix: str
     redis_pool: int
     connection_log: bool
+    metrics: tuple[str, int] | None  # where /metrics and /stats are served; None = off
+    metrics_models: bool
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
@@ -265,6 +291,8 @@ class Settings:
                 "must be a number of connections from 1 to 100000",
             ),
             connection_log=options.ai_cache_connection_log,
+            metrics=parsed("ai_cache_metrics", parse_listen),
+            metrics_models=options.ai_cache_metrics_models,
         )
 
 

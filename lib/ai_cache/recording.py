@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mitmproxy import http
 
@@ -101,12 +102,32 @@ def recorded_entry(
     return entry, capture
 
 
+@dataclass(frozen=True)
+class Conclusion:
+    """What became of a concluded flow's answer, for observers (comments, metrics)."""
+
+    outcome: str  # the log line's outcome: "stored", "not stored: incomplete stream", a bypass reason
+    stored: bool | None = None  # None: nothing was to be recorded (a bypass, an answer made here)
+    reason: str = ""  # why it was not stored
+
+
+Observer = Callable[[http.HTTPFlow, FlowState, Conclusion], None]
+
+
 class Recorder:
-    """Concludes recording flows: store, release followers, log, count."""
+    """Concludes recording flows: store, release followers, log, count, tell `observers`."""
 
     def __init__(self, flights: SingleFlight, tally: Tally) -> None:
         self.flights = flights
         self.tally = tally
+        self.observers: list[Observer] = []
+
+    def _tell(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
+        for observer in self.observers:
+            try:
+                observer(flow, state, conclusion)
+            except Exception:  # an observer's bug must not break recording
+                logger.exception("ai-cache: an observer failed")
 
     def conclude(
         self, flow: http.HTTPFlow, state: FlowState, cache: TieredCache, max_body: int, ended_by: str = ""
@@ -116,11 +137,12 @@ class Recorder:
         written: asyncio.Task[Written] | None = None
         checked = False
         outcome = state.reason or ended_by
+        not_stored = ""
         try:
             if state.recording:
                 recorded = recorded_entry(flow.response, state, max_body, ended_by)
                 if isinstance(recorded, str):
-                    outcome = f"not stored: {recorded}"
+                    outcome, not_stored = f"not stored: {recorded}", recorded
                     self.tally.not_storing(recorded)
                 else:
                     entry, capture = recorded
@@ -138,11 +160,20 @@ class Recorder:
         line = functools.partial(flow_line, state, where(flow), size)
         if written is None:
             logger.info("ai-cache: %s", line(outcome))
+            self._tell(flow, state, Conclusion(outcome, False if not_stored else None, not_stored))
         else:
             then = f" (complete; then {ended_by.rstrip('.')})" if ended_by else ""
-            written.add_done_callback(lambda task: self._report_write(task, line, checked, then))
+            written.add_done_callback(lambda task: self._report_write(task, flow, state, line, checked, then))
 
-    def _report_write(self, task: asyncio.Task[Written], line: Callable[[str], str], checked: bool, then: str) -> None:
+    def _report_write(
+        self,
+        task: asyncio.Task[Written],
+        flow: http.HTTPFlow,
+        state: FlowState,
+        line: Callable[[str], str],
+        checked: bool,
+        then: str,
+    ) -> None:
         """The flow's line once its write finished, and the tally: `stored` only if it was."""
         if task.cancelled():
             written = Written(problem="the store write was cancelled")
@@ -154,4 +185,7 @@ class Recorder:
             self.tally.stored += 1
         else:
             self.tally.not_storing(written.problem)
-        logger.info("ai-cache: %s", line(store_outcome(written.layers, written.problem, checked) + then))
+        outcome = store_outcome(written.layers, written.problem, checked)
+        logger.info("ai-cache: %s", line(outcome + then))
+        stored = bool(written.layers)
+        self._tell(flow, state, Conclusion(outcome, stored, "" if stored else written.problem))

@@ -1,0 +1,49 @@
+"""The cache's verdict on each flow, where mitmweb and mitmproxy's console show it.
+
+Every recognised flow gets a `flow.comment` (`ai-cache HIT l1 age 42s, saved 31 tokens`,
+`ai-cache MISS stored`, `ai-cache MISS not stored: incomplete stream`) and a hit gets a
+marker, so the flow list shows the cache at a glance. A recorded answer's outcome is only
+known once its background write finished: the `Recorder` tells us then.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import ctx, hooks, http
+
+from .recording import Conclusion, Recorder
+from .report import human_age
+from .state import FlowState, Status, state_of
+
+HIT_MARKER = ":zap:"  # a mitmproxy marker (an emoji shortcode, as `flow.mark` takes)
+
+
+def hit_comment(state: FlowState) -> str:
+    parts = [f"age {human_age(state.age or 0)}"]
+    if state.saved_tokens:
+        parts.append(f"saved {state.saved_tokens} tokens")
+    if state.coalesced:
+        parts.append("waited for an identical request in flight")
+    return " ".join(["ai-cache HIT", *([state.layer] if state.layer else []), ", ".join(parts)])
+
+
+def concluded_comment(state: FlowState, conclusion: Conclusion) -> str:
+    return f"ai-cache {state.status}" + (f" {conclusion.outcome}" if conclusion.outcome else "")
+
+
+class Comments:
+    """Writes the comment and marker; listed after `AICache`, whose `Recorder` it observes."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        recorder.observers.append(self.concluded)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or state.status is not Status.HIT:
+            return
+        flow.comment = hit_comment(state)
+        flow.marked = HIT_MARKER  # the response hook's own update shows both
+
+    def concluded(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
+        flow.comment = concluded_comment(state, conclusion)
+        # A write may end after the flow did: mitmweb and the console redraw it on `update`.
+        ctx.master.addons.trigger(hooks.UpdateHook([flow]))

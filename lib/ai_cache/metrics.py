@@ -1,0 +1,244 @@
+"""Metrics: what the cache did, counted, served as Prometheus text and JSON (ai_cache_metrics).
+
+The counts are plain numbers kept on the event loop (a dict update per flow); they become
+Prometheus families only when scraped, through a collector in a private registry, so
+loading the addon twice never clashes. The endpoint is an asyncio server on the proxy's
+own loop that renders on request: no thread, no work while nobody scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import exceptions, http
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .disk import DiskStore
+from .recording import Conclusion
+from .redis_store import RedisStore
+from .state import FlowState, Status, state_of
+
+if TYPE_CHECKING:
+    from .addon import AICache
+
+logger = logging.getLogger(__name__)
+READ_TIMEOUT = 5.0
+COUNT_TIMEOUT = 1.0  # the L1 entry count at scrape time; a busy disk leaves the gauge out
+
+# Not-stored reasons, a small fixed set of classes (the log line keeps the details).
+# First match wins: (class, words any of which the reason contains, lower-cased).
+REASON_CLASSES = (
+    ("error_event", ("error event",)),
+    ("status", ("upstream answered",)),
+    ("too_large", ("larger than", "too large")),
+    ("encoded", ("-encoded", "decod")),
+    ("client_gone", ("client disconnected", "client closed")),
+    ("write_failed", ("store write", "write failed", "writes are off", " l1 ", " l2 ")),
+    ("incomplete", ("terminal event", "cut off", "empty body", "not json", "disconnected", "no response")),
+)
+
+
+def reason_class(reason: str) -> str:
+    """The class of a free-text not-stored reason: incomplete, error_event, status, too_large,
+    encoded, client_gone, write_failed or other."""
+    text = f" {reason.lower()} "
+    return next((name for name, words in REASON_CLASSES if any(w in text for w in words)), "other")
+
+
+def parse_counts(counts: Counter[tuple[str, ...]], labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{**dict(zip(labels, key, strict=True)), "count": n} for key, n in sorted(counts.items())]
+
+
+class Metrics:
+    """Counts flows (its own `request` hook reads the FlowState AICache set; the Recorder
+    tells it store outcomes) and serves them. Listed after `AICache`."""
+
+    def __init__(self, cache: AICache) -> None:
+        self.cache = cache
+        cache.recorder.observers.append(self.concluded)
+        self.requests: Counter[tuple[str, ...]] = Counter()  # (status, layer, protocol[, model])
+        self.stored: Counter[str] = Counter()
+        self.not_stored: Counter[str] = Counter()
+        self.tokens_saved: Counter[str] = Counter()
+        self.bytes_served = 0
+        self.coalesced = 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # a collector: it has collect()
+        self.listen: tuple[str, int] | None = None
+        self.server: asyncio.Server | None = None
+        self._unserved: socket.socket | None = None  # bound before the loop ran
+        self._task: asyncio.Task[None] | None = None
+
+    # Counting
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow)
+        if state is None or self.cache.settings is None:
+            return
+        labels: tuple[str, ...] = (str(state.status), state.layer or "none", state.protocol)
+        if self.cache.settings.metrics_models:
+            labels += (state.model or "",)
+        self.requests[labels] += 1
+        if state.status is Status.HIT:
+            self.tokens_saved[state.protocol] += state.saved_tokens or 0
+            self.bytes_served += state.size or 0
+            self.coalesced += bool(state.coalesced)
+
+    def concluded(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
+        if conclusion.stored:
+            self.stored[state.format or "json"] += 1
+        elif conclusion.stored is False:
+            self.not_stored[reason_class(conclusion.reason)] += 1
+
+    # The numbers, as Prometheus families and as JSON
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["status", "layer", "protocol"]
+        if self.cache.settings and self.cache.settings.metrics_models:
+            labels.append("model")
+        requests = CounterMetricFamily("ai_cache_requests", "Recognised LLM calls by cache status.", labels=labels)
+        for key, n in self.requests.items():
+            if len(key) == len(labels):
+                requests.add_metric(list(key), n)
+        yield requests
+        for name, help_text, label, counts in (
+            ("ai_cache_stored", "Answers stored, by format.", "format", self.stored),
+            ("ai_cache_not_stored", "Answers not stored, by reason class.", "reason", self.not_stored),
+            ("ai_cache_tokens_saved", "Tokens answered from the cache (usage of hits).", "protocol", self.tokens_saved),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=[label])
+            for value, n in counts.items():
+                family.add_metric([value], n)
+            yield family
+        yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", self.bytes_served)
+        yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", self.coalesced)
+        if l2 := self._redis():
+            yield GaugeMetricFamily(
+                "ai_cache_l2_up", "1 while the Redis circuit breaker is closed.", 0 if l2.breaker.is_open else 1
+            )
+
+    def _redis(self) -> RedisStore | None:
+        stores = self.cache.cache.stores if self.cache.cache else []
+        return next((s for s in stores if isinstance(s, RedisStore)), None)
+
+    async def entries(self) -> int | None:
+        """L1's entry count, read in a thread and bounded: None when unknown."""
+        disk: DiskStore | None = self.cache.cache.disk if self.cache.cache else None
+        if disk is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(disk.count_sync), COUNT_TIMEOUT)
+        except TimeoutError:
+            return None
+
+    async def prometheus(self) -> bytes:
+        text = generate_latest(self.registry)
+        if (count := await self.entries()) is not None:
+            text += (
+                b"# HELP ai_cache_entries Entries held, by layer.\n# TYPE ai_cache_entries gauge\n"
+                + f'ai_cache_entries{{layer="l1"}} {count}\n'.encode()
+            )
+        return text
+
+    async def stats(self) -> dict[str, Any]:
+        """The same numbers as /metrics, as JSON (also the `ai_cache.stats` command's)."""
+        labels: tuple[str, ...] = ("status", "layer", "protocol")
+        if self.cache.settings and self.cache.settings.metrics_models:
+            labels += ("model",)
+        by_status: Counter[str] = Counter()
+        for key, n in self.requests.items():
+            by_status[key[0]] += n
+        l2 = self._redis()
+        return {
+            "requests": dict(by_status),
+            "requests_by_label": parse_counts(self.requests, labels),
+            "stored": dict(self.stored),
+            "not_stored": dict(self.not_stored),
+            "tokens_saved": dict(self.tokens_saved),
+            "bytes_served": self.bytes_served,
+            "coalesced": self.coalesced,
+            "l2_up": None if l2 is None else int(not l2.breaker.is_open),
+            "entries": {"l1": await self.entries()},
+        }
+
+    # The endpoint
+
+    def configure(self, updated: set[str]) -> None:
+        settings = self.cache.settings
+        if settings is None or not updated & {"ai_cache_metrics"} or settings.metrics == self.listen:
+            return
+        sock = None
+        if settings.metrics:
+            host, port = settings.metrics
+            try:
+                sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            except OSError as e:
+                message = f"ai_cache_metrics: cannot listen on {host}:{port}: {e.strerror or e}"
+                if self.server is not None:
+                    raise exceptions.OptionsError(message) from None
+                logger.error("ai-cache: %s", message)  # at startup, a logged error stops the proxy
+                return
+        self._stop()
+        self.listen = settings.metrics
+        if sock is not None:
+            sock.setblocking(False)
+            self._start(sock)
+
+    def _start(self, sock: socket.socket) -> None:
+        async def serve() -> None:
+            self.server = await asyncio.start_server(self._handle, sock=sock)
+            logger.info("ai-cache: metrics on http://%s:%d/metrics", *sock.getsockname()[:2])
+
+        try:
+            self._task = asyncio.get_running_loop().create_task(serve())
+        except RuntimeError:  # configured before the proxy runs: `running` starts it
+            self._unserved = sock
+
+    def running(self) -> None:
+        if self._unserved is not None:
+            sock, self._unserved = self._unserved, None
+            self._start(sock)
+
+    def _stop(self) -> None:
+        if self._unserved is not None:
+            self._unserved.close()
+            self._unserved = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def done(self) -> None:
+        self._stop()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            while (await asyncio.wait_for(reader.readline(), READ_TIMEOUT)).strip():
+                pass  # headers: nothing in them matters
+            method, path = (request_line.decode("latin-1").split() + ["", ""])[:2]
+            path = path.split("?")[0]
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, await self.prometheus()
+            elif path == "/stats":
+                status, ctype, body = "200 OK", "application/json", json.dumps(await self.stats()).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"/metrics or /stats\n"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
