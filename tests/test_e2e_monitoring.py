@@ -113,13 +113,17 @@ def test_mitmweb_lists_the_cache_status_of_each_flow(tmp_path, confdir, upstream
         with proxied:
             body = json.dumps(chat_body(marker))
             headers = {"content-type": "application/json"}
-            assert proxied.post(upstream.url + CHAT, content=body, headers=headers).headers["x-ai-cache-status"] == "MISS"
+            assert (
+                proxied.post(upstream.url + CHAT, content=body, headers=headers).headers["x-ai-cache-status"] == "MISS"
+            )
 
             def listed() -> list[dict]:
                 return httpx.get(f"http://127.0.0.1:{web_port}/flows", timeout=10).json()
 
             wait_for(lambda: any(f["comment"] == "ai-cache MISS stored" for f in listed()))
-            assert proxied.post(upstream.url + CHAT, content=body, headers=headers).headers["x-ai-cache-status"] == "HIT"
+            assert (
+                proxied.post(upstream.url + CHAT, content=body, headers=headers).headers["x-ai-cache-status"] == "HIT"
+            )
             path, make, _ = STREAMS["openai-chat"]
             with proxied.stream(
                 "POST", upstream.url + path, json=make(marker), headers={"x-fake-scenario": "no-terminal"}

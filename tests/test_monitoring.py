@@ -1,0 +1,138 @@
+"""Comments, metrics and commands (comments.py, metrics.py, commands.py) through taddons on a real diskcache."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from ai_cache.addon import AICache
+from ai_cache.commands import Commands
+from ai_cache.comments import HIT_MARKER, Comments
+from ai_cache.metrics import Metrics, reason_class
+from ai_cache.options import parse_listen
+from helpers import chat_flow, upstream_answers
+
+BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def addons(tmp_path):
+    cache = AICache()
+    comments, metrics, commands = Comments(cache.recorder), Metrics(cache), Commands(cache)
+    with taddons.context(cache, comments, metrics, commands) as tctx:
+        tctx.configure(cache, ai_cache_dir=str(tmp_path / "cache"))
+        yield tctx, cache, comments, metrics
+        await cache.cache.close()
+
+
+async def through(tctx, cache: AICache, comments: Comments, metrics: Metrics, body: dict = BODY, **headers: str):
+    """One flow through the hooks, in the order mitmproxy calls the listed addons."""
+    flow = chat_flow(body, **headers)
+    await cache.request(flow)
+    metrics.request(flow)
+    if flow.response is None:
+        upstream_answers(cache, flow)
+    await cache.response(flow)
+    comments.response(flow)
+    await cache.cache.drain()
+    return flow
+
+
+async def test_flows_get_their_cache_outcome_as_comment_and_hits_a_marker(addons):
+    tctx, cache, comments, metrics = addons
+    miss = await through(tctx, cache, comments, metrics)
+    assert miss.comment == "ai-cache MISS stored" and not miss.marked
+    hit = await through(tctx, cache, comments, metrics)
+    assert hit.comment == "ai-cache HIT l1 age 0s, saved 7 tokens" and hit.marked == HIT_MARKER
+    bypass = await through(tctx, cache, comments, metrics, x_ai_cache_bypass="1")
+    assert bypass.comment == "ai-cache BYPASS client asked"
+    assert (await through(tctx, cache, comments, metrics, {**BODY, "n": 2})).comment == "ai-cache MISS stored"
+    broken = chat_flow({**BODY, "n": 3})
+    await cache.request(broken)
+    metrics.request(broken)
+    upstream_answers(cache, broken, status=500)
+    await cache.response(broken)
+    assert broken.comment == "ai-cache MISS not stored: upstream answered 500"
+
+    numbers = await metrics.stats()
+    assert numbers["requests"] == {"MISS": 3, "HIT": 1, "BYPASS": 1}
+    assert numbers["stored"] == {"json": 2} and numbers["not_stored"] == {"status": 1}
+    assert numbers["tokens_saved"] == {"openai-chat": 7}
+    assert numbers["entries"] == {"l1": 2}
+    text = (await metrics.prometheus()).decode()
+    assert 'ai_cache_requests_total{layer="l1",protocol="openai-chat",status="HIT"} 1.0' in text
+    assert 'ai_cache_not_stored_total{reason="status"} 1.0' in text
+    assert 'ai_cache_entries{layer="l1"} 2' in text
+
+
+async def test_a_second_metrics_addon_has_its_own_registry(addons):
+    _, cache, _, metrics = addons
+    other = Metrics(cache)
+    assert other.registry is not metrics.registry
+    assert (await other.prometheus()).count(b"# TYPE ai_cache_requests_total counter") == 1
+
+
+async def test_the_model_label_is_opt_in(addons):
+    tctx, cache, comments, metrics = addons
+    await through(tctx, cache, comments, metrics)
+    assert b'model="' not in await metrics.prometheus()
+    tctx.configure(cache, ai_cache_metrics_models=True)
+    await through(tctx, cache, comments, metrics, {**BODY, "model": "gpt-4o-mini"})
+    assert b'model="gpt-4o-mini"' in await metrics.prometheus()
+
+
+async def test_stats_clear_and_delete_commands(addons, caplog):
+    tctx, cache, comments, metrics = addons
+    first = await through(tctx, cache, comments, metrics)
+    second = await through(tctx, cache, comments, metrics, {**BODY, "n": 2})
+    summary = tctx.master.commands.execute("ai_cache.stats")
+    assert summary.startswith("ai-cache: 2 LLM calls: 0 hits, 2 misses; 2 stored")
+    key = first.metadata["ai_cache"]["key"]
+    tctx.master.commands.execute(f"ai_cache.delete {key[:20]}")
+    await cache.cache.drain()
+    assert cache.cache.disk.keys_sync() == [second.metadata["ai_cache"]["key"]]
+    tctx.master.commands.execute("ai_cache.delete nosuchkey")
+    await cache.cache.drain()
+    assert "ai_cache.delete nosuchkey: 0 keys match, none deleted" in caplog.text
+    assert len(cache.cache.disk.keys_sync()) == 1
+    tctx.master.commands.execute("ai_cache.clear")
+    await cache.cache.drain()
+    assert cache.cache.disk.keys_sync() == []
+
+
+@pytest.mark.parametrize(
+    "reason,expected",
+    [
+        ("stream ended without its terminal event", "incomplete"),
+        ("stream cut off mid-frame", "incomplete"),
+        ('error event in stream: {"error": 1}', "error_event"),
+        ("upstream answered 429", "status"),
+        ("larger than ai_cache_max_body (10 bytes)", "too_large"),
+        ("too large: the entry has 20 bytes, above ai_cache_max_body", "too_large"),
+        ("br-encoded, which cannot be decoded within a size bound here", "encoded"),
+        ("Client disconnected.", "client_gone"),
+        ("the store write failed: OSError()", "write_failed"),
+        ("L1 write failed", "write_failed"),
+        ("something new", "other"),
+    ],
+)
+def test_not_stored_reasons_fall_into_a_small_fixed_set(reason, expected):
+    assert reason_class(reason) == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("", None), ("9464", ("127.0.0.1", 9464)), ("0.0.0.0:9464", ("0.0.0.0", 9464)), ("[::1]:9464", ("::1", 9464))],
+)
+def test_metrics_listen_address(text, expected):
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", "host:", "70000", "0", "a:b"])
+def test_bad_metrics_address_is_refused_naming_the_option(tmp_path, text):
+    cache = AICache()
+    with taddons.context(cache) as tctx:
+        tctx.configure(cache, ai_cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(exceptions.OptionsError, match="ai_cache_metrics"):
+            tctx.configure(cache, ai_cache_metrics=text)
