@@ -9,6 +9,7 @@ from mitmproxy.test import taddons
 from ai_cache.addon import AICache
 from ai_cache.commands import Commands
 from ai_cache.comments import HIT_MARKER, Comments
+from ai_cache.launch import free_port
 from ai_cache.metrics import Metrics, reason_class
 from ai_cache.options import parse_listen
 from helpers import chat_flow, upstream_answers
@@ -136,3 +137,24 @@ def test_bad_metrics_address_is_refused_naming_the_option(tmp_path, text):
         tctx.configure(cache, ai_cache_dir=str(tmp_path / "cache"))
         with pytest.raises(exceptions.OptionsError, match="ai_cache_metrics"):
             tctx.configure(cache, ai_cache_metrics=text)
+
+
+async def test_lookups_are_timed_by_layer(addons):
+    tctx, cache, comments, metrics = addons
+    await through(tctx, cache, comments, metrics)
+    await through(tctx, cache, comments, metrics)
+    numbers = await metrics.stats()
+    assert numbers["lookups"]["l1"]["count"] == 2  # the miss's and the hit's
+    assert 'ai_cache_lookup_seconds_count{layer="l1"} 2.0' in (await metrics.prometheus()).decode()
+
+
+async def test_redis_failures_are_counted_by_op_and_l2_is_down(addons):
+    tctx, cache, comments, metrics = addons
+    tctx.configure(cache, ai_cache_redis_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    metrics.configure({"ai_cache_redis_url"})
+    await through(tctx, cache, comments, metrics)
+    numbers = await metrics.stats()
+    assert numbers["l2_errors"]["get"] == 1
+    assert numbers["l2_up"] == 0
+    text = (await metrics.prometheus()).decode()
+    assert 'ai_cache_l2_errors_total{op="get"} 1.0' in text and "ai_cache_l2_up 0.0" in text

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import exceptions, http
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .disk import DiskStore
@@ -69,8 +69,17 @@ class Metrics:
         self.tokens_saved: Counter[str] = Counter()
         self.bytes_served = 0
         self.coalesced = 0
+        self.l2_errors: Counter[str] = Counter()  # by Redis op
+        self.lookups: dict[str, list[float]] = {}  # layer -> [count, seconds], for /stats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # a collector: it has collect()
+        self.lookup_seconds = Histogram(
+            "ai_cache_lookup_seconds",
+            "Time of one store lookup, by layer.",
+            ["layer"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
         self.listen: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self._unserved: socket.socket | None = None  # bound before the loop ran
@@ -90,6 +99,15 @@ class Metrics:
             self.tokens_saved[state.protocol] += state.saved_tokens or 0
             self.bytes_served += state.size or 0
             self.coalesced += bool(state.coalesced)
+
+    def looked_up(self, layer: str, seconds: float) -> None:
+        self.lookup_seconds.labels(layer).observe(seconds)
+        count_and_sum = self.lookups.setdefault(layer, [0, 0.0])
+        count_and_sum[0] += 1
+        count_and_sum[1] += seconds
+
+    def l2_failed(self, op: str) -> None:
+        self.l2_errors[op] += 1
 
     def concluded(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
         if conclusion.stored:
@@ -119,6 +137,10 @@ class Metrics:
             yield family
         yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", self.bytes_served)
         yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", self.coalesced)
+        errors = CounterMetricFamily("ai_cache_l2_errors", "Failed Redis calls, by operation.", labels=["op"])
+        for op, n in self.l2_errors.items():
+            errors.add_metric([op], n)
+        yield errors
         if l2 := self._redis():
             yield GaugeMetricFamily(
                 "ai_cache_l2_up", "1 while the Redis circuit breaker is closed.", 0 if l2.breaker.is_open else 1
@@ -164,6 +186,8 @@ class Metrics:
             "tokens_saved": dict(self.tokens_saved),
             "bytes_served": self.bytes_served,
             "coalesced": self.coalesced,
+            "lookups": {layer: {"count": n, "seconds": t} for layer, (n, t) in self.lookups.items()},
+            "l2_errors": dict(self.l2_errors),
             "l2_up": None if l2 is None else int(not l2.breaker.is_open),
             "entries": {"l1": await self.entries()},
         }
@@ -171,8 +195,15 @@ class Metrics:
     # The endpoint
 
     def configure(self, updated: set[str]) -> None:
-        settings = self.cache.settings
-        if settings is None or not updated & {"ai_cache_metrics"} or settings.metrics == self.listen:
+        settings, tiers = self.cache.settings, self.cache.cache
+        if settings is None or tiers is None:
+            return
+        # AICache configured first and may have opened new stores: time and watch them too.
+        tiers.on_lookup = self.looked_up
+        for store in tiers.stores:
+            if isinstance(store, RedisStore):
+                store.on_error = self.l2_failed
+        if not updated & {"ai_cache_metrics"} or settings.metrics == self.listen:
             return
         sock = None
         if settings.metrics:

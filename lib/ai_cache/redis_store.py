@@ -144,9 +144,11 @@ class RedisStore:
         # failing, and a wait that runs out is a skipped call, not Redis being down.
         self.slots = asyncio.Semaphore(pool)
         self.refusing = Outage(f"ai-cache: {self.name} accepts writes again")
+        self.on_error: Callable[[str], None] | None = None  # told the op of each failed call (metrics)
 
-    async def with_redis(self, op: Callable[[Any], Awaitable[T]], default: T) -> T:
-        """Run `op(client)` bounded by the timeout; any failure yields `default`.
+    async def with_redis(self, op: Callable[[Any], Awaitable[T]], default: T, name: str = "other") -> T:
+        """Run `op(client)` bounded by the timeout; any failure yields `default` (and
+        `on_error(name)`).
 
         Waiting for a free connection is bounded by the timeout too, apart from the call."""
         if not self.breaker.allow():
@@ -167,18 +169,24 @@ class RedisStore:
             return default
         except WRITE_REFUSALS as e:  # it answered: reads still work
             self.breaker.success(probe)
+            self._failed(name)
             self.refusing.failed(
                 f"ai-cache: {self.name} refuses writes ({describe(e)}); lookups go on, new entries stay local"
             )
             return default
         except Exception as e:  # fail open: no Redis problem may reach a request
             self.breaker.failure(e, probe)
+            self._failed(name)
             return default
         finally:
             if connected:
                 self.slots.release()
         self.breaker.success(probe)
         return result
+
+    def _failed(self, name: str) -> None:
+        if self.on_error is not None:
+            self.on_error(name)
 
     async def _free_connection(self) -> bool:
         """Take a connection slot, waiting at most the timeout; False if none came free."""
@@ -193,7 +201,7 @@ class RedisStore:
         return self.prefix + key
 
     async def get(self, key: str) -> Entry | None:
-        data = await self.with_redis(lambda r: r.get(self.redis_key(key)), None)
+        data = await self.with_redis(lambda r: r.get(self.redis_key(key)), None, "get")
         if data is None:
             return None
         if not isinstance(data, bytes):  # decode_responses=true in the URL: the value may be fine
@@ -214,13 +222,13 @@ class RedisStore:
     async def put(self, entry: Entry, expire: float | None) -> bool:
         ex = max(1, round(expire)) if expire else None
         data = await asyncio.to_thread(encoded, entry)
-        written = bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False))
+        written = bool(await self.with_redis(lambda r: r.set(self.redis_key(entry.key), data, ex=ex), False, "set"))
         if written:
             self.refusing.worked()
         return written
 
     async def delete(self, key: str) -> bool:
-        return bool(await self.with_redis(lambda r: r.delete(self.redis_key(key)), 0))
+        return bool(await self.with_redis(lambda r: r.delete(self.redis_key(key)), 0, "delete"))
 
     async def keys(self) -> list[str]:
         """Every cache key under the prefix (SCAN, never KEYS: a shared Redis stays responsive)."""
@@ -229,7 +237,7 @@ class RedisStore:
         async def scan(client: Any) -> list[bytes]:
             return [k async for k in client.scan_iter(match=pattern, count=1000)]
 
-        found: list[bytes] = await self.with_redis(scan, [])
+        found: list[bytes] = await self.with_redis(scan, [], "scan")
         return [k.decode()[len(self.prefix) :] for k in found]
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class TieredCache:
     _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
     # Entries whose background write has not finished: lookups already see them.
     _unwritten: dict[str, Entry] = field(default_factory=dict, repr=False)
+    on_lookup: Callable[[str, float], None] | None = None  # told each store lookup's layer and seconds (metrics)
 
     @property
     def disk(self) -> DiskStore | None:
@@ -94,7 +96,10 @@ class TieredCache:
                 return found
             unservable = found
         for position, store in enumerate(self.stores):
+            started = time.perf_counter()
             entry = await store.get(key)
+            if self.on_lookup is not None:
+                self.on_lookup(store.layer, time.perf_counter() - started)
             if entry is None:
                 continue
             found = Found(entry, store.layer, self.staleness(entry, max_age, any_age))
