@@ -4,6 +4,7 @@ and hit marker a real mitmweb shows in its flow list."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -81,18 +82,14 @@ def test_metrics_count_a_miss_a_hit_a_bypass_and_a_stream_not_stored(start_proxy
 
 
 def test_a_metrics_port_in_use_stops_startup_naming_the_option(start_proxy, tmp_path):
-    port = free_port()
-    with subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)]) as taken:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
         try:
-            wait_for_port(port)
-            try:
-                proxy = start_proxy(ai_cache_metrics=str(port))
-            except RuntimeError:  # exited before it listened
-                pass
-            else:
-                assert proxy.proc.wait(timeout=30) != 0
-        finally:
-            stop(taken)
+            proxy = start_proxy(ai_cache_metrics=str(port))
+        except RuntimeError:  # exited before it listened
+            pass
+        else:
+            assert proxy.proc.wait(timeout=30) != 0
     logs = "".join(log.read_text() for log in tmp_path.glob("mitmdump-*.log"))
     assert f"ai_cache_metrics: cannot listen on 127.0.0.1:{port}" in logs
 

@@ -52,8 +52,7 @@ def reason_class(reason: str) -> str:
     return next((name for name, words in REASON_CLASSES if any(w in text for w in words)), "other")
 
 
-def parse_counts(counts: Counter[tuple[str, ...]], labels: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{**dict(zip(labels, key, strict=True)), "count": n} for key, n in sorted(counts.items())]
+REQUEST_LABELS = ("status", "layer", "protocol", "model")
 
 
 class Metrics:
@@ -63,7 +62,7 @@ class Metrics:
     def __init__(self, cache: AICache) -> None:
         self.cache = cache
         cache.recorder.observers.append(self.concluded)
-        self.requests: Counter[tuple[str, ...]] = Counter()  # (status, layer, protocol[, model])
+        self.requests: Counter[tuple[str, str, str, str]] = Counter()  # REQUEST_LABELS
         self.stored: Counter[str] = Counter()
         self.not_stored: Counter[str] = Counter()
         self.tokens_saved: Counter[str] = Counter()
@@ -91,10 +90,7 @@ class Metrics:
         state = state_of(flow)
         if state is None or self.cache.settings is None:
             return
-        labels: tuple[str, ...] = (str(state.status), state.layer or "none", state.protocol)
-        if self.cache.settings.metrics_models:
-            labels += (state.model or "",)
-        self.requests[labels] += 1
+        self.requests[str(state.status), state.layer or "none", state.protocol, state.model or ""] += 1
         if state.status is Status.HIT:
             self.tokens_saved[state.protocol] += state.saved_tokens or 0
             self.bytes_served += state.size or 0
@@ -117,30 +113,33 @@ class Metrics:
 
     # The numbers, as Prometheus families and as JSON
 
-    def collect(self) -> Iterator[Metric]:
-        labels = ["status", "layer", "protocol"]
+    def requests_by_label(self) -> tuple[tuple[str, ...], Counter[tuple[str, ...]]]:
+        """The request labels and counts, `model` only with ai_cache_metrics_models (cardinality)."""
         if self.cache.settings and self.cache.settings.metrics_models:
-            labels.append("model")
-        requests = CounterMetricFamily("ai_cache_requests", "Recognised LLM calls by cache status.", labels=labels)
+            return REQUEST_LABELS, Counter(self.requests)
+        counts: Counter[tuple[str, ...]] = Counter()
         for key, n in self.requests.items():
-            if len(key) == len(labels):
-                requests.add_metric(list(key), n)
+            counts[key[:3]] += n
+        return REQUEST_LABELS[:3], counts
+
+    def collect(self) -> Iterator[Metric]:
+        labels, counts = self.requests_by_label()
+        requests = CounterMetricFamily("ai_cache_requests", "Recognised LLM calls by cache status.", labels=labels)
+        for key, n in counts.items():
+            requests.add_metric(list(key), n)
         yield requests
-        for name, help_text, label, counts in (
+        for name, help_text, label, by_label in (
             ("ai_cache_stored", "Answers stored, by format.", "format", self.stored),
             ("ai_cache_not_stored", "Answers not stored, by reason class.", "reason", self.not_stored),
             ("ai_cache_tokens_saved", "Tokens answered from the cache (usage of hits).", "protocol", self.tokens_saved),
+            ("ai_cache_l2_errors", "Failed Redis calls, by operation.", "op", self.l2_errors),
         ):
             family = CounterMetricFamily(name, help_text, labels=[label])
-            for value, n in counts.items():
+            for value, n in by_label.items():
                 family.add_metric([value], n)
             yield family
         yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", self.bytes_served)
         yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", self.coalesced)
-        errors = CounterMetricFamily("ai_cache_l2_errors", "Failed Redis calls, by operation.", labels=["op"])
-        for op, n in self.l2_errors.items():
-            errors.add_metric([op], n)
-        yield errors
         if l2 := self._redis():
             yield GaugeMetricFamily(
                 "ai_cache_l2_up", "1 while the Redis circuit breaker is closed.", 0 if l2.breaker.is_open else 1
@@ -171,16 +170,16 @@ class Metrics:
 
     async def stats(self) -> dict[str, Any]:
         """The same numbers as /metrics, as JSON (also the `ai_cache.stats` command's)."""
-        labels: tuple[str, ...] = ("status", "layer", "protocol")
-        if self.cache.settings and self.cache.settings.metrics_models:
-            labels += ("model",)
+        labels, counts = self.requests_by_label()
         by_status: Counter[str] = Counter()
         for key, n in self.requests.items():
             by_status[key[0]] += n
         l2 = self._redis()
         return {
             "requests": dict(by_status),
-            "requests_by_label": parse_counts(self.requests, labels),
+            "requests_by_label": [
+                {**dict(zip(labels, key, strict=True)), "count": n} for key, n in sorted(counts.items())
+            ],
             "stored": dict(self.stored),
             "not_stored": dict(self.not_stored),
             "tokens_saved": dict(self.tokens_saved),
