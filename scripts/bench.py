@@ -560,6 +560,7 @@ def start_all(stack: ExitStack, plan: Plan, workdir: Path) -> Setup:
         "pass-stream": (None, {"stream_large_bodies": "1"}),
         "floor": (str(floor), {}),
         "addon": (ADDON, {"ai_cache_dir": str(workdir / "addon")}),
+        "metrics": (ADDON, {"ai_cache_dir": str(workdir / "metrics"), "ai_cache_metrics": str(free_port())}),
         "redis-down": (
             ADDON,
             {"ai_cache_dir": str(workdir / "redis-down"), "ai_cache_redis_url": f"redis://127.0.0.1:{closed}/0"},
@@ -610,6 +611,8 @@ def latency_phase(stack: ExitStack, plan: Plan, setup: Setup) -> dict[str, Case]
         "floor": Case("floor", p["floor"], lambda i: chat("floor")),
         "miss": Case("miss", p["addon"], lambda i: chat(f"miss {i}"), MISS),
         "hit": Case("hit", p["addon"], lambda i: chat("hit"), HIT),
+        "metrics-miss": Case("metrics-miss", p["metrics"], lambda i: chat(f"miss {i}"), MISS),
+        "metrics-hit": Case("metrics-hit", p["metrics"], lambda i: chat("hit"), HIT),
         "redis-down": Case("redis-down", p["redis-down"], lambda i: chat("hit"), HIT),
         "l1-small": Case("l1-small", p["l1-small"], lambda i: chat("hit"), HIT),
         "l1-large": Case("l1-large", p["l1-large"], lambda i: chat("hit"), HIT),
@@ -686,6 +689,15 @@ def latency_rows(cases: dict[str, Case], plan: Plan) -> list[Row]:
             vs_floor <= 1.20 and hit.median() < base.median(),
             f"{vs_floor:.2f}× floor, {hit.median() / base.median():.2f}× pass",
         )
+    for key, label, without in (
+        ("metrics-miss", "3m. MISS JSON, ai_cache_metrics on", "miss"),
+        ("metrics-hit", "4m. HIT JSON, ai_cache_metrics on", "hit"),
+    ):
+        row = case_row(label, cases[key], base)
+        if row.median_ms is not None and cases[without].latencies:
+            ratio = cases[key].median() / cases[without].median()
+            judge(row, f"≤ 1.03× row {label[0]} (metrics off)", ratio <= 1.03, f"{ratio:.2f}×")
+        rows.append(row)
     if "l2" in cases:
         rows.append(case_row("5. HIT from L2 (empty L1, shared Redis)", cases["l2"], base))
     else:
