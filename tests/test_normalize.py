@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from ai_cache.keys import KeyPolicy, cacheable_request, header_map
+from ai_cache.nearest import compare
 from ai_cache.normalize import compile_rules, split_rules
 from ai_cache.protocols import recognise
 from helpers import chat_flow
@@ -92,7 +93,10 @@ def test_strings_only_keys_untouched():
 def key(body: dict, rules: str = "") -> tuple[str, dict]:
     flow = chat_flow(body)
     found = cacheable_request(
-        flow.request, header_map(flow.request), recognise("POST", flow.request.path), KeyPolicy(normalize=compile_rules(rules))
+        flow.request,
+        header_map(flow.request),
+        recognise("POST", flow.request.path),
+        KeyPolicy(normalize=compile_rules(rules)),
     )
     assert found is not None
     return found.key, found.described["body"]
@@ -116,3 +120,15 @@ def test_a_megabyte_prompt_is_normalised_fast():
     elapsed = time.perf_counter() - started
     assert "2026" not in json.dumps(result) and result["messages"][0]["content"].count("<datetime>") > 900
     assert elapsed < 1.0, f"{elapsed:.3f}s for 1 MB"
+
+
+def test_a_replay_miss_explanation_ignores_normalised_text():
+    def described(content: str) -> dict:
+        return {"body": {"model": "m", "messages": [{"role": "user", "content": content}]}}
+
+    wanted, recorded = described("at 2026-11-24T09:00:00Z: hi"), described("at 2026-11-23T08:00:00Z: hello")
+    assert compare(wanted, recorded, KeyPolicy()) == ("messages[0].content", 1)
+    assert compare(wanted, recorded, KeyPolicy(normalize=compile_rules("datetime"))) == ("messages[0].content", 1)
+    same = described("at 2026-11-23T07:00:00Z: hi")
+    assert compare(wanted, same, KeyPolicy(normalize=compile_rules("datetime"))) == ("", 0)
+    assert compare(wanted, same, KeyPolicy()) == ("messages[0].content", 1)

@@ -17,8 +17,15 @@ from typing import Any, NamedTuple
 
 PATTERN_PREFIX = "re:"
 PATTERN_PLACEHOLDER = "<re>"
-_MONTH = r"(?i:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
-_WEEKDAY = r"(?i:mon|tue|wed|thu|fri|sat|sun)[a-z]*"
+# Month names in any case after a number; capitalised where they start a match, since a
+# case-insensitive alternation tried at every letter of a prompt is what costs most.
+_MONTHS = (
+    "Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
+    "|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?"
+)
+_MONTH = rf"(?i:{_MONTHS})\.?"
+_MONTH_FIRST = rf"(?:{_MONTHS})\.?"
+_WEEKDAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*"
 _CLOCK = r"\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?"
 _ZONE = r"(?:Z|[+-]\d{2}:?\d{2}|UTC|GMT|[A-Z]{3,4}T)"
 _HEX = "[0-9A-Fa-f]"
@@ -44,13 +51,13 @@ RULES: dict[str, Rule] = {
     "datetime": Rule(
         rf"(?<!\d)(?:\d{{4}}-\d{{2}}-\d{{2}}[T ]{_CLOCK}(?:\s?{_ZONE})?"
         rf"|(?:{_WEEKDAY},?\s+)?\d{{1,2}}\s+{_MONTH}\s+\d{{4}}\s+{_CLOCK}(?:\s+{_ZONE})?"
-        rf"|{_WEEKDAY}\s+{_MONTH}\s+\d{{1,2}}\s+{_CLOCK}(?:\s+{_ZONE})?\s+\d{{4}})(?!\d)",
+        rf"|{_WEEKDAY}\s+{_MONTH_FIRST}\s+\d{{1,2}}\s+{_CLOCK}(?:\s+{_ZONE})?\s+\d{{4}})(?!\d)",
         True,
     ),
     # 2026-11-27, 2026/11/27, 27/11/2026, 11/27/2026, 27.11.2026, November 27, 2026, 27 Nov 2026.
     "date": Rule(
         rf"(?<![\d/.-])(?:\d{{4}}[-/]\d{{1,2}}[-/]\d{{1,2}}|\d{{1,2}}[./]\d{{1,2}}[./]\d{{4}}"
-        rf"|{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}|\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH},?\s+\d{{4}})"
+        rf"|{_MONTH_FIRST}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}|\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH},?\s+\d{{4}})"
         r"(?![\d/])",
         True,
     ),
