@@ -3,10 +3,10 @@ replaced by a stable placeholder before the key is computed, so a recording made
 Monday replays on Tuesday. Only the key sees the result; the stored request stays as sent.
 
 Rules are named, small patterns composed by name, like vcrpy's matchers. The built-ins
-run in one combined regex pass per string in the fixed order of RULES (an alternation
-tries them in that order at each position, so a date-time is never cut into a date and a
-time), whatever order the option names them in; `re:PATTERN` rules follow in the order
-given. Strings without a digit skip the rules that need one.
+run in the fixed order of RULES, whatever order the option names them in: `tmpdir` first,
+then the rules that need a digit in one combined regex pass, skipped for a string without
+a digit (an alternation tries them in that order at each position, so a date-time is never
+cut into a date and a time); `re:PATTERN` rules follow in the order given.
 """
 
 from __future__ import annotations
@@ -35,17 +35,22 @@ _NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER = r"(?<![0-9A-Za-z])", r"(?![0-9A-Za-z])"
 class Rule(NamedTuple):
     pattern: str
     needs_digit: bool  # never matches a string without a digit
+    # The characters a match can start with, as a regex set's contents. The engine tries
+    # every position of a string; a one-character lookahead rejects most of them at once.
+    first: str
 
 
 # The built-in rules in precedence order: earlier ones win where matches start together.
 RULES: dict[str, Rule] = {
     # A temp path up to the next whitespace or quote: /tmp/…, /var/tmp/…, macOS's
-    # /var/folders/… (also under /private), Windows' …\AppData\Local\Temp\….
+    # /var/folders/… (also under /private), Windows' …\AppData\Local\Temp\…. The lookahead
+    # rejects a letter not followed by a colon before trying the alternatives.
     "tmpdir": Rule(
-        r"(?<![\w.~/\\])(?:(?:/private)?/(?:var/)?tmp/|(?:/private)?/var/folders/"
+        r"(?=/|[A-Za-z]:)(?<![\w.~/\\])(?:(?:/private)?/(?:var/)?tmp/|(?:/private)?/var/folders/"
         r"|[A-Za-z]:[\\/]+Users[\\/]+[^\\/\s\"'`]+[\\/]+AppData[\\/]+Local[\\/]+Temp[\\/])"
         r"[^\s\"'`]*",
         False,
+        "/A-Za-z",
     ),
     # ISO 8601 (T or space, fraction, zone), `date`'s output, RFC 2822 and ctime forms.
     "datetime": Rule(
@@ -53,6 +58,7 @@ RULES: dict[str, Rule] = {
         rf"|(?:{_WEEKDAY},?\s+)?\d{{1,2}}\s+{_MONTH}\s+\d{{4}}\s+{_CLOCK}(?:\s+{_ZONE})?"
         rf"|{_WEEKDAY}\s+{_MONTH_FIRST}\s+\d{{1,2}}\s+{_CLOCK}(?:\s+{_ZONE})?\s+\d{{4}})(?!\d)",
         True,
+        r"\dMTWFS",
     ),
     # 2026-11-27, 2026/11/27, 27/11/2026, 11/27/2026, 27.11.2026, November 27, 2026, 27 Nov 2026.
     "date": Rule(
@@ -60,19 +66,22 @@ RULES: dict[str, Rule] = {
         rf"|{_MONTH_FIRST}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}|\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH},?\s+\d{{4}})"
         r"(?![\d/])",
         True,
+        r"\dJFMASOND",
     ),
     # 21:08:33, 21:08, 21:08:33.123, 9:05 pm.
     "time": Rule(
         r"(?<![\d:])(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d+)?)?(?:\s?[AaPp]\.?[Mm]\b\.?)?(?![\d:])",
         True,
+        r"\d",
     ),
     # 8-4-4-4-12 hex digits in any case; a versioned UUID always holds a digit.
     "uuid": Rule(
         rf"{_NOT_ALNUM_BEFORE}(?=[-A-Fa-f]*\d){_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}{_NOT_ALNUM_AFTER}",
         True,
+        "0-9A-Fa-f",
     ),
     # A run of 16+ hex digits holding a digit (commit hashes, request ids), not inside a word.
-    "hexid": Rule(rf"{_NOT_ALNUM_BEFORE}(?=[A-Fa-f]*\d){_HEX}{{16,}}{_NOT_ALNUM_AFTER}", True),
+    "hexid": Rule(rf"{_NOT_ALNUM_BEFORE}(?=[A-Fa-f]*\d){_HEX}{{16,}}{_NOT_ALNUM_AFTER}", True, "0-9A-Fa-f"),
 }
 _DIGIT = re.compile(r"\d")
 
@@ -92,10 +101,14 @@ def split_rules(text: str) -> list[str]:
 
 
 def _combined(names: list[str]) -> re.Pattern[str] | None:
-    """One alternation of the named built-ins, in precedence order, a group per rule."""
+    """One alternation of the named built-ins, in precedence order, a group per rule, each
+    behind its first-character lookahead and all behind their union (2-3 times faster)."""
     if not names:
         return None
-    return re.compile("|".join(f"(?P<{name}>{RULES[name].pattern})" for name in names))
+    rules = "|".join(f"(?P<{name}>(?=[{RULES[name].first}]){RULES[name].pattern})" for name in names)
+    if len(names) > 1:
+        rules = f"(?=[{''.join(RULES[name].first for name in names)}])(?:{rules})"
+    return re.compile(rules)
 
 
 def _placeholder(match: re.Match[str]) -> str:
@@ -108,17 +121,18 @@ class Normalizer:
     a JSON value with every string leaf normalised (object keys untouched)."""
 
     rules: tuple[str, ...] = ()  # canonical: built-ins in precedence order, then re: rules
-    _with_digits: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
-    _without_digits: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _plain: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _digits: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def text(self, value: str) -> str:
-        both = self._with_digits if _DIGIT.search(value) else self._without_digits
-        if both is not None:
-            value = both.sub(_placeholder, value)
+        if self._plain is not None:
+            value = self._plain.sub(_placeholder, value)
+        if self._digits is not None and _DIGIT.search(value):
+            value = self._digits.sub(_placeholder, value)
         for pattern in self._patterns:
             value = pattern.sub(PATTERN_PLACEHOLDER, value)
         return value
@@ -155,7 +169,7 @@ def compile_rules(text: str) -> Normalizer:
     ordered = [name for name in RULES if name in builtins]
     return Normalizer(
         rules=(*ordered, *(PATTERN_PREFIX + p for p in patterns)),
-        _with_digits=_combined(ordered),
-        _without_digits=_combined([name for name in ordered if not RULES[name].needs_digit]),
+        _plain=_combined([name for name in ordered if not RULES[name].needs_digit]),
+        _digits=_combined([name for name in ordered if RULES[name].needs_digit]),
         _patterns=tuple(re.compile(p) for p in patterns),
     )
