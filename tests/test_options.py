@@ -21,6 +21,8 @@ BAD_VALUES = [
     ("ai_cache_redis_url", "redis://host:notaport"),
     ("ai_cache_redis_pool", "0"),
     ("ai_cache_redis_pool", "many"),
+    ("ai_cache_normalize", "datetime,uid"),
+    ("ai_cache_normalize", "re:(unclosed"),
 ]
 
 

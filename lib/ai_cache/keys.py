@@ -16,6 +16,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from .normalize import Normalizer
 from .protocols import Protocol, answer_headers
 
 KEY_VERSION = "ai-cache/1"
@@ -57,12 +58,14 @@ PREVIEW_CHARS = 1024
 
 @dataclass(frozen=True)
 class KeyPolicy:
-    """User choices about the key: fields to ignore, tenant scoping, host or not."""
+    """User choices about the key: fields to ignore, tenant scoping, host or not,
+    volatile text to normalise."""
 
     ignore_fields: tuple[str, ...] = ()
     scope_headers: tuple[str, ...] = ()
     include_host: bool = True
     secret_params: frozenset[str] = frozenset()  # lower-cased, on top of CREDENTIAL_PARAMS
+    normalize: Normalizer = Normalizer()
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,12 @@ def without_fields(body: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
         if isinstance(node, dict):
             node.pop(leaf, None)
     return body
+
+
+def keyed_body(body: dict[str, Any], policy: KeyPolicy) -> dict[str, Any]:
+    """The body as the key sees it: ignored fields left out, string values normalised."""
+    body = without_fields(body, policy.ignore_fields)
+    return policy.normalize(body) if policy.normalize else body
 
 
 def nesting(value: Any) -> int:
@@ -237,7 +246,7 @@ def cacheable_request(
         answering,
         scope_digest(headers, policy.scope_headers),
         stream,
-        without_fields(body, policy.ignore_fields),
+        keyed_body(body, policy),
     ]
     try:
         key = hashlib.sha256(canonical_json(material).encode()).hexdigest()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .disk import DiskStore
-from .keys import KeyPolicy, canonical_json, without_fields
+from .keys import KeyPolicy, canonical_json, keyed_body
 from .protocols import recognise
 
 # Entries whose headers are read per miss, in a worker thread: bounds the work (measured
@@ -82,8 +82,8 @@ def compare(wanted: dict[str, Any], recorded: dict[str, Any], policy: KeyPolicy)
     answer-determining headers) and how many leaves differ in all."""
     found = list(
         differences(
-            without_fields(wanted.get("body") or {}, policy.ignore_fields),
-            without_fields(recorded.get("body") or {}, policy.ignore_fields),
+            keyed_body(wanted.get("body") or {}, policy),
+            keyed_body(recorded.get("body") or {}, policy),
         )
     )
     for part, label in (("query", "query"), ("headers", "header")):

@@ -17,6 +17,7 @@ from typing import Any
 from mitmproxy import exceptions
 
 from .keys import KeyPolicy
+from .normalize import compile_rules
 from .state import Mode
 
 PREFIX = "ai_cache_"
@@ -151,6 +152,14 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
         "make run and with-ai-cache turn them off: one line per LLM call. Warnings stay.",
     ),
     (
+        "ai_cache_normalize",
+        str,
+        "",
+        "Comma-separated rules that replace volatile text in every string of the request body "
+        "by a placeholder before the key is computed (the stored request stays as sent): "
+        "datetime, date, time, uuid, hexid, tmpdir, or re:PATTERN (write a comma in it as \\,).",
+    ),
+    (
         "ai_cache_metrics",
         str,
         "",
@@ -270,6 +279,7 @@ class Settings:
                 scope_headers=tuple(h.lower() for h in parse_list(options.ai_cache_scope_headers)),
                 include_host=options.ai_cache_key_host,
                 secret_params=frozenset(p.lower() for p in parse_list(options.ai_cache_secret_params)),
+                normalize=parsed("ai_cache_normalize", compile_rules),
             ),
             coalesce=parsed("ai_cache_coalesce", parse_duration),
             replay_speed=parsed(
