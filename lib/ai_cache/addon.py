@@ -14,10 +14,13 @@ import logging
 
 from mitmproxy import ctx, exceptions, http
 
+from .commands import Commands
+from .comments import Comments
 from .controls import Controls, take_controls
 from .entry import Entry
 from .flights import SingleFlight
 from .keys import cacheable_request, header_map, host_of, path_of
+from .metrics import Metrics
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
 from .protocols import recognise
@@ -252,3 +255,12 @@ class AICache:
             return
         ended_by = str(flow.error.msg if flow.error else "the flow failed")
         self.recorder.conclude(flow, state, self.cache, self.settings.max_body, ended_by)
+
+
+def make_addons() -> list[object]:
+    """The addons mitmproxy loads, fresh for every (re)load of the script. PacedReplay first:
+    it restores a paced hit's URL before AICache logs the flow; the observers after AICache,
+    whose per-flow state they read."""
+    pacer = PacedReplay()
+    cache = AICache(pacer)
+    return [pacer, cache, Comments(cache.recorder), Metrics(cache), Commands(cache)]
