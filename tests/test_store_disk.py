@@ -56,3 +56,16 @@ async def test_open_cache_opens_the_configured_stores(tmp_path):
     assert isinstance(cache.stores[0], WritesInThread) and not isinstance(cache.stores[1], WritesInThread)
     await cache.close()
     await addon.cache.close()
+
+
+async def test_a_back_filled_entry_is_served_from_the_nearest_store_at_once(tmp_path):
+    near, far = DiskStore(tmp_path / "near", "l1"), DiskStore(tmp_path / "far", "l2")
+    cache = TieredCache([near, far])
+    assert await far.put(entry("e"), None)
+    assert (await cache.find("e" * 64)).layer == "l2"
+    # The copy into the nearer store is still on its way: the next request is an l1 hit all the same.
+    assert near.keys_sync() == []
+    assert (await cache.find("e" * 64)).layer == "l1"
+    await cache.drain()
+    assert near.keys_sync() == ["e" * 64]
+    await cache.close()

@@ -104,11 +104,26 @@ class TieredCache:
                 continue
             found = Found(entry, store.layer, self.staleness(entry, max_age, any_age))
             if not found.stale:
-                for nearer in self.stores[:position]:
-                    self.background(nearer.put(entry, self.expiry(nearer, entry)))
+                if position:
+                    self._back_fill(entry, self.stores[:position])
                 return found
             unservable = unservable or found
         return unservable
+
+    def _back_fill(self, entry: Entry, nearer: list[Store]) -> None:
+        """Copy a hit into the stores before the one that had it, served from the nearest at
+        once: the request right behind it is a hit there, whatever the writes' progress."""
+        self._unwritten[entry.key] = entry
+
+        async def write() -> None:
+            try:
+                for store in nearer:
+                    await store.put(entry, self.expiry(store, entry))
+            finally:
+                if self._unwritten.get(entry.key) is entry:
+                    del self._unwritten[entry.key]
+
+        self.background(write())
 
     async def lookup(self, key: str, max_age: float | None = None) -> tuple[Entry, str] | None:
         """The servable entry and the layer it came from, or None."""
