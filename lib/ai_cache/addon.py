@@ -27,7 +27,7 @@ from .protocols import recognise
 from .recording import Recorder, new_capture, where
 from .redis_store import redact
 from .replay import PacedReplay
-from .report import Tally, flow_line, human_size, show_connection_lines
+from .report import Tally, flow_line, hit_outcome, human_size, show_connection_lines
 from .responses import cache_headers, immediate_response, no_recording
 from .state import FlowState, Mode, Status, attach, state_of
 from .tiers import TieredCache, open_cache
@@ -240,12 +240,7 @@ class AICache:
         if state is None or flow.response is None or self.cache is None or self.settings is None:
             return
         if state.status is Status.HIT:
-            outcome = (
-                f"age {state.age:.0f}s"
-                + (f", saved {state.saved_tokens} tokens" if state.saved_tokens else "")
-                + (", waited for an identical request in flight" if state.coalesced else "")
-            )
-            logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, outcome))
+            logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, hit_outcome(state)))
             return
         self.recorder.conclude(flow, state, self.cache, self.settings.max_body)
 

@@ -31,7 +31,7 @@ from .fixtures import export_dir, import_dir
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
 from .redis_store import DEFAULT_POOL, RedisStore, redact
-from .report import human_age, human_size
+from .report import human_age, human_size, plural
 from .store import Store
 from .tiers import open_cache
 
@@ -165,13 +165,9 @@ def table(rows: list[list[str]]) -> list[str]:
     return ["  ".join([c.ljust(w) for c, w in zip(row, widths, strict=False)] + row[-1:]) for row in rows]
 
 
-def counted(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
 def entry_count(n: int) -> str:
     """ "1 entry", "2 entries": every count of entries the CLI prints."""
-    return counted(n, "entry", "entries")
+    return plural(n, "entry", "entries")
 
 
 def pretty_json(value: Any) -> str:
@@ -357,7 +353,7 @@ def cmd_import(args: argparse.Namespace, cache: Cache) -> int:
     for path, reason in errors:
         print(f"ai-cache: {path}: {reason}", file=sys.stderr)
     cache.put(found)
-    skipped = f"; skipped {counted(len(errors), 'bad file', 'bad files')}" if errors else ""
+    skipped = f"; skipped {plural(len(errors), 'bad file')}" if errors else ""
     print(f"imported {entry_count(len(found))} into {cache.where}{skipped}")
     return 1 if errors else 0
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import command, exceptions
 
+from .report import plural
+
 if TYPE_CHECKING:
     from .addon import AICache
     from .tiers import TieredCache
@@ -55,5 +57,5 @@ class Commands:
         for key in keys:
             for store in tiers.stores:
                 await store.delete(key)
-        logger.info("ai-cache: deleted %d entr%s", len(keys), "y" if len(keys) == 1 else "ies")
+        logger.info("ai-cache: deleted %s", plural(len(keys), "entry", "entries"))
         return keys

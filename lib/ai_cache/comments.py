@@ -11,19 +11,14 @@ from __future__ import annotations
 from mitmproxy import ctx, hooks, http
 
 from .recording import Conclusion, Recorder
-from .report import human_age
+from .report import hit_outcome
 from .state import FlowState, Status, state_of
 
 HIT_MARKER = ":zap:"  # a mitmproxy marker (an emoji shortcode, as `flow.mark` takes)
 
 
 def hit_comment(state: FlowState) -> str:
-    parts = [f"age {human_age(state.age or 0)}"]
-    if state.saved_tokens:
-        parts.append(f"saved {state.saved_tokens} tokens")
-    if state.coalesced:
-        parts.append("waited for an identical request in flight")
-    return " ".join(["ai-cache HIT", *([state.layer] if state.layer else []), ", ".join(parts)])
+    return " ".join(["ai-cache HIT", *([state.layer] if state.layer else []), hit_outcome(state)])
 
 
 def concluded_comment(state: FlowState, conclusion: Conclusion) -> str:

@@ -43,6 +43,16 @@ def flow_line(state: FlowState, where: str, size: int, outcome: str) -> str:
     return f"{line}: {outcome}" if outcome else line
 
 
+def hit_outcome(state: FlowState) -> str:
+    """A hit's outcome, for its log line and its flow comment: `age 42s, saved 31 tokens`."""
+    parts = [f"age {human_age(state.age or 0)}"]
+    if state.saved_tokens:
+        parts.append(f"saved {state.saved_tokens} tokens")
+    if state.coalesced:
+        parts.append("waited for an identical request in flight")
+    return ", ".join(parts)
+
+
 def store_outcome(layers: tuple[str, ...], problem: str, checked: bool) -> str:
     """What a finished write did: `stored` only when every layer took the entry."""
     if not layers:

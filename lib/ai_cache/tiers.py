@@ -120,10 +120,14 @@ class TieredCache:
                 for store in nearer:
                     await store.put(entry, self.expiry(store, entry))
             finally:
-                if self._unwritten.get(entry.key) is entry:
-                    del self._unwritten[entry.key]
+                self._written(entry)
 
         self.background(write())
+
+    def _written(self, entry: Entry) -> None:
+        """Its write ended: lookups read the stores again (unless a newer copy waits)."""
+        if self._unwritten.get(entry.key) is entry:
+            del self._unwritten[entry.key]
 
     async def lookup(self, key: str, max_age: float | None = None) -> tuple[Entry, str] | None:
         """The servable entry and the layer it came from, or None."""
@@ -158,8 +162,7 @@ class TieredCache:
             except WriteCancelled as e:
                 return Written(problem=str(e))
             finally:
-                if self._unwritten.get(entry.key) is entry:
-                    del self._unwritten[entry.key]
+                self._written(entry)
             return Written(tuple(layers), "; ".join(problems))
 
         return self.background(write())
