@@ -80,12 +80,14 @@ def _named(value: Any) -> dict[str, Any]:
 def compare(wanted: dict[str, Any], recorded: dict[str, Any], policy: KeyPolicy) -> tuple[str, int]:
     """The first differing field of two described requests (body first, then query and
     answer-determining headers) and how many leaves differ in all."""
-    found = list(
-        differences(
-            keyed_body(wanted.get("body") or {}, policy),
-            keyed_body(recorded.get("body") or {}, policy),
-        )
-    )
+    return _compare(keyed_body(wanted.get("body") or {}, policy), wanted, recorded, policy)
+
+
+def _compare(
+    wanted_body: dict[str, Any], wanted: dict[str, Any], recorded: dict[str, Any], policy: KeyPolicy
+) -> tuple[str, int]:
+    """`compare`, with the wanted body already as the key sees it (keyed once per search)."""
+    found = list(differences(wanted_body, keyed_body(recorded.get("body") or {}, policy)))
     for part, label in (("query", "query"), ("headers", "header")):
         mine, theirs = _named(wanted.get(part)), _named(recorded.get(part))
         found += [(f"{label} {name}", 1) for name in {**mine, **theirs} if mine.get(name) != theirs.get(name)]
@@ -98,6 +100,7 @@ def find_nearest(
     """The recording of the same host, path and model whose request is closest to this
     one. Blocking (reads L1): call it in a worker thread."""
     best: tuple[tuple[int, float], Nearest] | None = None
+    wanted_body = keyed_body(request.get("body") or {}, policy)
     for head in store.headers(limit):
         meta = head.get("meta") or {}
         recorded = meta.get("request")
@@ -107,7 +110,7 @@ def find_nearest(
             continue
         if policy.include_host and recorded.get("host") != request.get("host"):
             continue
-        first, count = compare(request, recorded, policy)
+        first, count = _compare(wanted_body, request, recorded, policy)
         rank = (count, -float(head.get("created_at") or 0))
         if best is None or rank < best[0]:
             best = (rank, Nearest(str(head.get("key", "")), first, count))
