@@ -43,7 +43,8 @@ def test_stats(cli, cache_dir):
 
     code, out, _ = cli("stats", "--dir", cache_dir, "--format", "sse")
     assert code == 0
-    assert "entries    1 (" in out and "33" not in out and "20 input, 7 output" in out
+    assert "entries    1 (" in out
+    assert "tokens     20 input, 7 output\n" in out  # the sse entry's tokens only, not all 33
 
 
 def test_ls_newest_first_and_filters(cli, cache_dir):
