@@ -145,7 +145,7 @@ async def test_a_stream_that_ended_in_error_is_judged_by_its_capture(addon, fram
 
 # An exception in the response path (here a RecursionError from json.loads on a deeply
 #    nested 200 answer, which json_body_problem/json_object do not catch) skips
-#    flights.land(): the key stays in _leaders forever, so every later identical request
+#    flights.land(): the key stays in the flights forever, so every later identical request
 #    waits the whole ai_cache_coalesce and no request ever leads again.
 async def test_leader_is_released_even_if_the_response_hook_fails(tmp_path):
     addon = AICache()

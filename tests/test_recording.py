@@ -29,6 +29,10 @@ REQUEST = {
 }
 
 
+async def NO_LOOKUP() -> None:
+    raise AssertionError("no fleet: nothing to look up")
+
+
 def recording(key: str = "ab" * 32) -> FlowState:
     return FlowState("openai-chat", status=Status.MISS, key=key, model="m", stream=False, request=dict(REQUEST))
 
@@ -90,12 +94,12 @@ async def test_conclude_stores_then_logs_and_releases_the_leader(tmp_path, caplo
     cache = TieredCache([DiskStore(tmp_path / "cache")])
     flights, tally = SingleFlight(), Tally()
     state = recording()
-    flights.lead(state)
+    await flights.lead(state, 5, NO_LOOKUP)
     flow = tflow.tflow(resp=json_response())
     Recorder(flights, tally).conclude(flow, state, cache, 10**6)
     await cache.drain()
     follower = recording()
-    flights.lead(follower)
+    await flights.lead(follower, 5, NO_LOOKUP)
     assert follower.leader is True  # the first one landed
     assert (await cache.lookup(state.key)) is not None and tally.stored == 1
     assert any(r.getMessage().endswith(": stored") for r in caplog.records)

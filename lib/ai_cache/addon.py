@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import logging
 
 from mitmproxy import ctx, exceptions, http
@@ -18,8 +19,10 @@ from .commands import Commands
 from .comments import Comments
 from .controls import Controls, take_controls
 from .entry import Entry
+from .fanout import Broadcast
 from .flights import SingleFlight
 from .keys import cacheable_request, header_map, host_of, path_of
+from .lease import fleet_leases
 from .metrics import Metrics
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
@@ -93,6 +96,7 @@ class AICache:
         except ValueError as e:
             raise exceptions.OptionsError(f"ai_cache_redis_url: {e}") from None
         old, self.cache = self.cache, cache
+        self.flights.use_fleet(fleet_leases(cache.stores))
         if old is not None:
             self._close_later(old)
 
@@ -160,6 +164,7 @@ class AICache:
         """BYPASS, REFRESH, or look up: HIT, or MISS (answered 504 when upstream is off-limits)."""
         mode = settings.mode
         offline = mode is Mode.REPLAY
+        lookup = functools.partial(cache.lookup, state.key, controls.max_age)
         if mode is Mode.OFF:
             state.reason = "ai_cache_mode=off"
         elif controls.bypass and not offline:
@@ -171,22 +176,23 @@ class AICache:
         elif (found := await cache.find(state.key, controls.max_age, any_age=offline)) and not found.stale:
             await self._serve_hit(flow, state, found.entry, found.layer, settings)
         elif not offline and (
-            hit := await self.flights.answer(
-                state, settings.coalesce, lambda: cache.lookup(state.key, controls.max_age)
-            )
+            hit := await self.flights.answer(state, settings.coalesce, lookup, live=bool(state.stream))
         ):
             state.coalesced = True
-            await self._serve_hit(flow, state, *hit, settings)
+            if isinstance(hit, Broadcast):
+                await self._serve_live(flow, state, hit, settings)
+            else:
+                await self._serve_hit(flow, state, *hit, settings)
         else:
             state.status = Status.MISS
             stale = found.stale if found else ""
             if offline or controls.only_if_cached:
                 flow.response = await self._no_recording(state, offline, stale, settings, cache)
-            else:
-                if stale:
-                    state.expired = stale
-                if settings.coalesce:
-                    self.flights.lead(state)
+            elif settings.coalesce and (hit := await self.flights.lead(state, settings.coalesce, lookup)):
+                state.coalesced = True  # another proxy of the fleet answered it
+                await self._serve_hit(flow, state, *hit, settings)
+            elif stale:
+                state.expired = stale
 
     async def _serve_hit(
         self, flow: http.HTTPFlow, state: FlowState, entry: Entry, layer: str, settings: Settings
@@ -201,6 +207,13 @@ class AICache:
         else:
             flow.response = immediate_response(entry, headers)
             flow.is_replay = "response"
+
+    async def _serve_live(
+        self, flow: http.HTTPFlow, state: FlowState, broadcast: Broadcast, settings: Settings
+    ) -> None:
+        """Join the stream of the identical request in flight, from its first byte."""
+        state.status, state.layer, state.age, state.format = Status.HIT, "live", 0.0, broadcast.format
+        await self.pacer.pace(flow, state, broadcast, cache_headers(state) if settings.headers else [])
 
     async def _no_recording(
         self, state: FlowState, offline: bool, stale: str, settings: Settings, cache: TieredCache
@@ -234,6 +247,11 @@ class AICache:
         capture = new_capture(state, flow.response, self.settings.max_body)
         if (state.stream or capture.format != "json") and not flow.response.stream:
             flow.response.stream = capture
+            if state.leader:  # its followers get the stream live
+                headers = [(k, v) for k, v in flow.response.headers.items(multi=True)]
+                broadcast = Broadcast(flow.response.status_code, headers, capture.format, self.settings.max_body)
+                capture.listener = broadcast.feed
+                self.flights.go_live(state, broadcast)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)

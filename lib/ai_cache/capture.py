@@ -11,6 +11,7 @@ callable raised, and the client's bytes come first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from .decoders import DECODE_ERRORS, decoder_for
 from .protocols import Protocol, json_value
@@ -64,8 +65,11 @@ class StreamCapture:
         self.suspect = False
         self._needles = protocol.error_needles if fmt != "json" else ()
         self._seam = b""  # the previous chunk's end, for needles split across chunks
+        self.listener: Callable[[bytes], None] | None = None  # told every raw chunk (live fan-out)
 
     def __call__(self, data: bytes) -> bytes:
+        if self.listener is not None:
+            self.listener(data)
         if data and self.failure is None:
             try:
                 self._record(data)

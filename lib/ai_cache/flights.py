@@ -2,63 +2,126 @@
 
 The first MISS for a key leads; identical requests arriving while it is in flight wait
 (bounded) for it to land and are then answered from the cache, so N parallel test
-workers asking the same question pay for one answer, not N. The whole protocol lives
-here: lead, wait for an answer, release once the answer is visible.
+workers asking the same question pay for one answer, not N. Followers of a stream get
+the leader's stream live instead, from its first byte (fanout.py). With a fleet
+(lease.py: proxies sharing a Redis L2) the leader first takes the key's fleet-wide
+lease, or waits for another proxy's leader to store the answer. The whole protocol
+lives here: lead, wait for an answer, release once the answer is visible.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .fanout import Broadcast
+from .lease import Claim, FleetLeases, Lease
 from .state import FlowState
 
 Answer = TypeVar("Answer")
 
 
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class Flight:
+    """One key's flight: landed when the leader's answer is visible; live once its stream began."""
+
+    landed: asyncio.Future[None] = field(default_factory=_future)
+    live: asyncio.Future[Broadcast] = field(default_factory=_future)
+    lease: Lease | None = None  # the fleet lease the leader holds
+
+
 class SingleFlight:
     def __init__(self) -> None:
-        self._leaders: dict[str, asyncio.Future[None]] = {}
+        self._flights: dict[str, Flight] = {}
+        self.fleet: FleetLeases | None = None
 
-    def lead(self, state: FlowState) -> None:
+    def use_fleet(self, fleet: FleetLeases | None) -> None:
+        """Lead fleet-wide through `fleet` from now on (None: this proxy alone)."""
+        old, self.fleet = self.fleet, fleet
+        if old is not None:
+            old.close()
+
+    async def lead(
+        self, state: FlowState, patience: float, lookup: Callable[[], Awaitable[Answer | None]]
+    ) -> Answer | None:
         """Lead the flow's key, unless another request already does or the flow followed
         one (hit-for-pass: the followers of a leader that landed without a usable entry
         all go upstream at once; a chain of new leaders would make the last one wait for
-        every answer before it)."""
+        every answer before it). In a fleet, lead it fleet-wide too, or wait up to
+        `patience` seconds for another proxy's answer: returned by `lookup`, and then the
+        flow leads nothing (its own followers look up at once)."""
         if state.followed:
-            return
-        state.leader = state.key not in self._leaders
-        if state.leader:
-            self._leaders[state.key] = asyncio.get_running_loop().create_future()
+            return None
+        state.leader = state.key not in self._flights
+        if not state.leader:
+            return None
+        flight = self._flights[state.key] = Flight()
+        if self.fleet is None:
+            return None
+        claim = await self.fleet.acquire(state.key, patience)
+        if isinstance(claim, Lease):
+            flight.lease = claim
+            return None
+        if claim is Claim.STORED and (answer := await lookup()) is not None:
+            state.leader, state.followed = False, True
+            self._release(state.key)
+            return answer
+        return None
+
+    def go_live(self, state: FlowState, broadcast: Broadcast) -> None:
+        """The leader's stream began: its followers may join it."""
+        flight = self._flights.get(state.key) if state.leader else None
+        if flight is not None and not flight.live.done():
+            flight.live.set_result(broadcast)
 
     async def answer(
-        self, state: FlowState, patience: float, lookup: Callable[[], Awaitable[Answer | None]]
-    ) -> Answer | None:
+        self, state: FlowState, patience: float, lookup: Callable[[], Awaitable[Answer | None]], live: bool = False
+    ) -> Answer | Broadcast | None:
         """Wait up to `patience` seconds for the leader of the flow's key to land, then `lookup` its
-        answer; None at once when no identical request is in flight."""
-        leader = self._leaders.get(state.key)
-        if leader is None:
+        answer; `live`: or for its stream to begin, and join it. None at once when no
+        identical request is in flight."""
+        flight = self._flights.get(state.key)
+        if flight is None:
             return None
-        try:
-            await asyncio.wait_for(asyncio.shield(leader), patience)
-        except TimeoutError:
-            pass
+        waits: list[asyncio.Future[Any]] = [flight.landed, flight.live] if live else [flight.landed]
+        await asyncio.wait(waits, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
         state.followed = True
+        if live and flight.live.done() and flight.live.result().joinable:
+            return flight.live.result()
         return await lookup()
 
-    def land(self, state: FlowState, hidden: asyncio.Future[Any] | None = None) -> None:
-        """The leader's flow ended (stored or not): its followers look up as soon as its
-        answer is visible, at once or when a `hidden` entry (one that needed a full check
-        before it may be served) has been written."""
+    def land(
+        self, state: FlowState, written: asyncio.Future[Any] | None = None, hidden: bool = False, cleanly: bool = False
+    ) -> None:
+        """The leader's flow ended (stored or not; `cleanly`: its client got the whole
+        answer): its live followers end as it did, the others look up as soon as its
+        answer is visible, at once or (`hidden`: an entry that needed a full check before
+        it may be served) once `written`. The fleet lease goes once the write ended."""
         if not state.leader:
             return
-        if hidden is None:
-            self._release(state.key)
+        flight = self._flights.get(state.key)
+        if flight is None:
+            return
+        if flight.live.done():
+            flight.live.result().end(cleanly)
+        if hidden and written is not None:
+            written.add_done_callback(lambda _: self._release(state.key))
         else:
-            hidden.add_done_callback(lambda _: self._release(state.key))
+            self._release(state.key)
+        if flight.lease is not None and self.fleet is not None:
+            lease, fleet = flight.lease, self.fleet
+            if written is None:
+                fleet.release_soon(lease)
+            else:
+                written.add_done_callback(lambda _: fleet.release_soon(lease))
 
     def _release(self, key: str) -> None:
-        leader = self._leaders.pop(key, None)
-        if leader is not None and not leader.done():
-            leader.set_result(None)
+        flight = self._flights.pop(key, None)
+        if flight is not None and not flight.landed.done():
+            flight.landed.set_result(None)

@@ -151,7 +151,8 @@ class Recorder:
                     checked = capture.needs_full_check
                     written = cache.store_soon(entry, finisher(capture, max_body), visible=not checked)
         finally:  # whatever happened, the followers of a leader must not wait in vain
-            self.flights.land(state, written if checked else None)
+            # Its client got the whole answer when the flow ended well, or the capture proves it.
+            self.flights.land(state, written, hidden=checked, cleanly=written is not None or not ended_by)
         size = 0
         if flow.response is not None:
             size = len(flow.response.raw_content or b"")

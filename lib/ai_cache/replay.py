@@ -1,10 +1,12 @@
-"""Paced replay: a hit's recorded chunks with the recorded gaps (ai_cache_replay_speed).
+"""Paced replay: a hit's recorded chunks with the recorded gaps (ai_cache_replay_speed);
+and live fan-out: a follower gets an in-flight leader's stream as it arrives.
 
 mitmproxy sends a response made in the `request` hook in one piece, so paced replay
 goes through a tiny HTTP server inside the proxy: the flow is pointed at it with a
-one-time token, and it writes the recorded chunks with the recorded gaps. `PacedReplay`
-is the addon that owns the whole detour (redirect, streaming, restoring the URL,
-forgetting an unused token, the server's life); `AICache` hands it the hits to pace.
+one-time token, and it writes the recorded chunks with the recorded gaps, or relays a
+live `Broadcast` (chunked, ending as the leader's stream ended). `PacedReplay` is the
+addon that owns the whole detour (redirect, streaming, restoring the URL, forgetting an
+unused token, the server's life); `AICache` hands it the hits to pace and the followers.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
 from .entry import Entry
+from .fanout import Broadcast, relayed
 from .state import FlowState, state_of
 
 logger = logging.getLogger(__name__)
@@ -47,13 +51,21 @@ def paced_parts(entry: Entry, speed: float) -> list[tuple[float, bytes]]:
     return parts
 
 
+@dataclass(frozen=True)
+class Live:
+    """A follower's subscription to a leader's stream."""
+
+    broadcast: Broadcast
+    queue: asyncio.Queue[bytes | object]
+
+
 class ReplayServer:
     """Serves registered entries, each once, chunk by chunk at the recorded pace."""
 
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
-        # token -> (entry, extra headers, speed, registered at)
-        self._pending: dict[str, tuple[Entry, list[tuple[str, str]], float, float]] = {}
+        # token -> (entry or live subscription, extra headers, speed, registered at)
+        self._pending: dict[str, tuple[Entry | Live, list[tuple[str, str]], float, float]] = {}
         self.port = 0
 
     async def ensure_started(self) -> int:
@@ -62,16 +74,21 @@ class ReplayServer:
             self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    def register(self, entry: Entry, extra_headers: list[tuple[str, str]], speed: float) -> str:
+    def register(self, source: Entry | Broadcast, extra_headers: list[tuple[str, str]], speed: float = 1.0) -> str:
+        """A token for one replay of `source`; a broadcast is subscribed to at once, so the
+        follower misses none of it."""
         now = time.monotonic()
         for stale in [t for t, (*_, at) in self._pending.items() if now - at > TOKEN_LIFETIME]:
-            del self._pending[stale]
+            self.forget(stale)
         token = secrets.token_urlsafe(16)
-        self._pending[token] = (entry, extra_headers, speed, now)
+        item = Live(source, source.subscribe()) if isinstance(source, Broadcast) else source
+        self._pending[token] = (item, extra_headers, speed, now)
         return token
 
     def forget(self, token: str) -> None:
-        self._pending.pop(token, None)
+        source, *_ = self._pending.pop(token, (None,))
+        if isinstance(source, Live):
+            source.broadcast.unsubscribe(source.queue)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -84,7 +101,11 @@ class ReplayServer:
             if registered is None:
                 writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 return
-            entry, extra, speed, _ = registered
+            source, extra, speed, _ = registered
+            if isinstance(source, Live):
+                await self._relay(writer, source, extra)
+                return
+            entry = source
             fields = entry.replay_headers() + extra
             fields += [("content-length", str(len(entry.body))), ("connection", "close")]
             head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
@@ -102,6 +123,25 @@ class ReplayServer:
             logger.debug("ai-cache: replay client went away")
         finally:
             writer.close()
+
+    @staticmethod
+    async def _relay(writer: asyncio.StreamWriter, live: Live, extra: list[tuple[str, str]]) -> None:
+        """A leader's stream, chunk by chunk as it arrives; if it broke off, the connection is
+        cut without the final chunk, so the follower's client sees it break off too."""
+        fields = live.broadcast.headers + extra + [("transfer-encoding", "chunked"), ("connection", "close")]
+        head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
+        writer.write(f"HTTP/1.1 {live.broadcast.status} OK\r\n{head_lines}\r\n".encode())
+        try:
+            async for data in relayed(live.queue):
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await writer.drain()
+        except ConnectionAbortedError:
+            writer.transport.abort()
+            return
+        finally:
+            live.broadcast.unsubscribe(live.queue)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -122,11 +162,17 @@ class PacedReplay:
         return speed > 0 and entry.format != "json" and len(entry.chunks) > 1
 
     async def pace(
-        self, flow: http.HTTPFlow, state: FlowState, entry: Entry, headers: list[tuple[str, str]], speed: float
+        self,
+        flow: http.HTTPFlow,
+        state: FlowState,
+        source: Entry | Broadcast,
+        headers: list[tuple[str, str]],
+        speed: float = 1.0,
     ) -> None:
-        """Send `flow` to the replay server, which answers it with `entry` and `headers`."""
+        """Send `flow` to the replay server, which answers it with `source` (a recorded
+        entry at `speed`, or a leader's live stream) and `headers`."""
         port = await self.server.ensure_started()
-        state.token = self.server.register(entry, headers, speed)
+        state.token = self.server.register(source, headers, speed)
         state.original_url = flow.request.url
         send_to_replay_server(flow, port, state.token)
 

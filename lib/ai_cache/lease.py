@@ -1,0 +1,201 @@
+"""Fleet-wide single flight: one upstream call per key across every proxy sharing a Redis L2.
+
+The proxy that leads a key takes a short lease in Redis (`SET lease token NX PX`), renews
+it while the upstream call runs and deletes it (only if still its own) once the answer's
+write ended, then publishes the key. Identical requests on other proxies wait, bounded,
+for the entry to appear in L2: woken by that message, or by polling when pub/sub is not
+available. A leader that dies lets its lease expire and a waiter takes over. Every call
+goes through the store's fail-open `with_redis`: a Redis that is down or slow makes
+`acquire` answer None, and the proxy falls back to its own single flight.
+
+The lease key and the entry key share a cluster slot: the lease key's hash tag is the
+entry key itself (or the entry key's own hash tag, when its prefix has one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from typing import Any
+
+from .redis_store import RedisStore
+from .store import Store
+
+logger = logging.getLogger(__name__)
+LEASE_TTL = 3.0  # seconds a lease outlives a leader that stopped renewing it (died)
+RENEW_EVERY = LEASE_TTL / 3
+POLL = 0.25  # seconds between looks at L2 and the lease, whatever pub/sub says
+FAILED = object()
+CHANNEL = "stored"  # after the prefix: the keys whose leader landed
+
+# Keys: 1 = entry, 2 = lease. The entry is there, or the lease is taken here, or someone holds it.
+CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'stored' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'lead' end
+return 'wait'
+"""
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Claim(enum.Enum):
+    LEAD = "lead"  # the lease is ours: go upstream
+    STORED = "stored"  # the entry is in L2: answer from it
+    WAIT = "wait"  # another proxy leads
+
+
+def lease_key(entry_key: str) -> str:
+    """The lease's Redis key, in the entry key's cluster slot."""
+    start = entry_key.find("{")
+    end = entry_key.find("}", start + 1)
+    if start >= 0 and end > start + 1:
+        return entry_key + ":lease"  # its own hash tag decides the slot of both
+    return "{" + entry_key + "}:lease"
+
+
+class Lease:
+    """A lease this proxy holds, renewed in the background until released."""
+
+    def __init__(self, fleet: FleetLeases, key: str, token: str) -> None:
+        self.key = key
+        self.token = token
+        self._renewal = asyncio.create_task(fleet.renew(self))
+
+
+class FleetLeases:
+    def __init__(self, store: RedisStore, ttl: float = LEASE_TTL, poll: float = POLL) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.poll = poll
+        self.channel = store.prefix + CHANNEL
+        self._watchers: dict[str, set[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        entry = self.store.redis_key(key)
+        return entry, lease_key(entry)
+
+    async def claim(self, key: str, token: str) -> Claim | None:
+        """One look: the entry, the lease taken with `token`, or another's; None if Redis failed."""
+        keys = self._keys(key)
+        px = str(int(self.ttl * 1000))
+        found = await self.store.with_redis(lambda r: r.eval(CLAIM, 2, *keys, token, px), None, "lease")
+        if isinstance(found, bytes):
+            found = found.decode()
+        try:
+            return Claim(found) if found is not None else None
+        except ValueError:
+            return None
+
+    async def acquire(self, key: str, patience: float) -> Lease | Claim | None:
+        """A `Lease` to lead with, Claim.STORED when the entry is in L2 (now or after waiting
+        for another proxy's leader), or None: Redis failed, or `patience` ran out."""
+        token = secrets.token_hex(8)
+        notified = self._watch(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        try:
+            while True:
+                claim = await self.claim(key, token)
+                if claim is Claim.LEAD:
+                    return Lease(self, key, token)
+                if claim is not Claim.WAIT:
+                    return claim
+                left = deadline - loop.time()
+                if left <= 0:
+                    return None
+                await asyncio.wait([notified], timeout=min(self.poll, left))
+                if notified.done():
+                    self._unwatch(key, notified)
+                    notified = self._watch(key)
+        finally:
+            self._unwatch(key, notified)
+
+    async def renew(self, lease: Lease) -> None:
+        """Keep the lease alive while its upstream call runs; stop once it is lost."""
+        keys = (lease_key(self.store.redis_key(lease.key)),)
+        px = str(int(self.ttl * 1000))
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            renewed = await self.store.with_redis(lambda r: r.eval(RENEW, 1, *keys, lease.token, px), None, "lease")
+            if renewed == 0:
+                logger.warning("ai-cache: lost the fleet lease for %s: another proxy may lead it too", lease.key[:12])
+                return
+
+    def release_soon(self, lease: Lease) -> None:
+        """Drop the lease (if still ours) and tell the waiters, off the request path."""
+        lease._renewal.cancel()
+        task = asyncio.create_task(self._release(lease))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, lease: Lease) -> None:
+        keys = (lease_key(self.store.redis_key(lease.key)),)
+        await self.store.with_redis(lambda r: r.eval(RELEASE, 1, *keys, lease.token), 0, "lease")
+        await self.store.with_redis(lambda r: r.publish(self.channel, lease.key), 0, "publish")
+
+    # Pub/sub: one subscription per proxy while anyone waits.
+
+    def _watch(self, key: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers.setdefault(key, set()).add(future)
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        return future
+
+    def _unwatch(self, key: str, future: asyncio.Future[None]) -> None:
+        watchers = self._watchers.get(key)
+        if watchers is not None:
+            watchers.discard(future)
+            if not watchers:
+                del self._watchers[key]
+
+    async def _listen(self) -> None:
+        """Wake the waiters of each published key, while there are any; ends on any failure
+        (the waiters poll meanwhile; the next waiter subscribes again)."""
+        pubsub = self.store.client.pubsub()
+        wait = min(1.0, self.store.timeout / 2)
+
+        async def subscribe(_: Any) -> bool:
+            await pubsub.subscribe(self.channel)
+            return True
+
+        try:
+            if not await self.store.with_redis(subscribe, False, "subscribe"):
+                return
+            while self._watchers:
+                message: Any = await self.store.with_redis(
+                    lambda _: pubsub.get_message(ignore_subscribe_messages=True, timeout=wait), FAILED, "subscribe"
+                )
+                if message is FAILED:
+                    return
+                if message and message.get("type") == "message":
+                    key = message["data"].decode() if isinstance(message["data"], bytes) else str(message["data"])
+                    for future in self._watchers.get(key, ()):
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), self.store.timeout)
+            except Exception:  # a broken connection must not outlive its listener
+                pass
+
+    def close(self) -> None:
+        """Stop listening (the stores were replaced); releases under way finish on their own."""
+        if self._listener is not None:
+            self._listener.cancel()
+
+
+def fleet_leases(stores: list[Store]) -> FleetLeases | None:
+    """Fleet-wide single flight over the Redis store among `stores`, if there is one."""
+    store = next((store for store in stores if isinstance(store, RedisStore)), None)
+    return FleetLeases(store) if store is not None else None
