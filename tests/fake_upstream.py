@@ -38,7 +38,7 @@ import zstandard
 SCENARIOS = (
     "status-NNN", "gzip", "abort", "no-terminal", "cut-frame", "done-in-content",
     "error-event", "failed", "incomplete", "keepalive", "crlf", "slow", "big",
-    "sse-forced", "json-for-stream", "not-json", "late-end-MS", "delay-MS", "encode-NAME",
+    "sse-forced", "json-for-stream", "not-json", "late-end-MS", "delay-MS", "encode-NAME", "pace-MS",
 )  # fmt: skip
 CREATED = 1_700_000_000
 CREATED_AT = "2023-11-14T22:13:20Z"
@@ -70,6 +70,7 @@ class RecordedRequest:
     body: bytes
     http_version: str = "HTTP/1.1"
     received: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
+    last_sent: float | None = None  # when the last chunk of a streamed answer was sent
 
     def contains(self, marker: str) -> bool:
         """Whether the body or path+query contains ``marker``."""
@@ -546,6 +547,11 @@ def late_end(scn: frozenset[str]) -> float:
     return next((int(s[9:]) for s in scn if re.fullmatch(r"late-end-\d+", s)), 0) / 1000
 
 
+def pace(scn: frozenset[str]) -> float:
+    """Seconds between the frames of a stream (``pace-MS``), 0 for at once."""
+    return next((int(s[5:]) for s in scn if re.fullmatch(r"pace-\d+", s)), 0) / 1000
+
+
 def answer(rec: RecordedRequest, k: int, scn: frozenset[str]) -> tuple[int, Any] | _Stream:
     """What the provider answers to ``rec``: ``(status, JSON payload or raw bytes)``, or a stream."""
     route = next(((s, b) for s, b in _ROUTES if rec.path.endswith(s)), None)
@@ -630,6 +636,7 @@ class _Handler(BaseHTTPRequestHandler):
         result = answer(rec, self.k, self.scn)
         if isinstance(result, _Stream):
             self._send_stream(result)
+            rec.last_sent = time.monotonic()
         else:
             self._send_json(*result)
 
@@ -682,9 +689,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         end = len(data) // 2 if "abort" in self.scn else len(data)
         batch = BIG_BATCH if "big" in self.scn else 1
+        gap = SLOW_DELAY if "slow" in self.scn else pace(self.scn)
         for i in range(0, end, batch):
-            if "slow" in self.scn and i:
-                time.sleep(SLOW_DELAY)
+            if gap and i:
+                time.sleep(gap)  # a provider that streams as it generates
             chunk = b"".join(data[i : min(i + batch, end)])
             if encoder:
                 chunk = encoder.chunk(chunk)

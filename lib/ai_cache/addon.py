@@ -264,9 +264,14 @@ class AICache:
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
-        if state is None or self.cache is None or self.settings is None or not state.status.recording:
+        if state is None or self.cache is None or self.settings is None:
             return
         ended_by = str(flow.error.msg if flow.error else "the flow failed")
+        if state.status is Status.HIT and state.token:  # a replayed or live stream that did not end well
+            outcome = f"{hit_outcome(state)}; then {ended_by.rstrip('.')}"
+            logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, outcome))
+        if not state.status.recording:
+            return
         self.recorder.conclude(flow, state, self.cache, self.settings.max_body, ended_by)
 
 

@@ -31,7 +31,7 @@ class Broadcast:
         self.headers = replayable_headers(headers) + [(k, v) for k, v in headers if k.lower() == "content-encoding"]
         self.max_body = max_body
         self.parts: list[bytes] = []
-        self.size = 0
+        self.size = 0  # passed on so far
         self.joinable = True
         self.ending: object | None = None
         self._queues: list[asyncio.Queue[bytes | object]] = []
@@ -42,8 +42,8 @@ class Broadcast:
             return
         for queue in self._queues:
             queue.put_nowait(data)
+        self.size += len(data)
         if self.joinable:
-            self.size += len(data)
             if self.size > self.max_body:
                 self.joinable, self.parts = False, []
             else:

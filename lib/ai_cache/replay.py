@@ -155,6 +155,7 @@ class PacedReplay:
 
     def __init__(self) -> None:
         self.server = ReplayServer()
+        self._following: dict[str, Broadcast] = {}  # token -> the stream a follower joined, for its size
 
     @staticmethod
     def wanted(entry: Entry, speed: float) -> bool:
@@ -173,6 +174,8 @@ class PacedReplay:
         entry at `speed`, or a leader's live stream) and `headers`."""
         port = await self.server.ensure_started()
         state.token = self.server.register(source, headers, speed)
+        if isinstance(source, Broadcast):
+            self._following[state.token] = source
         state.original_url = flow.request.url
         send_to_replay_server(flow, port, state.token)
 
@@ -188,12 +191,15 @@ class PacedReplay:
             return
         flow.request.url, state.original_url = state.original_url, None
         flow.request.headers.pop(TOKEN_HEADER, None)
+        if (followed := self._following.pop(state.token or "", None)) is not None:
+            state.size = followed.size
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
         if state is None or not state.token:
             return
         self.server.forget(state.token)
+        self.response(flow)
         logger.debug("ai-cache: paced replay ended early: %s", flow.error)
 
     async def done(self) -> None:
