@@ -52,13 +52,14 @@ class Claim(enum.Enum):
     WAIT = "wait"  # another proxy leads
 
 
-def lease_key(entry_key: str) -> str:
-    """The lease's Redis key, in the entry key's cluster slot."""
+def lease_key(entry_key: str) -> str | None:
+    """The lease's Redis key, in the entry key's cluster slot; None when no key can be (a
+    prefix with a `}` but no hash tag: a tag around the entry key would end there)."""
     start = entry_key.find("{")
     end = entry_key.find("}", start + 1)
     if start >= 0 and end > start + 1:
         return entry_key + ":lease"  # its own hash tag decides the slot of both
-    return "{" + entry_key + "}:lease"
+    return None if "}" in entry_key else "{" + entry_key + "}:lease"
 
 
 class Lease:
@@ -82,7 +83,9 @@ class FleetLeases:
 
     def _keys(self, key: str) -> tuple[str, str]:
         entry = self.store.redis_key(key)
-        return entry, lease_key(entry)
+        lease = lease_key(entry)
+        assert lease is not None  # fleet_leases checked the prefix
+        return entry, lease
 
     async def claim(self, key: str, token: str) -> Claim | None:
         """One look: the entry, the lease taken with `token`, or another's; None if Redis failed."""
@@ -122,7 +125,7 @@ class FleetLeases:
 
     async def renew(self, lease: Lease) -> None:
         """Keep the lease alive while its upstream call runs; stop once it is lost."""
-        keys = (lease_key(self.store.redis_key(lease.key)),)
+        keys = self._keys(lease.key)[1:]
         px = str(int(self.ttl * 1000))
         while True:
             await asyncio.sleep(self.ttl / 3)
@@ -139,7 +142,7 @@ class FleetLeases:
         task.add_done_callback(self._tasks.discard)
 
     async def _release(self, lease: Lease) -> None:
-        keys = (lease_key(self.store.redis_key(lease.key)),)
+        keys = self._keys(lease.key)[1:]
         await self.store.with_redis(lambda r: r.eval(RELEASE, 1, *keys, lease.token), 0, "lease")
         await self.store.with_redis(lambda r: r.publish(self.channel, lease.key), 0, "publish")
 
@@ -198,4 +201,9 @@ class FleetLeases:
 def fleet_leases(stores: list[Store]) -> FleetLeases | None:
     """Fleet-wide single flight over the Redis store among `stores`, if there is one."""
     store = next((store for store in stores if isinstance(store, RedisStore)), None)
-    return FleetLeases(store) if store is not None else None
+    if store is None:
+        return None
+    if lease_key(store.redis_key("0" * 64)) is None:
+        logger.warning("ai-cache: ai_cache_redis_prefix has a '}' but no hash tag: single flight stays per proxy")
+        return None
+    return FleetLeases(store)
