@@ -50,6 +50,10 @@ PATH = "/v1/chat/completions"
 JSON_HEADERS = {"content-type": "application/json"}
 EVENT_SIZE = 1024  # bytes per SSE event, like a chunk carrying a few tokens of text
 HTTP_CHUNK_EVENTS = 16  # events per chunked-encoding chunk written by the upstream
+PACED, THINKING = b"paced ", b"thinking "  # prompts the upstream answers like a real provider (rows 10, 11)
+THINK = 0.3  # seconds before a thinking answer, or a paced stream's first event
+PACED_EVENTS, PACED_GAP = 20, 0.025  # a paced stream: its events and the time between them
+FOLLOW_AFTER = 0.05  # seconds after its leader a fan-out follower asks (row 10)
 HIT = {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l1"}
 MISS = {"x-ai-cache-status": "MISS"}
 ANSWER = json.dumps(
@@ -156,6 +160,22 @@ def upstream_replies(sse_bytes: int) -> tuple[bytes, bytes]:
     return json_reply, sse_reply
 
 
+async def send_paced(writer: asyncio.StreamWriter) -> None:
+    """A stream as a provider generates it: THINK before the first event, then PACED_EVENTS
+    events PACED_GAP apart (row 10)."""
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(THINK)
+    events = sse_stream(EVENT_SIZE * PACED_EVENTS).split(b"\n\n")[:-1]
+    for i, event in enumerate(events):
+        if i:
+            await asyncio.sleep(PACED_GAP)
+        writer.write(b"%x\r\n%s\n\n\r\n" % (len(event) + 2, event))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
 def wants_stream(body: bytes) -> bool:
     try:
         return json.loads(body).get("stream") is True
@@ -172,6 +192,11 @@ async def serve_connection(
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
             body = await reader.readexactly(int(length.group(1)) if length else 0)
+            if PACED in body:
+                await send_paced(writer)
+                continue
+            if THINKING in body:
+                await asyncio.sleep(THINK)
             writer.write(replies[1] if wants_stream(body) else replies[0])
             await writer.drain()
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
@@ -442,6 +467,80 @@ async def load(
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
     return Load(len(latencies) / seconds, latencies, wrong)
+
+
+# Scale: live fan-out and fleet-wide single flight (rows 10, 11)
+
+
+async def first_byte(proxy: Mitm, target: str, body: bytes, after: float) -> tuple[float, bytes, httpx.Headers]:
+    """(when the first body byte came, the body, the headers) of a stream asked for `after` seconds from now."""
+    await asyncio.sleep(after)
+    loop = asyncio.get_running_loop()
+    first, parts = 0.0, []
+    async with httpx.AsyncClient(proxy=proxy.url, timeout=60, trust_env=False) as client:
+        async with client.stream("POST", target, content=body, headers=JSON_HEADERS) as response:
+            async for data in response.aiter_raw():
+                first = first or loop.time()
+                parts.append(data)
+    return first, b"".join(parts), response.headers
+
+
+def fanout_row(plan: Plan, setup: Setup) -> Row:
+    """A leader and a follower asking FOLLOW_AFTER apart for the same paced stream: how much
+    later than the leader's the follower's first byte comes."""
+    proxy, label = setup.proxies["addon"], "10. live fan-out: follower TTFB − leader TTFB, paced stream"
+    if proxy.problem:
+        return Row(label, result=f"skipped: {proxy.problem}")
+    lags: list[float] = []
+    wrong: Counter[str] = Counter()
+
+    async def pair(body: bytes) -> list[tuple[float, bytes, httpx.Headers]]:
+        return await asyncio.gather(*(first_byte(proxy, setup.target, body, after) for after in (0, FOLLOW_AFTER)))
+
+    for i in range(plan.rounds * 2):
+        (led, lead, _), (followed, follow, follow_headers) = asyncio.run(
+            pair(chat(f"{PACED.decode()}{i} {time.time_ns()}", stream=True))
+        )
+        if follow_headers.get("x-ai-cache-layer") != "live" or follow != lead or not lead.endswith(b"[DONE]\n\n"):
+            wrong[f"follower layer {follow_headers.get('x-ai-cache-layer', '-')}, same body: {follow == lead}"] += 1
+        lags.append(followed - led)
+    row = Row(label, len(lags), statistics.median(lags) * 1e3, statistics.quantiles(lags, n=20)[-1] * 1e3)
+    ok = not wrong and row.p95_ms is not None and row.p95_ms <= 20
+    figure = f"p95 {row.p95_ms:+.1f} ms"
+    if wrong:
+        figure += f"; {sum(wrong.values())} wrong: {wrong.most_common(1)[0][0]}"
+    judge(row, "follower ≤ leader + 20 ms", ok, figure)
+    return row
+
+
+def fleet_row(plan: Plan, setup: Setup, per_proxy: int) -> Row:
+    """`per_proxy` identical requests at once through each of two proxies sharing Redis, for
+    an answer the upstream thinks THINK seconds about: how many of them went upstream."""
+    label = f"11. fleet single flight: 2 proxies × {per_proxy} identical requests"
+    proxies = [setup.proxies.get("l2-a"), setup.proxies.get("l2-b")]
+    if not setup.redis_url or None in proxies:
+        return Row(label, result=f"skipped: {setup.redis_problem or 'no Redis proxies'}")
+
+    async def burst(prompt: str) -> tuple[float, list[httpx.Response]]:
+        clients = [httpx.AsyncClient(proxy=p.url, timeout=60, trust_env=False) for p in proxies if p]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            posts = [c.post(setup.target, content=chat(prompt), headers=JSON_HEADERS) for c in clients * per_proxy]
+            answers = await asyncio.gather(*posts)
+            return loop.time() - started, answers
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+
+    walls, calls = [], []
+    for i in range(plan.rounds):
+        wall, answers = asyncio.run(burst(f"{THINKING.decode()}fleet {i} {time.time_ns()}"))
+        walls.append(wall)
+        calls.append(sum(a.headers.get("x-ai-cache-status") != "HIT" for a in answers))
+    row = Row(label, len(walls), statistics.median(walls) * 1e3, max(walls) * 1e3)
+    row.throughput = f"upstream calls per burst: {', '.join(map(str, calls))}"
+    judge(row, "upstream calls: 1", set(calls) == {1}, f"{max(calls)} at most")
+    return row
 
 
 # Reporting
@@ -843,7 +942,9 @@ def run(plan: Plan) -> str:
         latency = latency_phase(stack, plan, setup)
         streams = stream_phase(stack, plan, setup)
         loads = load_phase(plan, setup, latency["hit"])
-        rows = latency_rows(latency, plan) + stream_rows(streams) + load_rows(loads, plan)
+        log("scale: live fan-out and fleet single flight")
+        scale = [fanout_row(plan, setup), fleet_row(plan, setup, 8 if plan.quick else 32)]
+        rows = latency_rows(latency, plan) + stream_rows(streams) + load_rows(loads, plan) + scale
         rows.sort(key=lambda r: int(re.match(r"\d+", r.scenario).group()))  # type: ignore[union-attr]
         notes = (
             method_notes(plan, setup)

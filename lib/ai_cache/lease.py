@@ -20,6 +20,8 @@ import logging
 import secrets
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from .redis_store import RedisStore
 from .store import Store
 
@@ -81,6 +83,19 @@ class FleetLeases:
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    async def _script(self, script: str, keys: tuple[str, ...], *args: str) -> Any:
+        """Run a lease script; None if Redis answered with an error (out of memory, scripts
+        not allowed): such a Redis is up, and its breaker must not open for the lookups."""
+
+        async def run(client: Any) -> Any:
+            try:
+                return await client.eval(script, len(keys), *keys, *args)
+            except ResponseError as e:
+                logger.debug("ai-cache: fleet lease script refused: %s", e)
+                return None
+
+        return await self.store.with_redis(run, None, "lease")
+
     def _keys(self, key: str) -> tuple[str, str]:
         entry = self.store.redis_key(key)
         lease = lease_key(entry)
@@ -91,7 +106,7 @@ class FleetLeases:
         """One look: the entry, the lease taken with `token`, or another's; None if Redis failed."""
         keys = self._keys(key)
         px = str(int(self.ttl * 1000))
-        found = await self.store.with_redis(lambda r: r.eval(CLAIM, 2, *keys, token, px), None, "lease")
+        found = await self._script(CLAIM, keys, token, px)
         if isinstance(found, bytes):
             found = found.decode()
         try:
@@ -129,7 +144,7 @@ class FleetLeases:
         px = str(int(self.ttl * 1000))
         while True:
             await asyncio.sleep(self.ttl / 3)
-            renewed = await self.store.with_redis(lambda r: r.eval(RENEW, 1, *keys, lease.token, px), None, "lease")
+            renewed = await self._script(RENEW, keys, lease.token, px)
             if renewed == 0:
                 logger.warning("ai-cache: lost the fleet lease for %s: another proxy may lead it too", lease.key[:12])
                 return
@@ -143,7 +158,7 @@ class FleetLeases:
 
     async def _release(self, lease: Lease) -> None:
         keys = self._keys(lease.key)[1:]
-        await self.store.with_redis(lambda r: r.eval(RELEASE, 1, *keys, lease.token), 0, "lease")
+        await self._script(RELEASE, keys, lease.token)
         await self.store.with_redis(lambda r: r.publish(self.channel, lease.key), 0, "publish")
 
     # Pub/sub: one subscription per proxy while anyone waits.
