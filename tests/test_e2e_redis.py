@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -247,6 +248,11 @@ def test_redis_cluster(start_proxy, upstream, marker, tmp_path):
             answer = post(b, upstream, CHAT, body)
             assert (answer.headers["x-ai-cache-status"], answer.headers["x-ai-cache-layer"]) == ("HIT", "l2")
         assert sum(upstream.count(f"{marker}-{i}") for i in range(6)) == 6
+        # Fleet-wide single flight on the cluster: a lease in its entry's slot, one call.
+        slow, fleet = {"x-fake-scenario": "delay-1000"}, chat_body(f"{marker}-fleet")
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: post((a, b)[i % 2], upstream, CHAT, fleet, slow), range(4)))
+        assert [x.status_code for x in answers] == [200] * 4 and upstream.count(f"{marker}-fleet") == 1
     finally:
         for node in nodes:
             node.kill()

@@ -112,7 +112,8 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
         "60",
         "Single flight: an identical request arriving while the first is still in flight waits "
         "up to this many seconds (or 2m, ...) for that answer instead of paying for it again; "
-        "0 sends every request upstream. Waiting followers of a stream get it once it completed.",
+        "0 sends every request upstream. Followers of a stream get it live from its first byte; "
+        "with ai_cache_redis_url, proxies sharing that Redis wait for each other too.",
     ),
     (
         "ai_cache_replay_speed",

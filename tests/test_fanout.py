@@ -1,0 +1,54 @@
+"""The live broadcast of a leader's stream: late joiners, endings, the size bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from ai_cache.fanout import Broadcast, relayed
+
+HEADERS = [("content-type", "text/event-stream"), ("content-encoding", "gzip"), ("x-ai-cache-status", "MISS")]
+
+
+async def collect(broadcast: Broadcast, queue) -> list[bytes]:
+    return [data async for data in relayed(queue)]
+
+
+async def test_a_late_follower_gets_everything_so_far_at_once_then_the_rest():
+    broadcast = Broadcast(200, HEADERS, "sse", 1000)
+    early = broadcast.subscribe()
+    broadcast.feed(b"a")
+    broadcast.feed(b"")  # mitmproxy's empty calls carry nothing
+    broadcast.feed(b"b")
+    late = broadcast.subscribe()
+    broadcast.feed(b"c")
+    broadcast.end(cleanly=True)
+    assert await collect(broadcast, early) == [b"a", b"b", b"c"]
+    assert await collect(broadcast, late) == [b"ab", b"c"]
+    after = broadcast.subscribe()  # joins once it ended: the whole stream, then the end
+    assert await collect(broadcast, after) == [b"abc"]
+    # The raw bytes go on, so their content-encoding with them; our own headers do not.
+    assert broadcast.headers == [("content-type", "text/event-stream"), ("content-encoding", "gzip")]
+
+
+async def test_followers_of_a_stream_that_broke_off_break_off_too():
+    broadcast = Broadcast(200, HEADERS, "sse", 1000)
+    queue = broadcast.subscribe()
+    broadcast.feed(b"half")
+    broadcast.end(cleanly=False)
+    broadcast.end(cleanly=True)  # the first ending stands
+    received = []
+    with pytest.raises(ConnectionAbortedError):
+        async for data in relayed(queue):
+            received.append(data)
+    assert received == [b"half"]
+
+
+async def test_past_the_size_bound_no_one_new_joins_and_the_joined_get_it_all():
+    broadcast = Broadcast(200, HEADERS, "sse", 4)
+    queue = broadcast.subscribe()
+    broadcast.feed(b"abc")
+    assert broadcast.joinable
+    broadcast.feed(b"de")
+    assert not broadcast.joinable and broadcast.parts == []
+    broadcast.end(cleanly=True)
+    assert await collect(broadcast, queue) == [b"abc", b"de"] and broadcast.size == 5
