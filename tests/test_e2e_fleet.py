@@ -83,3 +83,18 @@ def test_requests_are_answered_when_redis_dies_mid_flight(start_proxy, start_red
     assert len({a.json()["choices"][0]["message"]["content"] for a in answers}) == 1
     # Without Redis each proxy falls back to its own single flight: one call each, at most.
     assert upstream.count(marker) <= 2
+
+
+def test_waiters_of_a_leader_that_stored_nothing_go_upstream_at_once(start_proxy, start_redis, upstream, marker):
+    server = start_redis()
+    proxies = [start_proxy(ai_cache_redis_url=server.url) for _ in range(2)]
+    failing = {"x-fake-scenario": "status-503,delay-1000"}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: post(proxies[i % 2], upstream, CHAT, chat_body(marker), failing), range(6)))
+    assert [a.status_code for a in answers] == [503] * 6
+    arrivals = upstream.arrivals(marker)
+    assert len(arrivals) == 6  # the leader, then every waiter of both proxies once
+    # They waited for the leader's answer, then all went within one round trip of each
+    # other: a chain of leaders (one per proxy) would space them a whole answer apart.
+    assert arrivals[1] - arrivals[0] >= 0.9
+    assert arrivals[-1] - arrivals[1] < 1.0, [round(a - arrivals[0], 2) for a in arrivals]

@@ -42,8 +42,22 @@ async def test_one_leads_the_others_wait_until_the_entry_is_stored(start_redis):
     await asyncio.sleep(0.2)
     assert not waiting.done()
     assert await stores[0].put(Entry(KEY, "json", b"{}", []), None)
-    leader.release_soon(lease)
+    leader.release_soon(lease, stored=True)
     assert await asyncio.wait_for(waiting, 5) is Claim.STORED
+    for store in stores:
+        await store.close()
+
+
+async def test_a_leader_that_stored_nothing_lets_every_waiter_pass_at_once(start_redis):
+    server = start_redis()
+    stores = [RedisStore(server.url, 1.0, "ai-cache:") for _ in range(3)]
+    leader, *waiters = (FleetLeases(store, poll=60) for store in stores)
+    lease = await leader.acquire(KEY, 5)
+    assert isinstance(lease, Lease)
+    waiting = [asyncio.create_task(waiter.acquire(KEY, 30)) for waiter in waiters]
+    await asyncio.sleep(0.2)
+    leader.release_soon(lease, stored=False)
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [Claim.PASS, Claim.PASS]
     for store in stores:
         await store.close()
 
@@ -59,7 +73,7 @@ async def test_a_lease_that_is_not_renewed_expires_and_a_waiter_takes_over(start
     lease._renewal.cancel()  # as if its proxy died
     assert isinstance(await waiter.acquire(KEY, 5), Lease)
     # The dead leader's late release cannot drop the new leader's lease.
-    leader.release_soon(lease)
+    leader.release_soon(lease, stored=False)
     await asyncio.sleep(0.1)
     assert await leader.claim(KEY, "third") is Claim.WAIT
     for store in stores:

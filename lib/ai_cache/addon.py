@@ -175,9 +175,7 @@ class AICache:
             state.status = Status.REFRESH
         elif (found := await cache.find(state.key, controls.max_age, any_age=offline)) and not found.stale:
             await self._serve_hit(flow, state, found.entry, found.layer, settings)
-        elif not offline and (
-            hit := await self.flights.answer(state, settings.coalesce, lookup, live=bool(state.stream))
-        ):
+        elif not offline and (hit := await self.flights.answer(state, settings.coalesce, lookup)):
             state.coalesced = True
             if isinstance(hit, Broadcast):
                 await self._serve_live(flow, state, hit, settings)

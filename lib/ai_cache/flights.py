@@ -19,8 +19,14 @@ from typing import Any, TypeVar
 from .fanout import Broadcast
 from .lease import Claim, FleetLeases, Lease
 from .state import FlowState
+from .tiers import Written
 
 Answer = TypeVar("Answer")
+
+
+def stored(write: asyncio.Future[Written]) -> bool:
+    """Whether a finished write put the entry anywhere."""
+    return not write.cancelled() and write.exception() is None and bool(write.result().layers)
 
 
 def _future() -> asyncio.Future[Any]:
@@ -68,11 +74,12 @@ class SingleFlight:
         if isinstance(claim, Lease):
             flight.lease = claim
             return None
-        if claim is Claim.STORED and (answer := await lookup()) is not None:
+        answer = await lookup() if claim is Claim.STORED else None
+        if answer is not None or claim is Claim.PASS:
+            # Answered, or hit-for-pass across the fleet: its own followers go on at once too.
             state.leader, state.followed = False, True
             self._release(state.key)
-            return answer
-        return None
+        return answer
 
     def go_live(self, state: FlowState, broadcast: Broadcast) -> None:
         """The leader's stream began: its followers may join it."""
@@ -81,23 +88,27 @@ class SingleFlight:
             flight.live.set_result(broadcast)
 
     async def answer(
-        self, state: FlowState, patience: float, lookup: Callable[[], Awaitable[Answer | None]], live: bool = False
+        self, state: FlowState, patience: float, lookup: Callable[[], Awaitable[Answer | None]]
     ) -> Answer | Broadcast | None:
         """Wait up to `patience` seconds for the leader of the flow's key to land, then `lookup` its
-        answer; `live`: or for its stream to begin, and join it. None at once when no
-        identical request is in flight."""
+        answer; or for its stream to begin (a JSON answer never does), and join it. None at
+        once when no identical request is in flight."""
         flight = self._flights.get(state.key)
         if flight is None:
             return None
-        waits: list[asyncio.Future[Any]] = [flight.landed, flight.live] if live else [flight.landed]
+        waits: list[asyncio.Future[Any]] = [flight.landed, flight.live]
         await asyncio.wait(waits, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
         state.followed = True
-        if live and flight.live.done() and flight.live.result().joinable:
+        if flight.live.done() and flight.live.result().joinable:
             return flight.live.result()
         return await lookup()
 
     def land(
-        self, state: FlowState, written: asyncio.Future[Any] | None = None, hidden: bool = False, cleanly: bool = False
+        self,
+        state: FlowState,
+        written: asyncio.Future[Written] | None = None,
+        hidden: bool = False,
+        cleanly: bool = False,
     ) -> None:
         """The leader's flow ended (stored or not; `cleanly`: its client got the whole
         answer): its live followers end as it did, the others look up as soon as its
@@ -114,12 +125,11 @@ class SingleFlight:
             written.add_done_callback(lambda _: self._release(state.key))
         else:
             self._release(state.key)
-        if flight.lease is not None and self.fleet is not None:
-            lease, fleet = flight.lease, self.fleet
+        if (lease := flight.lease) is not None:
             if written is None:
-                fleet.release_soon(lease)
+                lease.fleet.release_soon(lease, stored=False)
             else:
-                written.add_done_callback(lambda _: fleet.release_soon(lease))
+                written.add_done_callback(lambda task: lease.fleet.release_soon(lease, stored=stored(task)))
 
     def _release(self, key: str) -> None:
         flight = self._flights.pop(key, None)

@@ -32,10 +32,15 @@ POLL = 0.25  # seconds between looks at L2 and the lease, whatever pub/sub says
 FAILED = object()
 CHANNEL = "stored"  # after the prefix: the keys whose leader landed
 
-# Keys: 1 = entry, 2 = lease. The entry is there, or the lease is taken here, or someone holds it.
+PASS = "pass"  # a lease's value for a while after its leader landed without an entry
+# Keys: 1 = entry, 2 = lease. The entry is there, or the last leader left none (everyone
+# goes upstream at once: a chain of leaders would make the last wait for every answer),
+# or the lease is taken here, or another proxy holds it.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'stored' end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'lead' end
+local held = redis.call('GET', KEYS[2])
+if held == 'pass' then return 'pass' end
+if not held and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'lead' end
 return 'wait'
 """
 RENEW = """
@@ -43,14 +48,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
+return redis.call('SET', KEYS[1], 'pass', 'PX', ARGV[2])
 """
 
 
 class Claim(enum.Enum):
     LEAD = "lead"  # the lease is ours: go upstream
     STORED = "stored"  # the entry is in L2: answer from it
+    PASS = "pass"  # the last leader left no entry: go upstream without leading
     WAIT = "wait"  # another proxy leads
 
 
@@ -68,6 +75,7 @@ class Lease:
     """A lease this proxy holds, renewed in the background until released."""
 
     def __init__(self, fleet: FleetLeases, key: str, token: str) -> None:
+        self.fleet = fleet  # released through the Redis it was taken in, whatever was configured since
         self.key = key
         self.token = token
         self._renewal = asyncio.create_task(fleet.renew(self))
@@ -116,7 +124,8 @@ class FleetLeases:
 
     async def acquire(self, key: str, patience: float) -> Lease | Claim | None:
         """A `Lease` to lead with, Claim.STORED when the entry is in L2 (now or after waiting
-        for another proxy's leader), or None: Redis failed, or `patience` ran out."""
+        for another proxy's leader), Claim.PASS when that leader left none, or None: Redis
+        failed, or `patience` ran out."""
         token = secrets.token_hex(8)
         notified = self._watch(key)
         loop = asyncio.get_running_loop()
@@ -149,16 +158,17 @@ class FleetLeases:
                 logger.warning("ai-cache: lost the fleet lease for %s: another proxy may lead it too", lease.key[:12])
                 return
 
-    def release_soon(self, lease: Lease) -> None:
-        """Drop the lease (if still ours) and tell the waiters, off the request path."""
+    def release_soon(self, lease: Lease, stored: bool) -> None:
+        """Drop the lease (if still ours) and tell the waiters, off the request path. Without
+        a `stored` entry the lease says PASS for a lease's lifetime instead."""
         lease._renewal.cancel()
-        task = asyncio.create_task(self._release(lease))
+        task = asyncio.create_task(self._release(lease, stored))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _release(self, lease: Lease) -> None:
+    async def _release(self, lease: Lease, stored: bool) -> None:
         keys = self._keys(lease.key)[1:]
-        await self._script(RELEASE, keys, lease.token)
+        await self._script(RELEASE, keys, lease.token, "" if stored else str(int(self.ttl * 1000)))
         await self.store.with_redis(lambda r: r.publish(self.channel, lease.key), 0, "publish")
 
     # Pub/sub: one subscription per proxy while anyone waits.
