@@ -539,7 +539,9 @@ def fleet_row(plan: Plan, setup: Setup, per_proxy: int) -> Row:
         calls.append(sum(a.headers.get("x-ai-cache-status") != "HIT" for a in answers))
     row = Row(label, len(walls), statistics.median(walls) * 1e3, max(walls) * 1e3)
     row.throughput = f"upstream calls per burst: {', '.join(map(str, calls))}"
-    judge(row, "upstream calls: 1", set(calls) == {1}, f"{max(calls)} at most")
+    breaker = any("skipping it for a while" in p.log_path.read_text(errors="replace") for p in proxies if p)
+    figure = f"{max(calls)} at most" + ("; Redis timed out, per-proxy fallback" if breaker else "")
+    judge(row, "upstream calls: 1", set(calls) == {1}, figure)
     return row
 
 

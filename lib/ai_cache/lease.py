@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 LEASE_TTL = 3.0  # seconds a lease outlives a leader that stopped renewing it (died)
 RENEW_EVERY = LEASE_TTL / 3
 POLL = 0.25  # seconds between looks at L2 and the lease, whatever pub/sub says
+LISTEN = 1.0  # seconds one pub/sub read waits for a message
 FAILED = object()
 CHANNEL = "stored"  # after the prefix: the keys whose leader landed
 
@@ -191,7 +192,6 @@ class FleetLeases:
         """Wake the waiters of each published key, while there are any; ends on any failure
         (the waiters poll meanwhile; the next waiter subscribes again)."""
         pubsub = self.store.client.pubsub()
-        wait = min(1.0, self.store.timeout / 2)
 
         async def subscribe(_: Any) -> bool:
             await pubsub.subscribe(self.channel)
@@ -202,7 +202,10 @@ class FleetLeases:
                 return
             while self._watchers:
                 message: Any = await self.store.with_redis(
-                    lambda _: pubsub.get_message(ignore_subscribe_messages=True, timeout=wait), FAILED, "subscribe"
+                    lambda _: pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN),
+                    FAILED,
+                    "subscribe",
+                    blocks=LISTEN,
                 )
                 if message is FAILED:
                     return

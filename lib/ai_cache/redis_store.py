@@ -146,8 +146,11 @@ class RedisStore:
         self.refusing = Outage(f"ai-cache: {self.name} accepts writes again")
         self.on_error: Callable[[str], None] | None = None  # told the op of each failed call (metrics)
 
-    async def with_redis(self, op: Callable[[Any], Awaitable[T]], default: T, name: str = "other") -> T:
-        """Run `op(client)` bounded by the timeout; any failure yields `default` (and
+    async def with_redis(
+        self, op: Callable[[Any], Awaitable[T]], default: T, name: str = "other", blocks: float = 0.0
+    ) -> T:
+        """Run `op(client)` bounded by the timeout (plus `blocks`, the seconds a call that
+        waits by design may wait: a pub/sub read); any failure yields `default` (and
         `on_error(name)`).
 
         Waiting for a free connection is bounded by the timeout too, apart from the call."""
@@ -160,7 +163,7 @@ class RedisStore:
             if not connected:  # all busy: skip this call
                 self.breaker.cancelled(probe)
                 return default
-            result = await asyncio.wait_for(op(self.client), self.timeout)
+            result = await asyncio.wait_for(op(self.client), self.timeout + blocks)
         except asyncio.CancelledError:
             self.breaker.cancelled(probe)
             raise
