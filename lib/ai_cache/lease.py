@@ -26,17 +26,15 @@ from .redis_store import RedisStore
 from .store import Store
 
 logger = logging.getLogger(__name__)
-LEASE_TTL = 3.0  # seconds a lease outlives a leader that stopped renewing it (died)
-RENEW_EVERY = LEASE_TTL / 3
+LEASE_TTL = 3.0  # seconds a lease outlives a leader that stopped renewing it (died); renewed every third
 POLL = 0.25  # seconds between looks at L2 and the lease, whatever pub/sub says
 LISTEN = 1.0  # seconds one pub/sub read waits for a message
 FAILED = object()
 CHANNEL = "stored"  # after the prefix: the keys whose leader landed
 
-PASS = "pass"  # a lease's value for a while after its leader landed without an entry
-# Keys: 1 = entry, 2 = lease. The entry is there, or the last leader left none (everyone
-# goes upstream at once: a chain of leaders would make the last wait for every answer),
-# or the lease is taken here, or another proxy holds it.
+# Keys: 1 = entry, 2 = lease. The entry is there, or the last leader left none (the lease
+# says 'pass' for a while: everyone goes upstream at once, as a chain of leaders would make
+# the last wait for every answer), or the lease is taken here, or another proxy holds it.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'stored' end
 local held = redis.call('GET', KEYS[2])
@@ -48,10 +46,11 @@ RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# Then it tells the waiters (ARGV[3] the channel, ARGV[4] the key): one round trip.
 RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
-return redis.call('SET', KEYS[1], 'pass', 'PX', ARGV[2])
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], 'pass', 'PX', ARGV[2]) end
+return redis.call('PUBLISH', ARGV[3], ARGV[4])
 """
 
 
@@ -128,9 +127,9 @@ class FleetLeases:
         for another proxy's leader), Claim.PASS when that leader left none, or None: Redis
         failed, or `patience` ran out."""
         token = secrets.token_hex(8)
-        notified = self._watch(key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
+        notified: asyncio.Future[None] | None = None  # subscribed only once there is a wait
         try:
             while True:
                 claim = await self.claim(key, token)
@@ -141,12 +140,14 @@ class FleetLeases:
                 left = deadline - loop.time()
                 if left <= 0:
                     return None
-                await asyncio.wait([notified], timeout=min(self.poll, left))
-                if notified.done():
-                    self._unwatch(key, notified)
+                if notified is None or notified.done():
+                    if notified is not None:
+                        self._unwatch(key, notified)
                     notified = self._watch(key)
+                await asyncio.wait([notified], timeout=min(self.poll, left))
         finally:
-            self._unwatch(key, notified)
+            if notified is not None:
+                self._unwatch(key, notified)
 
     async def renew(self, lease: Lease) -> None:
         """Keep the lease alive while its upstream call runs; stop once it is lost."""
@@ -169,8 +170,9 @@ class FleetLeases:
 
     async def _release(self, lease: Lease, stored: bool) -> None:
         keys = self._keys(lease.key)[1:]
-        await self._script(RELEASE, keys, lease.token, "" if stored else str(int(self.ttl * 1000)))
-        await self.store.with_redis(lambda r: r.publish(self.channel, lease.key), 0, "publish")
+        await self._script(
+            RELEASE, keys, lease.token, "" if stored else str(int(self.ttl * 1000)), self.channel, lease.key
+        )
 
     # Pub/sub: one subscription per proxy while anyone waits.
 
