@@ -934,6 +934,17 @@ def method_notes(plan: Plan, setup: Setup) -> list[str]:
             f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
             "is a lower bound; compare rows at the same concurrency."
         ),
+        (
+            f"Row 10: {plan.rounds * 2} pairs; a leader asks for a paced stream (first event after "
+            f"{THINK:g}s, then {PACED_EVENTS} ~1 KB events {PACED_GAP * 1e3:g} ms apart), an identical follower "
+            f"{FOLLOW_AFTER * 1e3:g} ms later through the same proxy; figures are the follower's time of first "
+            "byte minus the leader's (must be X-AI-Cache-Layer: live, same bytes)."
+        ),
+        (
+            f"Row 11: {plan.rounds} bursts of identical JSON requests, half through each of two proxies sharing "
+            f"one Redis, for an answer the upstream thinks {THINK:g}s about; median/p95 columns are the burst's "
+            "wall time (p95 = slowest); upstream calls = answers not marked HIT."
+        ),
     ]
 
 
