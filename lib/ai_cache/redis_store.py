@@ -132,6 +132,7 @@ def describe(error: BaseException) -> str:
 
 class RedisStore:
     drops_expired = True  # memory shared by a team: entries go at the TTL
+    read_only: str | None = None  # Redis refusing writes is an outage, not for good
 
     def __init__(self, url: str, timeout: float, prefix: str, pool: int = DEFAULT_POOL, layer: str = "l2") -> None:
         self.layer = layer
