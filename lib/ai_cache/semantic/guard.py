@@ -22,7 +22,7 @@ NUMBER_WORDS = {
     for value, words in enumerate(
         (
             "zero",
-            "one first once",
+            "first once",  # not "one": far more often a pronoun than a count
             "two second twice double",
             "three third triple",
             "four fourth",

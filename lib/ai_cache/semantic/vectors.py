@@ -190,6 +190,16 @@ def local_vectors(directory: str | Path, create: bool = True) -> LocalVectors | 
         return None
 
 
+def documents(answer: Any) -> list[dict[Any, Any]]:
+    """The fields of each document in an FT.SEARCH answer, RESP2 (a flat list) or RESP3 (a map)."""
+    if isinstance(answer, dict):
+        results = answer.get(b"results", answer.get("results")) or []
+        return [r.get(b"extra_attributes", r.get("extra_attributes")) or {} for r in results if isinstance(r, dict)]
+    if isinstance(answer, list):
+        return [dict(zip(f[::2], f[1::2], strict=False)) if isinstance(f, list) else {} for f in answer[2::2]]
+    return []
+
+
 def search_query(partition: str, k: int) -> str:
     return f"(@partition:{{{partition}}})=>[KNN {k} @vector $vec AS distance]"
 
@@ -280,11 +290,8 @@ class RedisVectors:
             "RETURN", "4", "key", "text", "created_at", "distance", "LIMIT", "0", str(k), "DIALECT", "2",
         ]  # fmt: skip
         answer = await self.store.with_redis(lambda client: client.execute_command(*query), None, "semantic")
-        if not isinstance(answer, list):
-            return []
         found = []
-        for fields in answer[2::2]:
-            values = dict(zip(fields[::2], fields[1::2], strict=False)) if isinstance(fields, list) else {}
+        for values in documents(answer):
             try:  # an expired document can come back without its fields: skipped
                 key, text = values[b"key"].decode(), values[b"text"].decode("utf-8", "replace")
                 created, distance = float(values[b"created_at"]), float(values[b"distance"])
