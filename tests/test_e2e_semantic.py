@@ -79,7 +79,9 @@ def test_a_paraphrase_hits_with_the_semantic_headers_and_the_stored_answer(seman
     assert re.search(r"HIT semantic 0\.9600 openai-chat", proxy.logs())
     # Not written back under the paraphrase: with the semantic layer off for the request,
     # the paraphrase has no entry of its own.
-    missing = post(proxy, upstream, CHAT, ask(PARAPHRASE), {"x-ai-cache-semantic": "0", "cache-control": "only-if-cached"})
+    missing = post(
+        proxy, upstream, CHAT, ask(PARAPHRASE), {"x-ai-cache-semantic": "0", "cache-control": "only-if-cached"}
+    )
     assert missing.status_code == 504
     assert missing.headers["x-ai-cache-status"] == "MISS"
 
@@ -237,7 +239,14 @@ def test_a_broken_embedder_leaves_exact_caching_working(semantic_proxy, upstream
     [
         (["ai_cache_semantic=on"], "ai_cache_embed_url"),
         (["ai_cache_semantic=maybe"], "ai_cache_semantic"),
-        (["ai_cache_semantic=on", "ai_cache_embed_url=http://127.0.0.1:9/v1/embeddings", "ai_cache_semantic_threshold=1.5"], "ai_cache_semantic_threshold"),
+        (
+            [
+                "ai_cache_semantic=on",
+                "ai_cache_embed_url=http://127.0.0.1:9/v1/embeddings",
+                "ai_cache_semantic_threshold=1.5",
+            ],
+            "ai_cache_semantic_threshold",
+        ),
     ],
 )
 def test_a_bad_semantic_setting_stops_startup_naming_the_option(tmp_path, settings, option):

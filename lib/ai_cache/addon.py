@@ -50,7 +50,6 @@ class AICache:
         self.tally = Tally()
         self.recorder = Recorder(self.flights, self.tally)
         self.semantic: SemanticLayer | None = None  # ai_cache_semantic=on
-        self.recorder.observers.append(lambda *concluded: self.semantic and self.semantic.concluded(*concluded))
 
     def load(self, loader) -> None:
         for name, typespec, default, help_text in OPTIONS:
@@ -108,12 +107,14 @@ class AICache:
         assert self.cache is not None
         old, self.semantic = self.semantic, None
         if old is not None:
-            self.cache.background(old.close())
+            self.recorder.observers.remove(old.concluded)
+            old.close()
         if settings.semantic is not None:
             try:
                 self.semantic = SemanticLayer(settings.semantic, self.cache, settings.policy)
             except ValueError as e:
                 raise exceptions.OptionsError(f"ai_cache_embed_url: {e}") from None
+            self.recorder.observers.append(self.semantic.concluded)  # answers stored: their questions too
             self.semantic.start()
 
     def _close_later(self, old: TieredCache) -> None:
@@ -139,7 +140,7 @@ class AICache:
         if self.cache is not None:
             await self.cache.close()
         if self.semantic is not None:
-            await self.semantic.close()
+            self.semantic.close()
         logger.info("ai-cache: %s", self.tally.summary())
 
     # Request path

@@ -376,9 +376,7 @@ def semantic_settings(options: Any, parsed: Any) -> SemanticSettings | None:
             "ai_cache_embed_url: ai_cache_semantic=on needs an http:// or https:// embeddings URL"
         )
     return SemanticSettings(
-        threshold=parsed(
-            "ai_cache_semantic_threshold", float, lambda v: 0 < v <= 1, "must be above 0 and at most 1"
-        ),
+        threshold=parsed("ai_cache_semantic_threshold", float, lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
         messages=parsed("ai_cache_semantic_messages", int, lambda v: 1 <= v <= 100, "must be from 1 to 100"),
         embed_url=url,
         embed_model=options.ai_cache_embed_model.strip(),

@@ -277,8 +277,8 @@ class OpenAIChat(Protocol):
     answer_headers = ("openai-beta",)
     # `api-key` is Azure OpenAI's; OpenAI-compatible gateways also take `x-api-key`.
     own_credential_headers = frozenset({"authorization", "api-key", "x-api-key"})
-    turns_field = "messages"
-    tool_call_needles = (b'"tool_calls"', b'"function_call"')
+    turns_field: ClassVar[str | None] = "messages"
+    tool_call_needles: ClassVar[tuple[bytes, ...]] = (b'"tool_calls"', b'"function_call"')
 
     def is_terminal(self, event: Event) -> bool:
         return event.data == "[DONE]"

@@ -67,7 +67,9 @@ class SemanticLayer:
         self.settings = settings
         self.cache = cache
         self.policy = policy
-        self.embedder = Embedder(settings.embed_url, settings.embed_model, settings.embed_key_env, settings.embed_timeout)
+        self.embedder = Embedder(
+            settings.embed_url, settings.embed_model, settings.embed_key_env, settings.embed_timeout
+        )
         disk = cache.disk
         self.local: LocalVectors | None = local_vectors(disk.directory) if disk is not None else None
         redis = next((s for s in cache.stores if isinstance(s, RedisStore)), None)
@@ -77,7 +79,14 @@ class SemanticLayer:
         self.rejected: Counter[str] = Counter()  # candidates close enough but refused, by why
 
     def start(self) -> None:
-        """Read L1's vectors back and ask L2 for its search module, off the request path."""
+        """Read L1's vectors back and ask L2 for its search module, off the request path
+        (configured before the proxy runs: L1's read inline, L2 asked at its first use)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self.local is not None:
+                self.local.load_sync()
+            return
         if self.local is not None:
             local = self.local
 
@@ -176,9 +185,15 @@ class SemanticLayer:
             await self.remote.add(key, asked.partition, text, created_at, asked.vector, self.cache.ttl or None)
 
     def stats(self) -> dict[str, Any]:
-        return {"hits": self.hits, "rejected": dict(self.rejected), "embedder_up": int(not self.embedder.breaker.is_open)}
+        return {
+            "hits": self.hits,
+            "rejected": dict(self.rejected),
+            "embedder_up": int(not self.embedder.breaker.is_open),
+        }
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Inline: its pending writes are the tiered cache's tasks, drained before (done)
+        or harmless after (diskcache reconnects)."""
         self.embedder.close()
         if self.local is not None:
             self.local.close()

@@ -82,7 +82,11 @@ class Partition:
             last = len(self.keys) - 1
             if row != last:
                 self.matrix[row] = self.matrix[last]
-                self.keys[row], self.texts[row], self.created[row] = self.keys[last], self.texts[last], self.created[last]
+                self.keys[row], self.texts[row], self.created[row] = (
+                    self.keys[last],
+                    self.texts[last],
+                    self.created[last],
+                )
                 self.rows[self.keys[row]] = row
             del self.keys[last], self.texts[last], self.created[last]
 
@@ -200,6 +204,21 @@ def documents(answer: Any) -> list[dict[Any, Any]]:
     return []
 
 
+def candidates(answer: Any) -> list[Candidate]:
+    """An FT.SEARCH answer's candidates. An expired document can come back without its
+    fields for a while: it is skipped (and the TTL is judged from `created_at` anyway)."""
+    found = []
+    for values in documents(answer):
+        try:
+            key, text = values[b"key"].decode(), values[b"text"].decode("utf-8", "replace")
+            created, distance = float(values[b"created_at"]), float(values[b"distance"])
+        except (KeyError, ValueError, AttributeError):
+            continue
+        if KEY_PATTERN.fullmatch(key):
+            found.append(Candidate(key, text, created, 1.0 - distance, "l2"))
+    return found
+
+
 def search_query(partition: str, k: int) -> str:
     return f"(@partition:{{{partition}}})=>[KNN {k} @vector $vec AS distance]"
 
@@ -239,7 +258,9 @@ class RedisVectors:
 
                 self.available = await self.store.with_redis(probe, None, "semantic")
             if self.available is False:
-                logger.info("ai-cache: %s has no search module (RediSearch): semantic lookups stay local", self.store.name)
+                logger.info(
+                    "ai-cache: %s has no search module (RediSearch): semantic lookups stay local", self.store.name
+                )
         return bool(self.available)
 
     async def _ensure_index(self, dims: int) -> bool:
@@ -289,17 +310,7 @@ class RedisVectors:
             "PARAMS", "2", "vec", vector.tobytes(), "SORTBY", "distance", "ASC",
             "RETURN", "4", "key", "text", "created_at", "distance", "LIMIT", "0", str(k), "DIALECT", "2",
         ]  # fmt: skip
-        answer = await self.store.with_redis(lambda client: client.execute_command(*query), None, "semantic")
-        found = []
-        for values in documents(answer):
-            try:  # an expired document can come back without its fields: skipped
-                key, text = values[b"key"].decode(), values[b"text"].decode("utf-8", "replace")
-                created, distance = float(values[b"created_at"]), float(values[b"distance"])
-            except (KeyError, ValueError, AttributeError):
-                continue
-            if KEY_PATTERN.fullmatch(key):
-                found.append(Candidate(key, text, created, 1.0 - distance, "l2"))
-        return found
+        return candidates(await self.store.with_redis(lambda client: client.execute_command(*query), None, "semantic"))
 
     async def remove(self, keys: list[str]) -> int:
         """Delete the documents of `keys` from every index this prefix has."""
