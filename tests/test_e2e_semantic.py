@@ -69,7 +69,8 @@ def semantic_hit(proxy, upstream, body: dict, path: str = CHAT, headers: dict | 
 
 def test_a_paraphrase_hits_with_the_semantic_headers_and_the_stored_answer(semantic_proxy, upstream, embedder):
     embedder.similar(QUESTION, PARAPHRASE, 0.96)
-    proxy = semantic_proxy()
+    metrics = free_port()
+    proxy = semantic_proxy(ai_cache_metrics=str(metrics))
     first = store(proxy, upstream, ask(QUESTION))
     answer = semantic_hit(proxy, upstream, ask(PARAPHRASE))
     assert answer.headers["x-ai-cache-layer"] == "semantic"
@@ -84,6 +85,10 @@ def test_a_paraphrase_hits_with_the_semantic_headers_and_the_stored_answer(seman
     )
     assert missing.status_code == 504
     assert missing.headers["x-ai-cache-status"] == "MISS"
+    scraped = httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
+    assert re.search(r'ai_cache_requests_total\{layer="semantic",protocol="openai-chat",status="HIT"\} 1\.0', scraped)
+    assert re.search(r"ai_cache_embedding_seconds_count [1-9]", scraped)
+    assert httpx.get(f"http://127.0.0.1:{metrics}/stats").json()["semantic"]["hits"] == 1
 
 
 def test_the_threshold_edge(semantic_proxy, upstream, embedder):

@@ -78,7 +78,7 @@ class AICache:
         old, self.settings = self.settings or settings, settings
         assert self.cache is not None
         self.cache.ttl = settings.ttl
-        if stores_changed or settings.semantic != old.semantic or settings.policy != old.policy:
+        if stores_changed or settings.semantic != old.semantic:
             self._open_semantic(settings)
         show_connection_lines(settings.connection_log)
         logger.info(
@@ -111,7 +111,7 @@ class AICache:
             old.close()
         if settings.semantic is not None:
             try:
-                self.semantic = SemanticLayer(settings.semantic, self.cache, settings.policy)
+                self.semantic = SemanticLayer(settings.semantic, self.cache)
             except ValueError as e:
                 raise exceptions.OptionsError(f"ai_cache_embed_url: {e}") from None
             self.recorder.observers.append(self.semantic.concluded)  # answers stored: their questions too
@@ -164,7 +164,7 @@ class AICache:
         else:
             state.key, state.model, state.stream, state.request = found.key, found.model, found.stream, found.described
             if self.semantic is not None:
-                self.semantic.ask(flow, protocol, found, controls, settings.mode)
+                self.semantic.ask(flow, protocol, found, controls, settings)
             await self._route(flow, state, controls, settings, cache)
         self.tally.count(state.status)
         if state.status.recording and flow.response is None:

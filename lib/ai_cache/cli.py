@@ -95,7 +95,7 @@ class Cache:
         # The semantic layer's questions: they go with their entries.
         self.vectors = local_vectors(directory, create=False) if self.tiers.disk else None
         redis = next((s for s in self.tiers.stores if isinstance(s, RedisStore)), None)
-        self.remote_vectors = RedisVectors(redis, 0) if redis is not None else None
+        self.remote_vectors = RedisVectors(redis) if redis is not None else None
 
     @property
     def where(self) -> str:

@@ -233,7 +233,9 @@ class Protocol(ABC):
         if any(turn.get(name) for name in TOOL_OR_MEDIA_FIELDS):
             return "tool calls or non-text content in the conversation"
         content = turn.get(self.content_field)
-        parts = content if isinstance(content, list) else [] if isinstance(content, str) else [content]
+        parts = (
+            content if isinstance(content, list) else [] if content is None or isinstance(content, str) else [content]
+        )
         if not all(is_text_part(part) for part in parts):
             return "non-text content or tool parts in the conversation"
         return ""

@@ -26,7 +26,7 @@ from ..capture import StreamCapture
 from ..controls import Controls
 from ..entry import Entry
 from ..keys import CacheableRequest, KeyPolicy, partition_key
-from ..options import SemanticSettings
+from ..options import SemanticSettings, Settings
 from ..protocols import Protocol, Question
 from ..recording import Conclusion
 from ..redis_store import RedisStore
@@ -48,6 +48,7 @@ class Asked:
     question: Question
     found: CacheableRequest
     protocol: Protocol
+    policy: KeyPolicy
     lookup: bool  # False: only remembered once answered (refresh mode, no-cache)
     max_age: float | None
     vector: np.ndarray | None = None
@@ -63,17 +64,16 @@ class Match:
 class SemanticLayer:
     """Looks questions up and remembers answered ones, in L1 and (with RediSearch) L2."""
 
-    def __init__(self, settings: SemanticSettings, cache: TieredCache, policy: KeyPolicy) -> None:
+    def __init__(self, settings: SemanticSettings, cache: TieredCache) -> None:
         self.settings = settings
         self.cache = cache
-        self.policy = policy
         self.embedder = Embedder(
             settings.embed_url, settings.embed_model, settings.embed_key_env, settings.embed_timeout
         )
         disk = cache.disk
         self.local: LocalVectors | None = local_vectors(disk.directory) if disk is not None else None
         redis = next((s for s in cache.stores if isinstance(s, RedisStore)), None)
-        self.remote = RedisVectors(redis, cache.ttl) if redis is not None else None
+        self.remote = RedisVectors(redis) if redis is not None else None
         self._asked: weakref.WeakKeyDictionary[http.HTTPFlow, Asked] = weakref.WeakKeyDictionary()
         self.hits = 0
         self.rejected: Counter[str] = Counter()  # candidates close enough but refused, by why
@@ -101,17 +101,18 @@ class SemanticLayer:
     # Request path
 
     def ask(
-        self, flow: http.HTTPFlow, protocol: Protocol, found: CacheableRequest, controls: Controls, mode: Mode
+        self, flow: http.HTTPFlow, protocol: Protocol, found: CacheableRequest, controls: Controls, settings: Settings
     ) -> None:
         """Note the flow's question, if it may have one: looked up in record mode, only
         remembered in refresh mode, never in replay mode (fixtures stay exact)."""
+        mode = settings.mode
         if mode not in (Mode.RECORD, Mode.REFRESH) or not controls.semantic or controls.bypass or found.refused:
             return
         question = protocol.question(found.body, self.settings.messages)
         if isinstance(question, str) or len(question.text.split()) < MIN_WORDS:
             return
         lookup = mode is Mode.RECORD and not controls.refresh
-        self._asked[flow] = Asked(question, found, protocol, lookup, controls.max_age)
+        self._asked[flow] = Asked(question, found, protocol, settings.policy, lookup, controls.max_age)
 
     async def lookup(self, flow: http.HTTPFlow, state: FlowState) -> Match | None:
         """The accepted match for an exact miss, or None (sets the flow's similarity)."""
@@ -137,8 +138,8 @@ class SemanticLayer:
             asked.vector = await self.embedder.embed(asked.question.text)
             if asked.vector is None:
                 return False
-            identity = self.embedder.identity[:2] + [len(asked.vector)]
-            asked.partition = partition_key(asked.found, asked.question.rest, self.policy, identity)
+            identity = self.embedder.identity
+            asked.partition = partition_key(asked.found, asked.question.rest, asked.policy, identity)
         return True
 
     async def _accepted(self, asked: Asked, candidate: Candidate, state: FlowState) -> Entry | None:

@@ -228,9 +228,8 @@ class RedisVectors:
     for the partition, KNN within it. Every call goes through the store's fail-open
     `with_redis`; a Redis without the search module (or a cluster) leaves L2 out."""
 
-    def __init__(self, store: RedisStore, ttl: float) -> None:
+    def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self.ttl = ttl
         base = store.prefix.rstrip(":") or "ai-cache"
         self.index_prefix = f"{base}-semantic-"  # never under the entries' prefix
         self.available: bool | None = None  # None: not known yet (Redis unreachable so far)
