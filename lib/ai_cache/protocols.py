@@ -195,11 +195,6 @@ class Protocol(ABC):
                 return one_line(text, width)
         return one_line(json.dumps(body)[:width], width)
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """The text of the last user turn(s): what a semantic lookup compares. The
-        messages-based default; prompt-based families override it."""
-        return "\n".join(text_of(m.get("content")) for m in last_user_turns(body.get("messages"), "role"))
-
     def answers_wanted(self, body: dict[str, Any]) -> int:
         """How many answers one call asks for (`n`)."""
         n = body.get("n", 1)
@@ -293,9 +288,6 @@ class OpenAICompletions(OpenAIChat):
     prompt_fields = ("prompt",)
     turns_field = None  # one prompt holding instructions and question alike
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        return _prompt_text(body.get("prompt"))
-
 
 class OpenAIResponses(OpenAIChat):
     name = "openai-responses"
@@ -319,13 +311,6 @@ class OpenAIResponses(OpenAIChat):
             return False
         return self.event_type(event) in self.failures
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """`input` is a string, or items of which messages have roles."""
-        items = body.get("input")
-        if isinstance(items, str):
-            return items
-        return "\n".join(text_of(m.get("content")) for m in last_user_turns(items, "role"))
-
     def question(self, body: dict[str, Any], count: int = 1) -> Question | str:
         """Only a self-contained request: `previous_response_id` holds history the key cannot see."""
         if body.get("previous_response_id") is not None:
@@ -344,9 +329,6 @@ class OpenAIEmbeddings(OpenAIChat):
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return False
-
-    def user_text(self, body: dict[str, Any]) -> str:
-        return _prompt_text(body.get("input"))
 
 
 class AnthropicMessages(Protocol):
@@ -402,11 +384,6 @@ class Gemini(Protocol):
         candidates = obj.get("candidates") if obj else None
         return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates)
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """A content without a role is the user's (single-turn requests omit it)."""
-        turns = last_user_turns(body.get("contents"), "role", "user")
-        return "\n".join(text_of(turn.get("parts")) for turn in turns)
-
     def answers_wanted(self, body: dict[str, Any]) -> int:
         config = body.get("generationConfig")
         n = config.get("candidateCount", 1) if isinstance(config, dict) else 1
@@ -432,26 +409,13 @@ class OllamaNative(Protocol):
         obj = json_object(event.data)
         return obj is not None and obj.get("done") is True
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """/api/chat has messages, /api/generate a prompt."""
-        return super().user_text(body) if "messages" in body else _prompt_text(body.get("prompt"))
-
     def question(self, body: dict[str, Any], count: int = 1) -> Question | str:
-        """/api/generate: the prompt, unless images come with it."""
+        """/api/chat has messages; /api/generate a prompt, taken unless images come with it."""
         if "messages" in body:
             return super().question(body, count)
         if body.get("images") or not isinstance(body.get("prompt"), str):
             return "non-text content or no prompt"
         return Question(body["prompt"], {**body, "prompt": QUESTION_PLACEHOLDER})
-
-
-def _prompt_text(value: Any) -> str:
-    """A prompt given as a string or a list of strings (token arrays have no text)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(v for v in value if isinstance(v, str))
-    return ""
 
 
 PROTOCOLS: list[Protocol] = []
