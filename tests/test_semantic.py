@@ -213,10 +213,14 @@ async def test_local_vectors_persist_and_search_large_partitions_off_the_loop(tm
     index.add_sync("c" * 64, "q", "question c", 7.0, unit(3))
     index.count_hit_sync()
     index.remove_sync(["b" * 64])
+    # Another writer's values: garbage, not bytes, NaNs.
+    index._disk.set("e" * 64, b"not json\n")
+    index._disk.set("f" * 64, {"partition": "p"})
+    index._disk.set("0" * 64, b'{"partition": "p", "text": "t", "created_at": 1}\n' + b"\xff" * 8)
     index.close()
     again = LocalVectors(tmp_path)
     assert again.load_sync() == 2
-    assert again.counts_sync() == (2, 1)
+    assert again.counts_sync() == (5, 1)
     monkeypatch.setattr(vectors, "INLINE_WORK", 0)  # every search in a worker thread
     found = await again.search("p", unit(1), 4)
     assert [(c.key, c.text, c.created_at) for c in found] == [("a" * 64, "question a", 5.0)]

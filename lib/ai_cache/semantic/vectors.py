@@ -9,6 +9,7 @@ partition and return the best few candidates; the caller judges them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -126,15 +127,20 @@ class LocalVectors:
         return result
 
     def load_sync(self) -> int:
-        """Read every stored vector into memory; how many."""
+        """Read every stored vector into memory; how many. Values are written as bytes (a
+        JSON head, a newline, float32s), like entries; any other value is skipped."""
         for key in self._guarded("listing", lambda: list(self._disk.iterkeys()), []):
             value = self._guarded("read", lambda k=key: self._disk.get(k))
-            if isinstance(value, dict) and KEY_PATTERN.fullmatch(str(key)):
+            if isinstance(value, bytes) and KEY_PATTERN.fullmatch(str(key)):
+                head, _, data = value.partition(b"\n")
                 try:
-                    vector = np.frombuffer(value["vector"], dtype=np.float32)
-                    self._remember(key, value["partition"], value["text"], float(value["created_at"]), vector)
-                except (KeyError, TypeError, ValueError):
+                    fields = json.loads(head)
+                    partition, text, created_at = str(fields["partition"]), str(fields["text"]), fields["created_at"]
+                    vector = np.frombuffer(data, dtype=np.float32)
+                except (ValueError, KeyError, TypeError):
                     continue
+                if vector.size and np.isfinite(vector).all() and isinstance(created_at, float | int):
+                    self._remember(key, partition, text, float(created_at), vector)
         self.loaded = True
         return len(self._where)
 
@@ -147,7 +153,8 @@ class LocalVectors:
 
     def add_sync(self, key: str, partition: str, text: str, created_at: float, vector: np.ndarray) -> None:
         self._remember(key, partition, text, created_at, vector)
-        value = {"partition": partition, "text": text, "created_at": created_at, "vector": vector.tobytes()}
+        head = json.dumps({"partition": partition, "text": text, "created_at": created_at}).encode()
+        value = head + b"\n" + vector.astype(np.float32).tobytes()
         self._guarded("write", lambda: self._disk.set(key, value))
 
     def remove_sync(self, keys: Iterable[str]) -> int:
