@@ -54,6 +54,7 @@ class FlowState:
     request: dict[str, Any] | None = None  # the request as described for humans (no secrets)
     reason: str | None = None  # why it was bypassed / not stored, for the log line
     layer: str | None = None  # a hit's layer
+    similarity: float | None = None  # a semantic hit's cosine similarity
     age: float | None = None  # a hit's age in seconds
     format: str | None = None  # json, sse, ndjson
     size: int | None = None  # a hit's body size
