@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import redis
 from mitmproxy.version import VERSION as MITMPROXY_VERSION
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 from ai_cache.disk import DiskStore  # noqa: E402
 from ai_cache.entry import Entry  # noqa: E402
 from ai_cache.launch import free_port, mitmdump_command, redis_command, redis_server_binary, stop, wait_for_port  # noqa: E402
+from ai_cache.semantic.vectors import LocalVectors, Partition  # noqa: E402
 
 ADDON = str(ROOT / "ai_cache_addon.py")
 MODEL = "bench-model"
@@ -50,10 +52,10 @@ PATH = "/v1/chat/completions"
 JSON_HEADERS = {"content-type": "application/json"}
 EVENT_SIZE = 1024  # bytes per SSE event, like a chunk carrying a few tokens of text
 HTTP_CHUNK_EVENTS = 16  # events per chunked-encoding chunk written by the upstream
-PACED, THINKING = b"paced ", b"thinking "  # prompts the upstream answers like a real provider (rows 10, 11)
+PACED, THINKING = b"paced ", b"thinking "  # prompts the upstream answers like a real provider (rows 11, 12)
 THINK = 0.3  # seconds before a thinking answer, or a paced stream's first event
 PACED_EVENTS, PACED_GAP = 20, 0.025  # a paced stream: its events and the time between them
-FOLLOW_AFTER = 0.05  # seconds after its leader a fan-out follower asks (row 10)
+FOLLOW_AFTER = 0.05  # seconds after its leader a fan-out follower asks (row 11)
 HIT = {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "l1"}
 MISS = {"x-ai-cache-status": "MISS"}
 ANSWER = json.dumps(
@@ -73,6 +75,11 @@ ANSWER = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
+# The upstream's embeddings answer: one fixed 384-d vector, so every question is a
+# semantic candidate of every other (cosine 1) and only the lexical guard refuses.
+EMBED_DIMS = 384
+EMBEDDING = json.dumps({"object": "list", "data": [{"index": 0, "embedding": [0.05] * EMBED_DIMS}]}).encode()
+SEMANTIC_HIT = {"x-ai-cache-status": "HIT", "x-ai-cache-layer": "semantic"}
 FLOOR_ADDON = f'''"""Answers every request from memory: the fastest a cache hit through mitmproxy can be."""
 from mitmproxy import http
 
@@ -147,8 +154,8 @@ def chunked(body: bytes, size: int) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
-def upstream_replies(sse_bytes: int) -> tuple[bytes, bytes]:
-    """The two complete HTTP responses, built once so answering costs nothing."""
+def upstream_replies(sse_bytes: int) -> tuple[bytes, bytes, bytes]:
+    """The three complete HTTP responses (JSON, SSE, embeddings), built once so answering costs nothing."""
     json_reply = (
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(ANSWER)
     ) + ANSWER
@@ -157,12 +164,15 @@ def upstream_replies(sse_bytes: int) -> tuple[bytes, bytes]:
         b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
         + chunked(sse_stream(sse_bytes), EVENT_SIZE * HTTP_CHUNK_EVENTS)
     )
-    return json_reply, sse_reply
+    embed_reply = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(EMBEDDING)
+    ) + EMBEDDING
+    return json_reply, sse_reply, embed_reply
 
 
 async def send_paced(writer: asyncio.StreamWriter) -> None:
     """A stream as a provider generates it: THINK before the first event, then PACED_EVENTS
-    events PACED_GAP apart (row 10)."""
+    events PACED_GAP apart (row 11)."""
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
     await writer.drain()
     await asyncio.sleep(THINK)
@@ -184,7 +194,7 @@ def wants_stream(body: bytes) -> bool:
 
 
 async def serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: tuple[bytes, bytes]
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: tuple[bytes, bytes, bytes]
 ) -> None:
     """Keep-alive HTTP/1.1: read a request, write the prepared answer at once, repeat."""
     try:
@@ -197,7 +207,10 @@ async def serve_connection(
                 continue
             if THINKING in body:
                 await asyncio.sleep(THINK)
-            writer.write(replies[1] if wants_stream(body) else replies[0])
+            if b"/embeddings " in head.split(b"\r\n", 1)[0]:
+                writer.write(replies[2])
+            else:
+                writer.write(replies[1] if wants_stream(body) else replies[0])
             await writer.drain()
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
         pass
@@ -325,8 +338,14 @@ def fill_l1(directory: Path, count: int) -> None:
 # Measuring
 
 
-def chat(prompt: str, stream: bool = False) -> bytes:
-    return json.dumps({"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": prompt}]}).encode()
+def chat(prompt: str, stream: bool = False, **extra: object) -> bytes:
+    messages = [{"role": "user", "content": prompt}]
+    return json.dumps({"model": MODEL, "stream": stream, "messages": messages, **extra}).encode()
+
+
+def letters(i: int) -> str:
+    """`i` in words of letters a-j: new wording without numbers (the guard refuses other numbers)."""
+    return "".join(chr(97 + int(d)) for d in str(i))
 
 
 def problem_with(response: httpx.Response, expect: dict[str, str]) -> str | None:
@@ -469,7 +488,7 @@ async def load(
     return Load(len(latencies) / seconds, latencies, wrong)
 
 
-# Scale: live fan-out and fleet-wide single flight (rows 10, 11)
+# Scale: live fan-out and fleet-wide single flight (rows 11, 12)
 
 
 async def first_byte(proxy: Mitm, target: str, body: bytes, after: float) -> tuple[float, bytes, httpx.Headers]:
@@ -488,7 +507,7 @@ async def first_byte(proxy: Mitm, target: str, body: bytes, after: float) -> tup
 def fanout_row(plan: Plan, setup: Setup) -> Row:
     """A leader and a follower asking FOLLOW_AFTER apart for the same paced stream: how much
     later than the leader's the follower's first byte comes."""
-    proxy, label = setup.proxies["addon"], "10. live fan-out: follower TTFB − leader TTFB, paced stream"
+    proxy, label = setup.proxies["addon"], "11. live fan-out: follower TTFB − leader TTFB, paced stream"
     if proxy.problem:
         return Row(label, result=f"skipped: {proxy.problem}")
     lags: list[float] = []
@@ -516,7 +535,7 @@ def fanout_row(plan: Plan, setup: Setup) -> Row:
 def fleet_row(plan: Plan, setup: Setup, per_proxy: int) -> Row:
     """`per_proxy` identical requests at once through each of two proxies sharing Redis, for
     an answer the upstream thinks THINK seconds about: how many of them went upstream."""
-    label = f"11. fleet single flight: 2 proxies × {per_proxy} identical requests"
+    label = f"12. fleet single flight: 2 proxies × {per_proxy} identical requests"
     proxies = [setup.proxies.get("l2-a"), setup.proxies.get("l2-b")]
     if not setup.redis_url or None in proxies:
         return Row(label, result=f"skipped: {setup.redis_problem or 'no Redis proxies'}")
@@ -669,6 +688,11 @@ def start_all(stack: ExitStack, plan: Plan, workdir: Path) -> Setup:
         "l1-small": (ADDON, {"ai_cache_dir": str(workdir / "l1-small")}),
         "l1-large": (ADDON, {"ai_cache_dir": str(workdir / "l1-large")}),
     }
+    embed_url = re.sub(r"(https?://[^/]+).*", r"\1/v1/embeddings", target)
+    specs["semantic"] = (
+        ADDON,
+        {"ai_cache_dir": str(workdir / "semantic"), "ai_cache_semantic": "on", "ai_cache_embed_url": embed_url},
+    )
     if redis_url:
         for name in ("l2-a", "l2-b"):
             specs[name] = (ADDON, {"ai_cache_dir": str(workdir / name), "ai_cache_redis_url": redis_url})
@@ -717,6 +741,13 @@ def latency_phase(stack: ExitStack, plan: Plan, setup: Setup) -> dict[str, Case]
         "redis-down": Case("redis-down", p["redis-down"], lambda i: chat("hit"), HIT),
         "l1-small": Case("l1-small", p["l1-small"], lambda i: chat("hit"), HIT),
         "l1-large": Case("l1-large", p["l1-large"], lambda i: chat("hit"), HIT),
+        # The first request records the question; the others ask it in new words each time.
+        "semantic-hit": Case(
+            "semantic-hit", p["semantic"], lambda i: chat(f"tell me about the weather {letters(i)}"), SEMANTIC_HIT
+        ),
+        "semantic-exact": Case("semantic-exact", p["semantic"], lambda i: chat("hit"), HIT),
+        # Another partition (temperature): every candidate differs in its number, the guard refuses.
+        "semantic-miss": Case("semantic-miss", p["semantic"], lambda i: chat(f"miss {i}", temperature=0.5), MISS),
     }
     if "l2-b" in p:
         cases["l2"] = Case(
@@ -813,6 +844,67 @@ def latency_rows(cases: dict[str, Case], plan: Plan) -> list[Row]:
         growth = large.median_ms / small.median_ms
         judge(large, f"≤ 1.20× {plan.l1_small:,}-entry row", growth <= 1.20, f"{growth:.2f}×")
     return rows + [down, small, large]
+
+
+def semantic_rows(cases: dict[str, Case], plan: Plan, embed: float | None) -> list[Row]:
+    """Row 10: the semantic layer's own cost (search alone, in process) and end to end."""
+    base = cases["pass"]
+    rows = semantic_search_rows(plan)
+    hit = case_row("10d. semantic HIT (new wording each time), embedding included", cases["semantic-hit"], base)
+    exact = case_row("10e. exact HIT from L1, semantic on", cases["semantic-exact"], base)
+    miss = case_row("10f. MISS, semantic on (candidates refused by the guard)", cases["semantic-miss"], base)
+    if miss.median_ms is not None and cases["miss"].latencies and embed is not None:
+        added = (cases["semantic-miss"].median() - cases["miss"].median()) * 1e3
+        judge(miss, "≤ row 3 + embedding call + 2 ms", added <= embed + 2.0, f"{added:+.2f} ms, call {embed:.2f} ms")
+    if hit.median_ms is not None and exact.median_ms is not None:
+        hit.result = f"{hit.median_ms - exact.median_ms:+.2f} ms vs row 10e"
+    return rows + [hit, exact, miss]
+
+
+def semantic_search_rows(plan: Plan) -> list[Row]:
+    """L1 search (LocalVectors.search, off the loop above ~1 ms) in one partition of 384-d questions."""
+    rows = []
+    rng = np.random.default_rng(7)
+    with tempfile.TemporaryDirectory(prefix="ai-cache-bench-vectors-") as directory:
+        index = LocalVectors(directory)
+        for label, size, target in (("10a", 1_000, 0.0), ("10b", 10_000, 2.0), ("10c", 100_000, 10.0)):
+            part = Partition(EMBED_DIMS)
+            vectors = rng.standard_normal((size, EMBED_DIMS)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            for i, vector in enumerate(vectors):
+                part.add(f"{i:064x}", "question", 0.0, vector)
+            index.partitions = {"p": part}
+            queries = vectors[: 20 if plan.quick else 100]
+
+            async def searches(queries: np.ndarray = queries) -> list[float]:
+                times = []
+                for query in queries:
+                    started = time.perf_counter()
+                    await index.search("p", query, 4)
+                    times.append(time.perf_counter() - started)
+                return times
+
+            times = asyncio.run(searches())
+            median = statistics.median(times) * 1e3
+            p95 = statistics.quantiles(times, n=20, method="inclusive")[-1] * 1e3
+            row = Row(f"{label}. semantic L1 search, {size:,} questions in one partition", len(times), median, p95)
+            if target:
+                judge(row, f"≤ {target:g} ms", median <= target, f"{median:.2f} ms")
+            rows.append(row)
+        index.close()
+    return rows
+
+
+def embedding_call_ms(target: str) -> float:
+    """The median of direct calls to the bench's embeddings endpoint (what the proxy's embedder pays)."""
+    url = re.sub(r"(https?://[^/]+).*", r"\1/v1/embeddings", target)
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        times = []
+        for i in range(30):
+            started = time.perf_counter()
+            client.post(url, json={"model": "", "input": f"text {i}"})
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[5:]) * 1e3
 
 
 def stream_rows(cases: dict[str, Case]) -> list[Row]:
@@ -930,18 +1022,25 @@ def method_notes(plan: Plan, setup: Setup) -> list[str]:
         f"Row 7: ai_cache_redis_url points at a closed port; {breaker}. Added ms = its median minus row 4's.",
         "Row 8: L1 pre-filled with DiskStore.put_sync, then one real entry recorded through the proxy and hit.",
         (
+            "Row 10a–c: LocalVectors.search (top 4, exact numpy cosine; in a worker thread above ~1 ms of work) "
+            "over random 384-d unit vectors in one partition, in process, embedding call excluded. Rows 10d–f: "
+            "one proxy with ai_cache_semantic=on whose embeddings endpoint is the bench upstream (a fixed "
+            "vector: every question is a candidate at cosine 1); 10d asks a recorded question in new words "
+            "each time, 10f asks numbered questions the guard refuses, compared with row 3."
+        ),
+        (
             f"Row 9: asyncio + one httpx.AsyncClient per client, {plan.load_seconds:g}s per cell after "
             f"{plan.load_warm:g}s warm-up. The clients share the {os.cpu_count()} cores with mitmdump, so req/s "
             "is a lower bound; compare rows at the same concurrency."
         ),
         (
-            f"Row 10: {plan.rounds * 2} pairs; a leader asks for a paced stream (first event after "
+            f"Row 11: {plan.rounds * 2} pairs; a leader asks for a paced stream (first event after "
             f"{THINK:g}s, then {PACED_EVENTS} ~1 KB events {PACED_GAP * 1e3:g} ms apart), an identical follower "
             f"{FOLLOW_AFTER * 1e3:g} ms later through the same proxy; figures are the follower's time of first "
             "byte minus the leader's (must be X-AI-Cache-Layer: live, same bytes)."
         ),
         (
-            f"Row 11: {plan.rounds} bursts of identical JSON requests, half through each of two proxies sharing "
+            f"Row 12: {plan.rounds} bursts of identical JSON requests, half through each of two proxies sharing "
             f"one Redis, for an answer the upstream thinks {THINK:g}s about; median/p95 columns are the burst's "
             "wall time (p95 = slowest); upstream calls = answers not marked HIT."
         ),
@@ -958,6 +1057,7 @@ def run(plan: Plan) -> str:
         log("scale: live fan-out and fleet single flight")
         scale = [fanout_row(plan, setup), fleet_row(plan, setup, 8 if plan.quick else 32)]
         rows = latency_rows(latency, plan) + stream_rows(streams) + load_rows(loads, plan) + scale
+        rows += semantic_rows(latency, plan, embedding_call_ms(setup.target))
         rows.sort(key=lambda r: int(re.match(r"\d+", r.scenario).group()))  # type: ignore[union-attr]
         notes = (
             method_notes(plan, setup)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +61,21 @@ def wait_for_status(
             return answer
         time.sleep(0.05)
     raise AssertionError(f"never saw {status}")
+
+
+def stored_lines(proxy) -> int:
+    """How many answers the proxy's log says it wrote (also `stored in l1 only (...)`)."""
+    return len(re.findall(r": stored\b", proxy.logs()))
+
+
+def wait_for_stored(proxy, count: int = 1, tries: int = 100) -> None:
+    """Until the log says `count` answers were written: a lookup already serves an entry
+    that waits for its batch write, so a HIT does not prove it is on disk or in Redis."""
+    for _ in range(tries):
+        if stored_lines(proxy) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {count} stored")
 
 
 STREAMS = {
@@ -161,7 +177,6 @@ def upstream_answers(addon: AICache, flow: http.HTTPFlow, body: dict = ANSWER, s
 
 # A cache directory with one entry of each format (the CLI and its inputs)
 
-NOW = time.time()
 SSE_CHUNKS = [
     b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":20}}}\n\n',
     'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"héllo ✓'.encode(),
@@ -198,11 +213,13 @@ def timed(chunks: list[bytes], gap: float) -> list[tuple[float, int]]:
 
 
 def sample_entries() -> list[Entry]:
+    """Aged from the moment they are made: a long run must not age them past a test's bounds."""
+    now = time.time()
     json_entry = Entry(
         key=key_of("json"),
         format="json",
         body=JSON_BODY,
-        created_at=NOW - 10,
+        created_at=now - 10,
         headers=[
             ("content-type", "application/json"),
             ("x-request-id", "req-1"),
@@ -229,7 +246,7 @@ def sample_entries() -> list[Entry]:
         key=key_of("sse"),
         format="sse",
         body=b"".join(SSE_CHUNKS),
-        created_at=NOW - 3 * 3600,
+        created_at=now - 3 * 3600,
         headers=[("content-type", "text/event-stream")],
         chunks=timed(SSE_CHUNKS, 0.25),
         meta={
@@ -245,7 +262,7 @@ def sample_entries() -> list[Entry]:
         key=key_of("ndjson"),
         format="ndjson",
         body=b"".join(NDJSON_CHUNKS),
-        created_at=NOW - 5 * 86400,
+        created_at=now - 5 * 86400,
         headers=[("content-type", "application/x-ndjson")],
         chunks=timed(NDJSON_CHUNKS, 0.125),
         meta={

@@ -56,7 +56,7 @@ def test_ls_newest_first_and_filters(cli, cache_dir):
         [key_of("sse")[:12], "3h", "sse"],
         [key_of("ndjson")[:12], "5d", "ndjson"],
     ]
-    assert re.fullmatch(r"\d+s", lines[0].split()[1])  # seconds old (NOW is taken at import)
+    assert re.fullmatch(r"\d+s", lines[0].split()[1])  # seconds old
     assert "openai-chat" in lines[0] and "gpt-4o" in lines[0] and lines[0].endswith("hello json")
 
     def keys(*filters: str) -> list[str]:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import BIN, Proxy
-from helpers import CHAT, chat_body, post, wait_for_status
+from helpers import CHAT, chat_body, post, wait_for_stored
 
 
 # A read-only cache directory (a read-only checkout of recorded fixtures) turned L1
@@ -74,7 +74,7 @@ def test_a_read_only_cache_directory_still_answers(start_proxy, start_namespaced
     recorder = start_proxy()
     directory = recorder.options["ai_cache_dir"]
     recorded = post(recorder, upstream, CHAT, chat_body(marker))
-    wait_for_status(recorder, upstream, chat_body(marker), "HIT")
+    wait_for_stored(recorder)
     if writer_ended == "killed":
         recorder.proc.kill()
         recorder.proc.wait()

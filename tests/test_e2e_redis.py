@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from ai_cache.launch import free_port, redis_server_binary, wait_for_port
-from helpers import CHAT, chat_body, post, redis_key, stream_raw, wait_for_redis_key
+from helpers import CHAT, chat_body, post, redis_key, stored_lines, stream_raw, wait_for_redis_key, wait_for_stored
 
 
 def test_two_proxies_share_l2_and_backfill_l1(start_proxy, start_redis, upstream, marker):
@@ -71,8 +71,10 @@ def test_redis_killed_mid_run_and_restarted(start_proxy, start_redis, upstream, 
     server.start()  # same port, empty
     key = None
     for i in range(60):  # the breaker probes again after its cool-down
+        earlier = stored_lines(proxy)
         answer = post(proxy, upstream, CHAT, chat_body(f"{marker}-after-{i}"))
         assert answer.status_code == 200
+        wait_for_stored(proxy, earlier + 1)  # this answer's write ended
         if redis.Redis(port=server.port).exists(redis_key(answer)):
             key = redis_key(answer)
             break

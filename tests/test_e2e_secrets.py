@@ -8,7 +8,17 @@ from pathlib import Path
 
 import redis
 
-from helpers import CHAT, STREAMS, chat_body, post, redis_key, stream_raw, wait_for_redis_key, wait_for_status
+from helpers import (
+    CHAT,
+    STREAMS,
+    chat_body,
+    post,
+    redis_key,
+    stream_raw,
+    wait_for_redis_key,
+    wait_for_status,
+    wait_for_stored,
+)
 
 SECRETS = {
     "authorization": "Bearer sk-SECRET-authorization",
@@ -97,6 +107,7 @@ def test_credential_query_parameters_are_never_kept(start_proxy, start_redis, up
     assert second.headers["x-ai-cache-status"] == "HIT"  # not part of the key
     other_version = post(proxy, upstream, CHAT + query(1).replace("version=1", "version=2"), chat_body(marker))
     assert other_version.headers["x-ai-cache-status"] == "MISS"  # the rest of the query still is
+    wait_for_stored(proxy, 2)
     cache_dir = Path(proxy.options["ai_cache_dir"])
     code, listed, _ = cli("--dir", cache_dir, "ls", "--json")
     assert code == 0 and marker in listed

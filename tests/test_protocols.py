@@ -16,6 +16,7 @@ from ai_cache.protocols import (
     PROTOCOLS,
     AnthropicMessages,
     Protocol,
+    Question,
     answer_headers,
     credential_headers,
     recognise,
@@ -465,9 +466,8 @@ def test_the_base_is_abstract():
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "prefill"}]},
             "q",
         ),
-        ("openai-completions", {"prompt": ["one", "two"]}, "one\ntwo"),
-        ("openai-completions", {"prompt": [1, 2, 3]}, ""),
-        ("openai-embeddings", {"input": "embed me"}, "embed me"),
+        ("openai-completions", {"prompt": ["one", "two"]}, None),
+        ("openai-embeddings", {"input": "embed me"}, None),
         ("openai-responses", {"input": "plain"}, "plain"),
         (
             "openai-responses",
@@ -477,8 +477,9 @@ def test_the_base_is_abstract():
                     {"type": "function_call_output", "output": "{}"},
                 ]
             },
-            "r",
+            None,
         ),
+        ("openai-responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "r"}]}]}, "r"),
         (
             "gemini",
             {
@@ -492,11 +493,13 @@ def test_the_base_is_abstract():
         ),
         ("ollama", {"messages": [{"role": "user", "content": "o"}]}, "o"),
         ("ollama", {"prompt": "gen"}, "gen"),
-        ("openai-chat", {"messages": "not a list"}, ""),
+        ("openai-chat", {"messages": "not a list"}, None),
     ],
 )
-def test_user_text_is_the_last_user_turns(name, body, expected):
-    assert BY_NAME[name].user_text(body) == expected
+def test_the_question_is_the_last_user_turns(name, body, expected):
+    """What a semantic lookup compares; None where the family or request allows none."""
+    found = BY_NAME[name].question(body, count=10)
+    assert (found.text if isinstance(found, Question) else None) == expected
 
 
 def test_stream_framing_and_terminal_events():

@@ -8,7 +8,7 @@ import pytest
 
 from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
-from ai_cache.tiers import TieredCache
+from ai_cache.tiers import TieredCache, WriteCancelled, Written
 
 DAY = 86400.0
 
@@ -52,3 +52,24 @@ async def test_entries_written_by_the_cache_outlive_the_ttl_on_disk(cache):
     await cache.store_soon(aged(1 / DAY, "d"), lambda entry: None)  # recorded 1 s ago: past the TTL
     assert (await cache.find("d" * 64)).stale.startswith("expired")
     assert (await cache.find("d" * 64, any_age=True)).stale == ""
+
+
+async def test_entries_concluded_together_are_written_in_one_batch(cache, monkeypatch):
+    batches: list[list[str]] = []
+    disk = cache.disk
+    put_many = disk.put_many_sync
+    monkeypatch.setattr(
+        disk, "put_many_sync", lambda items: batches.append([e.key[0] for e, _ in items]) or put_many(items)
+    )
+
+    def finish(entry: Entry) -> None:
+        if entry.key[0] == "f":
+            raise WriteCancelled("the answer proved faulty")
+
+    writes = [cache.store_soon(aged(0, digit), finish) for digit in "ef0"]
+    assert (await cache.find("e" * 64)).layer == "l1"  # served while it waits for its batch
+    written = [await write for write in writes]
+    assert batches == [["e", "0"]]  # one trip, one transaction; the dropped entry is not in it
+    assert written[0] == Written(("l1",)) and written[2] == Written(("l1",))
+    assert written[1] == Written(problem="the answer proved faulty")
+    assert disk.get_sync("e" * 64) is not None and disk.get_sync("f" * 64) is None

@@ -32,6 +32,7 @@ from .redis_store import redact
 from .replay import PacedReplay
 from .report import Tally, flow_line, hit_outcome, human_size, show_connection_lines
 from .responses import cache_headers, immediate_response, no_recording
+from .semantic import SemanticLayer
 from .state import FlowState, Mode, Status, attach, state_of
 from .tiers import TieredCache, open_cache
 
@@ -51,6 +52,7 @@ class AICache:
         self.flights = SingleFlight()
         self.tally = Tally()
         self.recorder = Recorder(self.flights, self.tally)
+        self.semantic: SemanticLayer | None = None  # ai_cache_semantic=on
 
     def load(self, loader) -> None:
         for name, typespec, default, help_text in OPTIONS:
@@ -64,7 +66,10 @@ class AICache:
             return
         try:
             settings = Settings.from_options(ctx.options)
-            if self.settings is None or any(getattr(self.settings, f) != getattr(settings, f) for f in STORE_SETTINGS):
+            stores_changed = self.settings is None or any(
+                getattr(self.settings, f) != getattr(settings, f) for f in STORE_SETTINGS
+            )
+            if stores_changed:
                 self._open_stores(settings)
         except exceptions.OptionsError as e:
             if self.settings is not None:
@@ -73,9 +78,11 @@ class AICache:
             # line stops the proxy just the same, and the addon stays unconfigured meanwhile.
             logger.error("ai-cache: %s", e)
             return
-        self.settings = settings
+        old, self.settings = self.settings or settings, settings
         assert self.cache is not None
         self.cache.ttl = settings.ttl
+        if stores_changed or settings.semantic != old.semantic:
+            self._open_semantic(settings)
         show_connection_lines(settings.connection_log)
         logger.info(
             "ai-cache: mode=%s dir=%s ttl=%s max_body=%s coalesce=%s replay_speed=%s%s",
@@ -100,6 +107,20 @@ class AICache:
         if old is not None:
             self._close_later(old)
 
+    def _open_semantic(self, settings: Settings) -> None:
+        assert self.cache is not None
+        old, self.semantic = self.semantic, None
+        if old is not None:
+            self.recorder.observers.remove(old.concluded)
+            old.close()
+        if settings.semantic is not None:
+            try:
+                self.semantic = SemanticLayer(settings.semantic, self.cache)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"ai_cache_embed_url: {e}") from None
+            self.recorder.observers.append(self.semantic.concluded)  # answers stored: their questions too
+            self.semantic.start()
+
     def _close_later(self, old: TieredCache) -> None:
         """Close stores replaced at runtime, once their pending writes are done."""
         assert self.cache is not None
@@ -122,6 +143,8 @@ class AICache:
     async def done(self) -> None:
         if self.cache is not None:
             await self.cache.close()
+        if self.semantic is not None:
+            self.semantic.close()
         logger.info("ai-cache: %s", self.tally.summary())
 
     # Request path
@@ -144,6 +167,8 @@ class AICache:
             state.reason = found.refused if found else "request body is not a JSON object"
         else:
             state.key, state.model, state.stream, state.request = found.key, found.model, found.stream, found.described
+            if self.semantic is not None:
+                self.semantic.ask(flow, protocol, found, controls, settings)
             await self._route(flow, state, controls, settings, cache)
         self.tally.count(state.status)
         if state.status.recording and flow.response is None:
@@ -181,6 +206,9 @@ class AICache:
                 await self._serve_live(flow, state, hit, settings)
             else:
                 await self._serve_hit(flow, state, *hit, settings)
+        elif self.semantic and (match := await self.semantic.lookup(flow, state)):
+            state.key = match.entry.key  # X-AI-Cache-Key: the entry answered, asked another way
+            await self._serve_hit(flow, state, match.entry, "semantic", settings)
         else:
             state.status = Status.MISS
             stale = found.stale if found else ""

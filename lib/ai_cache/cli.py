@@ -32,6 +32,7 @@ from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
 from .redis_store import DEFAULT_POOL, RedisStore, redact
 from .report import human_age, human_size, plural
+from .semantic.vectors import RedisVectors, local_vectors
 from .store import Store
 from .tiers import open_cache
 
@@ -91,6 +92,10 @@ class Cache:
         if not self.tiers.stores:
             raise CLIError(f"no cache in {directory} (--dir chooses another directory)")
         self.loop = asyncio.Runner()
+        # The semantic layer's questions: they go with their entries.
+        self.vectors = local_vectors(directory, create=False) if self.tiers.disk else None
+        redis = next((s for s in self.tiers.stores if isinstance(s, RedisStore)), None)
+        self.remote_vectors = RedisVectors(redis) if redis is not None else None
 
     @property
     def where(self) -> str:
@@ -148,12 +153,22 @@ class Cache:
         for store in self.tiers.stores:
             if failures := self._run(delete_all(store)):
                 raise CLIError(f"could not delete {entry_count(len(failures))} in {self.directory}: {failures[-1]}")
+        if self.vectors is not None:
+            self.vectors.remove_sync(keys)
+        if self.remote_vectors is not None:
+            self._run(self.remote_vectors.remove(keys))
+
+    def semantic_counts(self) -> tuple[int, int] | None:
+        """(questions stored, semantic hits) of L1, None when the semantic layer never ran here."""
+        return self.vectors.counts_sync() if self.vectors is not None else None
 
     def close(self) -> None:
         try:
             self.loop.run(self.tiers.close())
         finally:
             self.loop.close()
+            if self.vectors is not None:
+                self.vectors.close()
 
 
 # Presentation
@@ -247,6 +262,8 @@ def selected(args: argparse.Namespace, cache: Cache, now: float) -> list[Stored]
 
 def cmd_stats(args: argparse.Namespace, cache: Cache) -> int:
     stats = statistics(selected(args, cache, now := time.time()), now)
+    if (semantic := cache.semantic_counts()) is not None:
+        stats["semantic"] = {"questions": semantic[0], "hits": semantic[1]}
     if args.json:
         print(pretty_json(stats))
         return 0
@@ -266,6 +283,8 @@ def cmd_stats(args: argparse.Namespace, cache: Cache) -> int:
         ["age", ages],
         ["tokens", f"{stats['tokens']['input']} input, {stats['tokens']['output']} output"],
     ]
+    if semantic is not None:
+        lines.append(["semantic", f"{plural(semantic[0], 'question')} stored, {plural(semantic[1], 'hit')}"])
     print("\n".join(table(lines)))
     return 0
 

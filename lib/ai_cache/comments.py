@@ -41,4 +41,5 @@ class Comments:
     def concluded(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
         flow.comment = concluded_comment(state, conclusion)
         # A write may end after the flow did: mitmweb and the console redraw it on `update`.
-        ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+        if ctx.master.addons.get("view") is not None:  # mitmdump has no view to redraw
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))

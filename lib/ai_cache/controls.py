@@ -1,7 +1,8 @@
 """Per-request cache controls, by HTTP convention (as Kong and LiteLLM honour them).
 
 `X-AI-Cache-Bypass: 1` or `Cache-Control: no-store` bypass the cache, `no-cache` refetches
-and overwrites, `max-age=N` refetches older entries, `only-if-cached` never goes upstream.
+and overwrites, `max-age=N` refetches older entries, `only-if-cached` never goes upstream;
+`X-AI-Cache-Semantic: 0` leaves the semantic layer out.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from mitmproxy import http
 
 CONTROL_PREFIX = "x-ai-cache-"
 TRUE_VALUES = ("1", "true", "yes", "on")
+FALSE_VALUES = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class Controls:
     refresh: bool = False
     only_if_cached: bool = False
     max_age: float | None = None
+    semantic: bool = True  # `X-AI-Cache-Semantic: 0` turns semantic lookups off for a request
 
 
 def take_controls(request: http.Request, headers: dict[str, str]) -> Controls:
@@ -41,4 +44,5 @@ def take_controls(request: http.Request, headers: dict[str, str]) -> Controls:
         refresh="no-cache" in directives,
         only_if_cached="only-if-cached" in directives,
         max_age=max_age,
+        semantic=headers.get("x-ai-cache-semantic", "").strip().lower() not in FALSE_VALUES,
     )

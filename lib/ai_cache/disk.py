@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -158,6 +158,21 @@ class DiskStore:
             return False
         data = entry.to_bytes()
         return self._guarded("write", lambda: self._cache.set(entry.key, data, expire=expire), False)
+
+    def put_many_sync(self, items: Sequence[tuple[Entry, float | None]]) -> list[bool]:
+        """Many entries in one transaction: a write's BEGIN and COMMIT cost more than a
+        small entry's insert. They are all written, or (a failed commit) none is."""
+        if not self._writable():
+            return [False] * len(items)
+        encoded = [(entry.key, entry.to_bytes(), expire) for entry, expire in items]
+
+        def write() -> bool:
+            with self._cache.transact():
+                for key, data, expire in encoded:
+                    self._cache.set(key, data, expire=expire)
+            return True
+
+        return [self._guarded("write", write, False)] * len(items)
 
     def delete_sync(self, key: str) -> bool:
         return self._writable() and self._guarded("delete", lambda: self._cache.delete(key), False)

@@ -81,6 +81,8 @@ class CacheableRequest:
     # What the key was computed from, minus credentials: stored with the entry for review.
     described: dict[str, Any] = field(repr=False)
     refused: str = ""
+    # The key's material before the body: with another body, the key of a like request.
+    head: tuple[Any, ...] = field(default=(), repr=False)
 
 
 def canonical_json(value: Any) -> str:
@@ -237,7 +239,7 @@ def cacheable_request(
     model = protocol.model(body, path)
     if refused:
         return CacheableRequest("", stream, model, body, described, f"not cacheable: {refused}")
-    material = [
+    head = (
         KEY_VERSION,
         request.method,
         described["host"] if policy.include_host else "",
@@ -246,11 +248,18 @@ def cacheable_request(
         answering,
         scope_digest(headers, policy.scope_headers),
         stream,
-        keyed_body(body, policy),
-    ]
+    )
     try:
-        key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
+        key = hashlib.sha256(canonical_json([*head, keyed_body(body, policy)]).encode()).hexdigest()
     except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): no UTF-8 text, no entry
         refused = "not cacheable: text that is not valid Unicode (a lone surrogate)"
         return CacheableRequest("", stream, model, body, described, refused)
-    return CacheableRequest(key, stream, model, body, described)
+    return CacheableRequest(key, stream, model, body, described, head=head)
+
+
+def partition_key(found: CacheableRequest, rest: dict[str, Any], policy: KeyPolicy, identity: Any) -> str:
+    """A semantic partition: the key of `found` with its body replaced by `rest` (the body
+    minus the embedded text, see protocols.Question), plus the embedder's `identity`.
+    Requests in one partition differ only in that text."""
+    material = [*found.head, keyed_body(rest, policy), identity]
+    return hashlib.sha256(canonical_json(material).encode()).hexdigest()

@@ -79,6 +79,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+        self.embedding_seconds = Histogram(
+            "ai_cache_embedding_seconds",
+            "Time of one call to the embeddings endpoint (semantic layer).",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
         self.listen: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self._unserved: socket.socket | None = None  # bound before the loop ran
@@ -144,6 +150,15 @@ class Metrics:
             yield GaugeMetricFamily(
                 "ai_cache_l2_up", "1 while the Redis circuit breaker is closed.", 0 if l2.breaker.is_open else 1
             )
+        if semantic := self.cache.semantic:
+            rejected = CounterMetricFamily(
+                "ai_cache_semantic_rejected",
+                "Semantic candidates close enough but refused by the lexical guard, by why.",
+                labels=["reason"],
+            )
+            for reason, n in semantic.rejected.items():
+                rejected.add_metric([reason], n)
+            yield rejected
 
     def _redis(self) -> RedisStore | None:
         stores = self.cache.cache.stores if self.cache.cache else []
@@ -189,6 +204,7 @@ class Metrics:
             "l2_errors": dict(self.l2_errors),
             "l2_up": None if l2 is None else int(not l2.breaker.is_open),
             "entries": {"l1": await self.entries()},
+            "semantic": self.cache.semantic.stats() if self.cache.semantic else None,
         }
 
     # The endpoint
@@ -199,6 +215,8 @@ class Metrics:
             return
         # AICache configured first and may have opened new stores: time and watch them too.
         tiers.on_lookup = self.looked_up
+        if self.cache.semantic is not None:
+            self.cache.semantic.embedder.on_call = self.embedding_seconds.observe
         for store in tiers.stores:
             if isinstance(store, RedisStore):
                 store.on_error = self.l2_failed

@@ -173,6 +173,49 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
         False,
         "Add a model label to the request counter. Off by default: every model name seen makes new series.",
     ),
+    (
+        "ai_cache_semantic",
+        str,
+        "off",
+        "on: on an exact miss, answer with a stored answer to a question close in meaning (the "
+        "embedded last user turn), when everything else in the request is identical and the "
+        "lexical guard agrees. Needs ai_cache_embed_url. Never in replay or refresh mode.",
+    ),
+    (
+        "ai_cache_semantic_threshold",
+        str,
+        "0.95",
+        "Least cosine similarity of two questions' embeddings for a semantic hit, above 0 and up to 1.",
+    ),
+    (
+        "ai_cache_semantic_messages",
+        str,
+        "1",
+        "How many trailing user messages a semantic lookup embeds.",
+    ),
+    (
+        "ai_cache_embed_url",
+        str,
+        "",
+        "Embeddings endpoint for the semantic layer: an OpenAI-compatible URL such as "
+        "http://127.0.0.1:11434/v1/embeddings or https://api.openai.com/v1/embeddings, or "
+        "Ollama's native http://127.0.0.1:11434/api/embed.",
+    ),
+    ("ai_cache_embed_model", str, "", "Model the embeddings endpoint is asked for."),
+    (
+        "ai_cache_embed_key_env",
+        str,
+        "OPENAI_API_KEY",
+        "Name of the environment variable holding the embeddings endpoint's API key, sent as "
+        "a bearer token when set (the key never appears in an option, a log line or an entry).",
+    ),
+    (
+        "ai_cache_embed_timeout",
+        str,
+        "2000",
+        "Milliseconds an embedding call may take; a slower or failing embedder means exact "
+        "caching only (a circuit breaker skips it for a growing cool-down), never a failed request.",
+    ),
 )
 OPTION_NAMES = frozenset(name for name, *_ in OPTIONS)
 
@@ -228,6 +271,18 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class SemanticSettings:
+    """The semantic layer's options (see semantic/)."""
+
+    threshold: float
+    messages: int
+    embed_url: str
+    embed_model: str
+    embed_key_env: str
+    embed_timeout: float  # seconds
+
+
+@dataclass(frozen=True)
 class Settings:
     directory: str
     mode: Mode
@@ -245,6 +300,7 @@ class Settings:
     connection_log: bool
     metrics: tuple[str, int] | None  # where /metrics and /stats are served; None = off
     metrics_models: bool
+    semantic: SemanticSettings | None  # None: off
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
@@ -304,7 +360,33 @@ class Settings:
             connection_log=options.ai_cache_connection_log,
             metrics=parsed("ai_cache_metrics", parse_listen),
             metrics_models=options.ai_cache_metrics_models,
+            semantic=semantic_settings(options, parsed),
         )
+
+
+def semantic_settings(options: Any, parsed: Any) -> SemanticSettings | None:
+    """The semantic layer's settings, None when it is off; OptionsError names a bad option."""
+    switch = options.ai_cache_semantic.strip().lower()
+    if switch not in ("on", "off"):
+        raise exceptions.OptionsError(f"ai_cache_semantic: {options.ai_cache_semantic!r} is not on or off")
+    if switch == "off":
+        return None
+    url = options.ai_cache_embed_url.strip()
+    if not re.match(r"^https?://[^/]+", url):
+        raise exceptions.OptionsError(
+            "ai_cache_embed_url: ai_cache_semantic=on needs an http:// or https:// embeddings URL"
+        )
+    return SemanticSettings(
+        threshold=parsed("ai_cache_semantic_threshold", float, lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
+        messages=parsed("ai_cache_semantic_messages", int, lambda v: 1 <= v <= 100, "must be from 1 to 100"),
+        embed_url=url,
+        embed_model=options.ai_cache_embed_model.strip(),
+        embed_key_env=options.ai_cache_embed_key_env.strip(),
+        embed_timeout=parsed(
+            "ai_cache_embed_timeout", float, lambda v: 0 < v <= 60000, "must be between 0 and 60000 milliseconds"
+        )
+        / 1000,
+    )
 
 
 def allow_hosts(globs: tuple[str, ...]) -> list[str]:

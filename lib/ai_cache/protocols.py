@@ -18,6 +18,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
@@ -48,6 +49,26 @@ ERROR_KEY = rb'"error"\s*:\s*[\[{"0-9tf-]'
 # Credentials every request may carry, whatever its family: never in a key, an entry,
 # an export or a log line. Each family adds its own.
 BASE_CREDENTIAL_HEADERS = frozenset({"cookie", "proxy-authorization"})
+
+
+# What stands in a request for the text a semantic lookup embeds: the rest must match exactly.
+QUESTION_PLACEHOLDER = "\u0000ai-cache:embedded-text\u0000"
+# Parts that are plain text, by their `type` (OpenAI, Anthropic, Responses); a Gemini
+# part is text when `text` is its only field besides these.
+TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
+GEMINI_TEXT_EXTRAS = frozenset({"text", "thought"})
+# Turn fields that carry tool calls or non-text content (OpenAI, Ollama).
+TOOL_OR_MEDIA_FIELDS = ("tool_calls", "function_call", "images", "audio", "tool_call_id")
+CHAT_ROLES = frozenset({"user", "assistant", "system", "developer", "model"})
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a semantic lookup compares (`text`: the last user turn(s)) and the request
+    body with that text replaced by QUESTION_PLACEHOLDER (`rest`: must match exactly)."""
+
+    text: str
+    rest: dict[str, Any]
 
 
 def path_shape(shape: str) -> re.Pattern[str]:
@@ -90,6 +111,13 @@ class Protocol(ABC):
     # credentials (so they are never stored), on top of BASE_CREDENTIAL_HEADERS.
     answer_headers: ClassVar[tuple[str, ...]] = ()
     own_credential_headers: ClassVar[frozenset[str]] = frozenset()
+    # Semantic lookups: the list of turns (None: the family has none), the turn's role
+    # and content fields, the role of a turn without one; bytes that show a tool call
+    # in an answer (such an answer is no semantic entry).
+    turns_field: ClassVar[str | None] = None
+    content_field: ClassVar[str] = "content"
+    default_role: ClassVar[str] = ""
+    tool_call_needles: ClassVar[tuple[bytes, ...]] = ()
 
     def __init__(self) -> None:
         self._shapes = tuple((len(shape), path_shape(shape)) for shape in self.path_shapes)
@@ -167,10 +195,59 @@ class Protocol(ABC):
                 return one_line(text, width)
         return one_line(json.dumps(body)[:width], width)
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """The text of the last user turn(s): what a semantic lookup compares. The
-        messages-based default; prompt-based families override it."""
-        return "\n".join(text_of(m.get("content")) for m in last_user_turns(body.get("messages"), "role"))
+    def answers_wanted(self, body: dict[str, Any]) -> int:
+        """How many answers one call asks for (`n`)."""
+        n = body.get("n", 1)
+        return n if isinstance(n, int) else 1
+
+    def question(self, body: dict[str, Any], count: int = 1) -> Question | str:
+        """The last `count` user turns' text and the body without it, or why a semantic
+        lookup must not be made: tool calls or results, non-text parts, several answers."""
+        if self.turns_field is None:
+            return f"no semantic lookup for {self.name}"
+        if self.answers_wanted(body) != 1:
+            return "asks for several answers"
+        turns = body.get(self.turns_field)
+        if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+            return "no conversation to read"
+        for turn in turns:
+            if problem := self.turn_problem(turn):
+                return problem
+        asked = last_user_turns(turns, "role", self.default_role)[-count:]
+        if not asked:
+            return "no user turn"
+        replaced = {id(turn) for turn in asked}
+        rest = [{**t, self.content_field: QUESTION_PLACEHOLDER} if id(t) in replaced else t for t in turns]
+        text = "\n".join(text_of(turn.get(self.content_field)) for turn in asked)
+        return Question(text, {**body, self.turns_field: rest})
+
+    def turn_problem(self, turn: dict[str, Any]) -> str:
+        """Why a turn rules semantic lookups out ("" when it does not)."""
+        if turn.get("role", self.default_role) not in CHAT_ROLES or turn.get("type", "message") != "message":
+            return "tool calls or results in the conversation"
+        if any(turn.get(name) for name in TOOL_OR_MEDIA_FIELDS):
+            return "tool calls or non-text content in the conversation"
+        content = turn.get(self.content_field)
+        parts = (
+            content if isinstance(content, list) else [] if content is None or isinstance(content, str) else [content]
+        )
+        if not all(is_text_part(part) for part in parts):
+            return "non-text content or tool parts in the conversation"
+        return ""
+
+    def calls_tools(self, answer: bytes) -> bool:
+        """Whether an answer (JSON or stream bytes) contains a tool call."""
+        return any(needle in answer for needle in self.tool_call_needles)
+
+
+def is_text_part(part: Any) -> bool:
+    if isinstance(part, str):
+        return True
+    if not isinstance(part, dict):
+        return False
+    if "type" in part:
+        return part["type"] in TEXT_PART_TYPES
+    return "text" in part and GEMINI_TEXT_EXTRAS.issuperset(part)
 
 
 def last_user_turns(turns: Any, role_key: str, default_role: str = "") -> list[dict[str, Any]]:
@@ -197,6 +274,8 @@ class OpenAIChat(Protocol):
     answer_headers = ("openai-beta",)
     # `api-key` is Azure OpenAI's; OpenAI-compatible gateways also take `x-api-key`.
     own_credential_headers = frozenset({"authorization", "api-key", "x-api-key"})
+    turns_field: ClassVar[str | None] = "messages"
+    tool_call_needles: ClassVar[tuple[bytes, ...]] = (b'"tool_calls"', b'"function_call"')
 
     def is_terminal(self, event: Event) -> bool:
         return event.data == "[DONE]"
@@ -207,9 +286,7 @@ class OpenAICompletions(OpenAIChat):
     path_shapes = ("completions",)
     required_fields = ("prompt",)
     prompt_fields = ("prompt",)
-
-    def user_text(self, body: dict[str, Any]) -> str:
-        return _prompt_text(body.get("prompt"))
+    turns_field = None  # one prompt holding instructions and question alike
 
 
 class OpenAIResponses(OpenAIChat):
@@ -222,6 +299,9 @@ class OpenAIResponses(OpenAIChat):
     usage_fields = (("usage", "input_tokens", "output_tokens"),)
     usage_nested = ("response",)
     prompt_fields = ("input",)
+    turns_field = "input"
+    # function_call, web_search_call, mcp_call, ... items in the output
+    tool_call_needles = (b'_call"',)
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "response.completed"
@@ -231,12 +311,13 @@ class OpenAIResponses(OpenAIChat):
             return False
         return self.event_type(event) in self.failures
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """`input` is a string, or items of which messages have roles."""
-        items = body.get("input")
-        if isinstance(items, str):
-            return items
-        return "\n".join(text_of(m.get("content")) for m in last_user_turns(items, "role"))
+    def question(self, body: dict[str, Any], count: int = 1) -> Question | str:
+        """Only a self-contained request: `previous_response_id` holds history the key cannot see."""
+        if body.get("previous_response_id") is not None:
+            return "continues a stored response (previous_response_id)"
+        if isinstance(body.get("input"), str):
+            return Question(body["input"], {**body, "input": QUESTION_PLACEHOLDER})
+        return super().question(body, count)
 
 
 class OpenAIEmbeddings(OpenAIChat):
@@ -244,12 +325,10 @@ class OpenAIEmbeddings(OpenAIChat):
     path_shapes = ("embeddings",)
     required_fields = ("input",)
     prompt_fields = ("input",)
+    turns_field = None
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return False
-
-    def user_text(self, body: dict[str, Any]) -> str:
-        return _prompt_text(body.get("input"))
 
 
 class AnthropicMessages(Protocol):
@@ -265,6 +344,8 @@ class AnthropicMessages(Protocol):
     prompt_fields = ("messages",)
     answer_headers = ("anthropic-version", "anthropic-beta")
     own_credential_headers = frozenset({"x-api-key", "authorization"})
+    turns_field = "messages"
+    tool_call_needles = (b'"tool_use"', b'"server_tool_use"')
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"
@@ -285,6 +366,10 @@ class Gemini(Protocol):
     usage_fields = (("usageMetadata", "promptTokenCount", "candidatesTokenCount"),)
     prompt_fields = ("contents",)
     own_credential_headers = frozenset({"x-goog-api-key", "authorization"})
+    turns_field = "contents"
+    content_field = "parts"
+    default_role = "user"
+    tool_call_needles = (b'"functionCall"', b'"executableCode"')
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         return path.endswith(":streamGenerateContent")
@@ -299,10 +384,10 @@ class Gemini(Protocol):
         candidates = obj.get("candidates") if obj else None
         return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates)
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """A content without a role is the user's (single-turn requests omit it)."""
-        turns = last_user_turns(body.get("contents"), "role", "user")
-        return "\n".join(text_of(turn.get("parts")) for turn in turns)
+    def answers_wanted(self, body: dict[str, Any]) -> int:
+        config = body.get("generationConfig")
+        n = config.get("candidateCount", 1) if isinstance(config, dict) else 1
+        return n if isinstance(n, int) else 1
 
 
 class OllamaNative(Protocol):
@@ -313,6 +398,8 @@ class OllamaNative(Protocol):
     usage_fields = (("", "prompt_eval_count", "eval_count"),)
     prompt_fields = ("messages", "prompt")
     own_credential_headers = frozenset({"authorization"})  # Ollama behind an authenticating proxy
+    turns_field = "messages"
+    tool_call_needles = (b'"tool_calls"',)
 
     def wants_stream(self, body: dict[str, Any], path: str) -> bool:
         """Ollama streams unless told `"stream": false`."""
@@ -322,18 +409,13 @@ class OllamaNative(Protocol):
         obj = json_object(event.data)
         return obj is not None and obj.get("done") is True
 
-    def user_text(self, body: dict[str, Any]) -> str:
-        """/api/chat has messages, /api/generate a prompt."""
-        return super().user_text(body) if "messages" in body else _prompt_text(body.get("prompt"))
-
-
-def _prompt_text(value: Any) -> str:
-    """A prompt given as a string or a list of strings (token arrays have no text)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(v for v in value if isinstance(v, str))
-    return ""
+    def question(self, body: dict[str, Any], count: int = 1) -> Question | str:
+        """/api/chat has messages; /api/generate a prompt, taken unless images come with it."""
+        if "messages" in body:
+            return super().question(body, count)
+        if body.get("images") or not isinstance(body.get("prompt"), str):
+            return "non-text content or no prompt"
+        return Question(body["prompt"], {**body, "prompt": QUESTION_PLACEHOLDER})
 
 
 PROTOCOLS: list[Protocol] = []

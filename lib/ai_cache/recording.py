@@ -134,7 +134,7 @@ class Recorder:
     ) -> None:
         """`ended_by` is the error a flow ended with: the capture still decides, because a
         client that closes right after the terminal event leaves a complete stream."""
-        written: asyncio.Task[Written] | None = None
+        written: asyncio.Future[Written] | None = None
         checked = False
         outcome = state.reason or ended_by
         not_stored = ""
@@ -168,7 +168,7 @@ class Recorder:
 
     def _report_write(
         self,
-        task: asyncio.Task[Written],
+        task: asyncio.Future[Written],
         flow: http.HTTPFlow,
         state: FlowState,
         line: Callable[[str], str],

@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, OutOfMemoryError, ReadOnlyError
 
-from .entry import Entry, EntryError
+from .entry import KEY_PATTERN, Entry, EntryError
 from .outage import Outage
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def describe(error: BaseException) -> str:
 
 class RedisStore:
     drops_expired = True  # memory shared by a team: entries go at the TTL
+    read_only: str | None = None  # Redis refusing writes is an outage, not for good
 
     def __init__(self, url: str, timeout: float, prefix: str, pool: int = DEFAULT_POOL, layer: str = "l2") -> None:
         self.layer = layer
@@ -241,7 +242,8 @@ class RedisStore:
             return [k async for k in client.scan_iter(match=pattern, count=1000)]
 
         found: list[bytes] = await self.with_redis(scan, [], "scan")
-        return [k.decode()[len(self.prefix) :] for k in found]
+        keys = (k.decode()[len(self.prefix) :] for k in found)
+        return [k for k in keys if KEY_PATTERN.fullmatch(k)]  # not another tool's keys, nor vectors
 
     async def close(self) -> None:
         try:

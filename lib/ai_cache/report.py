@@ -34,6 +34,8 @@ def flow_line(state: FlowState, where: str, size: int, outcome: str) -> str:
     parts: list[str] = [state.status]
     if state.layer:
         parts.append(state.layer)
+    if state.similarity is not None:
+        parts.append(f"{state.similarity:.4f}")
     parts += [state.protocol, state.model or "-", where, human_size(size)]
     if state.format:
         parts.append(state.format)

@@ -23,6 +23,8 @@ def cache_headers(state: FlowState) -> list[tuple[str, str]]:
         headers.append(("x-ai-cache-key", state.key))
     if state.status is Status.HIT:
         headers += [("x-ai-cache-age", str(int(state.age or 0))), ("x-ai-cache-layer", state.layer or "")]
+    if state.similarity is not None:
+        headers.append(("x-ai-cache-similarity", f"{state.similarity:.4f}"))
     return headers
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class FlowState:
     request: dict[str, Any] | None = None  # the request as described for humans (no secrets)
     reason: str | None = None  # why it was bypassed / not stored, for the log line
     layer: str | None = None  # a hit's layer
+    similarity: float | None = None  # a semantic hit's cosine similarity
     age: float | None = None  # a hit's age in seconds
     format: str | None = None  # json, sse, ndjson
     size: int | None = None  # a hit's body size
@@ -67,10 +68,8 @@ class FlowState:
     original_url: str | None = None  # the URL before paced replay redirected the flow
 
     def __post_init__(self) -> None:
-        view: dict[str, Any] = {}
+        view = {name: _plain(value) for name, value in self.__dict__.items() if value is not None}
         object.__setattr__(self, "_view", view)
-        for f in fields(self):
-            self.__setattr__(f.name, getattr(self, f.name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Keep the dict view in step: one dict write per change, nothing per chunk."""
@@ -81,7 +80,7 @@ class FlowState:
         if value is None:
             view.pop(name, None)
         else:
-            view[name] = value.value if isinstance(value, enum.Enum) else value
+            view[name] = _plain(value)
 
     @property
     def view(self) -> dict[str, Any]:
@@ -92,6 +91,11 @@ class FlowState:
     def recording(self) -> bool:
         """Its answer comes from upstream and nothing else answered it: it may be stored."""
         return self.status.recording and not self.served
+
+
+def _plain(value: Any) -> Any:
+    """What the dict view holds: an enum's value (flow files keep plain data)."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 _states: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()  # not a copy's

@@ -7,6 +7,7 @@ miss or a skipped write (with one warning per outage), never an exception.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from .entry import Entry
@@ -18,6 +19,8 @@ class Store(Protocol):
     # Whether it drops entries at the TTL (memory shared by a team) or keeps them for
     # lookups to judge (local recordings that replay mode may still serve).
     drops_expired: bool
+    # Why it takes no writes for good (a read-only cache directory), None when it does.
+    read_only: str | None
 
     async def get(self, key: str) -> Entry | None: ...
 
@@ -33,8 +36,8 @@ class Store(Protocol):
 @runtime_checkable
 class WritesInThread(Protocol):
     """A store whose writes block: the tiered cache makes them in the worker thread that
-    prepares the entry, saving a thread hop per write."""
+    prepares the entries, a batch at a time, saving a thread hop per write."""
 
     failure: str | None
 
-    def put_sync(self, entry: Entry, expire: float | None) -> bool: ...
+    def put_many_sync(self, items: Sequence[tuple[Entry, float | None]]) -> list[bool]: ...

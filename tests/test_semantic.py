@@ -1,0 +1,312 @@
+"""The semantic layer's parts: protocol questions, partitions, the lexical guard, the
+vector indexes, RediSearch answers and the embeddings client (against the fake server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from ai_cache.addon import AICache
+from ai_cache.keys import KeyPolicy, cacheable_request, header_map, partition_key, path_of
+from ai_cache.protocols import BY_NAME, QUESTION_PLACEHOLDER, Question, recognise
+from ai_cache.report import flow_line
+from ai_cache.responses import cache_headers
+from ai_cache.semantic import vectors
+from ai_cache.semantic.embedder import Embedder
+from ai_cache.semantic.guard import difference
+from ai_cache.semantic.vectors import LocalVectors, Partition, candidates
+from ai_cache.state import FlowState, Status
+from fake_embedder import FakeEmbedder
+from helpers import chat_flow
+
+IDENTITY = ["http://e/v1/embeddings", "m", 16]
+PLAIN = KeyPolicy()
+
+
+def question(family: str, body: dict, count: int = 1) -> Question | str:
+    return BY_NAME[family].question(body, count)
+
+
+def user(text) -> dict:
+    return {"role": "user", "content": text}
+
+
+@pytest.mark.parametrize(
+    ("family", "body", "text"),
+    [
+        (
+            "openai-chat",
+            {"messages": [{"role": "system", "content": "be brief"}, user("why is it so")]},
+            "why is it so",
+        ),
+        (
+            "openai-chat",
+            {"messages": [user([{"type": "text", "text": "a b"}, {"type": "text", "text": "c"}])]},
+            "a b c",
+        ),
+        (
+            "anthropic-messages",
+            {"system": "x", "messages": [user("tell me more"), {"role": "assistant", "content": "{"}]},
+            "tell me more",
+        ),
+        ("openai-responses", {"input": "say it twice"}, "say it twice"),
+        (
+            "openai-responses",
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi you"}]}]},
+            "hi you",
+        ),
+        ("gemini", {"contents": [{"parts": [{"text": "no role here"}]}]}, "no role here"),
+        ("ollama", {"model": "l", "messages": [user("what now then")]}, "what now then"),
+        ("ollama", {"model": "l", "prompt": "complete this please"}, "complete this please"),
+    ],
+)
+def test_the_question_is_the_last_user_turn_and_the_rest_keeps_everything_else(family, body, text):
+    found = question(family, body)
+    assert isinstance(found, Question) and found.text == text
+    rest = json.dumps(found.rest)
+    assert json.dumps(QUESTION_PLACEHOLDER)[1:-1] in rest and text not in rest
+    assert {k: v for k, v in found.rest.items() if k not in ("messages", "input", "contents", "prompt")} == {
+        k: v for k, v in body.items() if k not in ("messages", "input", "contents", "prompt")
+    }
+
+
+def test_several_trailing_user_turns_when_asked_for():
+    body = {"messages": [user("first part"), user("second part")]}
+    assert question("openai-chat", body).text == "second part"
+    assert question("openai-chat", body, 2).text == "first part\nsecond part"
+
+
+@pytest.mark.parametrize(
+    ("family", "body"),
+    [
+        (
+            "openai-chat",
+            {
+                "messages": [
+                    user("x y"),
+                    {"role": "assistant", "tool_calls": [{"id": "1"}]},
+                    {"role": "tool", "content": "r"},
+                ]
+            },
+        ),
+        (
+            "openai-chat",
+            {
+                "messages": [
+                    user([{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "what"}])
+                ]
+            },
+        ),
+        ("openai-chat", {"n": 2, "messages": [user("two answers please")]}),
+        ("openai-chat", {"messages": []}),
+        ("anthropic-messages", {"messages": [user([{"type": "tool_result", "tool_use_id": "t", "content": "r"}])]}),
+        ("openai-responses", {"previous_response_id": "resp_1", "input": "and then?"}),
+        ("openai-responses", {"input": [{"type": "function_call_output", "call_id": "c", "output": "r"}]}),
+        ("gemini", {"contents": [{"parts": [{"functionResponse": {"name": "f"}}]}]}),
+        ("gemini", {"generationConfig": {"candidateCount": 3}, "contents": [{"parts": [{"text": "hi there"}]}]}),
+        ("ollama", {"messages": [{"role": "user", "content": "see this", "images": ["aGk="]}]}),
+        ("ollama", {"prompt": "see this", "images": ["aGk="]}),
+        ("openai-embeddings", {"input": "embed me"}),
+        ("openai-completions", {"prompt": "complete me"}),
+    ],
+)
+def test_no_question_with_tools_media_several_answers_or_foreign_history(family, body):
+    assert isinstance(question(family, body), str)
+
+
+@pytest.mark.parametrize(
+    ("family", "answer", "calls"),
+    [
+        ("openai-chat", b'{"choices":[{"message":{"tool_calls":[{"id":"c"}]}}]}', True),
+        ("openai-chat", b'{"choices":[{"message":{"content":"hi"}}]}', False),
+        ("anthropic-messages", b'data: {"content_block":{"type":"tool_use"}}', True),
+        ("gemini", b'{"candidates":[{"content":{"parts":[{"functionCall":{}}]}}]}', True),
+        ("openai-responses", b'{"output":[{"type":"function_call"}],"parallel_tool_calls":true}', True),
+        ("openai-responses", b'{"output":[{"type":"message"}],"parallel_tool_calls":true}', False),
+    ],
+)
+def test_answers_that_call_tools_are_recognised(family, answer, calls):
+    assert BY_NAME[family].calls_tools(answer) is calls
+
+
+def partition(body: dict, path: str = "/v1/chat/completions", policy: KeyPolicy = PLAIN, **headers) -> str:
+    flow = chat_flow(body, path, **headers)
+    protocol = recognise("POST", path_of(flow.request))
+    assert protocol is not None
+    found = cacheable_request(flow.request, header_map(flow.request), protocol, policy)
+    assert found is not None
+    asked = protocol.question(found.body)
+    assert isinstance(asked, Question)
+    return partition_key(found, asked.rest, policy, IDENTITY)
+
+
+def test_a_partition_holds_requests_that_differ_only_in_the_question():
+    base = {"model": "gpt-4o", "temperature": 0, "messages": [{"role": "system", "content": "s"}, user("one way")]}
+    same = partition(base)
+    assert partition({**base, "messages": [{"role": "system", "content": "s"}, user("another way")]}) == same
+    for other in (
+        {**base, "model": "gpt-4o-mini"},
+        {**base, "temperature": 0.5},
+        {**base, "stream": True},
+        {**base, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {**base, "response_format": {"type": "json_object"}},
+        {**base, "messages": [{"role": "system", "content": "t"}, user("one way")]},
+        {**base, "messages": [user("earlier"), {"role": "assistant", "content": "a"}, user("one way")]},
+    ):
+        assert partition(other) != same, other
+    assert partition(base, openai_beta="assistants=v2") != same
+    scoped = KeyPolicy(scope_headers=("x-tenant",))
+    assert partition(base, policy=scoped, x_tenant="a") != partition(base, policy=scoped, x_tenant="b")
+
+
+@pytest.mark.parametrize(
+    ("asked", "stored", "refused"),
+    [
+        ("How do I reverse a list in Python?", "What's the way to reverse a Python list?", False),
+        ("turn on dark mode", "turn off dark mode", True),
+        ("enable the cache", "disable the cache", True),
+        ("what is 2+2", "what is 2+3", True),
+        ("what is two plus two", "what is 2 + 2", False),
+        ("sum 1,000 and 5", "sum 1000 and 5", False),
+        ("I can't log in", "I can log in", True),
+        ("Is it safe?", "Is it not safe?", True),
+        ('rename "foo" to bar', 'rename "food" to bar', True),
+        ("run `ls -la` for me", "run `ls -l` for me", True),
+        ("it's John's car", "it is John's car", False),
+        ("show the max value", "show the min value", True),
+    ],
+)
+def test_the_lexical_guard(asked, stored, refused):
+    assert bool(difference(asked, stored)) is refused
+
+
+def unit(seed: int, dims: int = 8) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_a_partition_searches_exactly_and_removes_by_moving_the_last_row():
+    part = Partition(8)
+    for i in range(40):  # past the first capacity (16): the matrix grows
+        part.add(f"{i:064x}", f"q{i}", 1.0, unit(i))
+    best = part.search(unit(7), 3)
+    assert best[0].key == f"{7:064x}" and best[0].similarity == pytest.approx(1.0, abs=1e-6)
+    assert [c.similarity for c in best] == sorted((c.similarity for c in best), reverse=True)
+    part.remove(f"{7:064x}")
+    part.remove(f"{7:064x}")  # twice: nothing
+    assert len(part) == 39 and f"{7:064x}" not in [c.key for c in part.search(unit(7), 39)]
+    assert part.search(unit(39), 1)[0].key == f"{39:064x}"  # the moved row is still found
+    assert part.search(unit(1, dims=4), 1) == []  # another size never compares
+
+
+async def test_local_vectors_persist_and_search_large_partitions_off_the_loop(tmp_path, monkeypatch):
+    index = LocalVectors(tmp_path)
+    index.add_sync("a" * 64, "p", "question a", 5.0, unit(1))
+    index.add_sync("b" * 64, "p", "question b", 6.0, unit(2))
+    index.add_sync("c" * 64, "q", "question c", 7.0, unit(3))
+    index.count_hit_sync()
+    index.remove_sync(["b" * 64])
+    # Another writer's values: garbage, not bytes, NaNs.
+    index._disk.set("e" * 64, b"not json\n")
+    index._disk.set("f" * 64, {"partition": "p"})
+    index._disk.set("0" * 64, b'{"partition": "p", "text": "t", "created_at": 1}\n' + b"\xff" * 8)
+    index.close()
+    again = LocalVectors(tmp_path)
+    assert again.load_sync() == 2
+    assert again.counts_sync() == (5, 1)
+    monkeypatch.setattr(vectors, "INLINE_WORK", 0)  # every search in a worker thread
+    found = await again.search("p", unit(1), 4)
+    assert [(c.key, c.text, c.created_at) for c in found] == [("a" * 64, "question a", 5.0)]
+    assert await again.search("nowhere", unit(1), 4) == []
+    again.close()
+
+
+def test_redisearch_answers_in_both_protocols_skip_documents_without_fields():
+    key = "d" * 64
+    fields = [b"key", key.encode(), b"text", b"hi there", b"created_at", b"12.5", b"distance", b"0.04"]
+    resp2 = [2, b"doc:gone", [], b"doc:1", fields]
+    resp3 = {
+        b"total_results": 2,
+        b"results": [
+            {b"id": b"doc:gone", b"extra_attributes": {}},
+            {b"id": b"doc:1", b"extra_attributes": dict(zip(fields[::2], fields[1::2], strict=True))},
+        ],
+    }
+    for answer in (resp2, resp3):
+        [found] = candidates(answer)
+        assert (found.key, found.text, found.created_at) == (key, "hi there", 12.5)
+        assert found.similarity == pytest.approx(0.96)
+    assert candidates(None) == []
+
+
+@pytest.fixture
+def fake_embedder() -> Iterator[FakeEmbedder]:
+    server = FakeEmbedder().start()
+    yield server
+    server.stop()
+
+
+async def test_the_embedder_remembers_texts_and_speaks_both_dialects(fake_embedder, monkeypatch):
+    monkeypatch.setenv("EMBED_TEST_KEY", "sk-e")
+    for url in (fake_embedder.url, fake_embedder.ollama_url):
+        embedder = Embedder(url, "m", "EMBED_TEST_KEY", 2.0)
+        first = await embedder.embed("some text here")
+        again = await embedder.embed("some text here")
+        assert first is not None and again is first
+        assert np.allclose(first, fake_embedder.vector("some text here"), atol=1e-6)
+        assert embedder.identity == [url, "m", 16]
+        embedder.close()
+    assert fake_embedder.calls == ["some text here"] * 2
+    assert {h["authorization"] for h in fake_embedder.headers} == {"Bearer sk-e"}
+
+
+async def test_a_failing_embedder_answers_none_and_is_skipped_while_its_breaker_is_open(fake_embedder):
+    embedder = Embedder(fake_embedder.url, "m", "", 0.2)
+    assert await embedder.embed("the first text") is not None
+    fake_embedder.dims = 5  # another size than the first vector's: wrong
+    assert await embedder.embed("another text") is None
+    assert embedder.breaker.is_open
+    calls = len(fake_embedder.calls)
+    assert await embedder.embed("a third text") is None
+    assert len(fake_embedder.calls) == calls  # not asked while the breaker is open
+    fake_embedder.dims, fake_embedder.delay = 16, 1.0
+    embedder.breaker.open_until = 0  # the cool-down is over: one probe, which times out
+    started = time.monotonic()
+    assert await embedder.embed("a slow text") is None
+    assert time.monotonic() - started < 0.9
+    embedder.close()
+    assert "authorization" not in fake_embedder.headers[0]
+
+
+def test_semantic_options_are_checked_and_name_the_option(tmp_path):
+    addon = AICache()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(tmp_path))
+        for bad, option in (
+            ({"ai_cache_semantic": "on"}, "ai_cache_embed_url"),
+            ({"ai_cache_semantic": "yes"}, "ai_cache_semantic"),
+            ({"ai_cache_semantic_threshold": "0", "ai_cache_embed_url": "http://x/e"}, "ai_cache_semantic_threshold"),
+            ({"ai_cache_semantic_messages": "0", "ai_cache_embed_url": "http://x/e"}, "ai_cache_semantic_messages"),
+            ({"ai_cache_embed_timeout": "-1", "ai_cache_embed_url": "http://x/e"}, "ai_cache_embed_timeout"),
+        ):
+            options = {"ai_cache_semantic": "on", **bad}
+            with pytest.raises(exceptions.OptionsError, match=option):
+                tctx.configure(addon, **options)
+        tctx.configure(addon, ai_cache_semantic="on", ai_cache_embed_url="http://127.0.0.1:9/v1/embeddings")
+        assert addon.semantic is not None and addon.semantic.settings.threshold == 0.95
+        tctx.configure(addon, ai_cache_semantic="off")
+        assert addon.semantic is None
+        asyncio.run(addon.done())
+
+
+def test_a_semantic_hit_shows_its_similarity_in_headers_and_log_line():
+    state = FlowState("openai-chat", status=Status.HIT, key="k" * 64, layer="semantic", similarity=0.96123, age=3)
+    assert ("x-ai-cache-similarity", "0.9612") in cache_headers(state)
+    assert flow_line(state, "h/v1/chat/completions", 10, "age 3s").startswith("HIT semantic 0.9612 openai-chat")
