@@ -176,19 +176,22 @@ def test_bad_fixture_files_are_reported_and_skipped(cli, cache_dir, tmp_path):
     assert stored(copy_dir).keys() == stored(cache_dir).keys()
 
 
-def test_edited_json_body_must_agree_with_its_exact_text(cli, cache_dir, tmp_path):
+def test_json_answers_have_one_body_and_version_1_files_still_import(cli, cache_dir, tmp_path):
     fixtures = tmp_path / "fixtures"
     cli("--dir", cache_dir, "export", fixtures, "--format", "json")
     (path,) = fixtures.iterdir()
     document = json.loads(path.read_text())
-    assert document["body_text"] == JSON_BODY.decode() and document["body"]["id"] == "c1"
-    document["body"]["id"] = "edited"
-    path.write_text(json.dumps(document))
+    # No serialisation gives back JSON_BODY's mixed spacing: its exact text alone, not twice.
+    assert document["body_text"] == JSON_BODY.decode() and "body" not in document
+
+    # A version 1 file carried both, which must agree.
+    version_1 = {**document, "ai_cache_fixture": 1, "body": {**json.loads(JSON_BODY), "id": "edited"}}
+    path.write_text(json.dumps(version_1))
     code, _, err = cli("--dir", tmp_path / "copy", "import", fixtures)
     assert code == 1 and "'body' and 'body_text' disagree" in err
 
-    del document["body_text"], document["chunks"]  # hand-written style: the parsed body alone
-    path.write_text(json.dumps(document))
+    del version_1["body_text"], version_1["chunks"]  # hand-written style: the parsed body alone
+    path.write_text(json.dumps(version_1))
     assert cli("--dir", tmp_path / "copy", "import", fixtures)[0] == 0
     (entry,) = stored(tmp_path / "copy").values()
     assert json.loads(entry.body)["id"] == "edited"

@@ -66,6 +66,8 @@ class Stores:
     redis_timeout: float = REDIS_TIMEOUT
     redis_pool: int = DEFAULT_POOL
     ttl: float = 0.0  # no expiry on writes: the addon judges freshness from each `created_at`
+    fixtures: str = ""  # the CLI acts on L1 and L2; fixture files are its export/import
+    fixtures_writable: bool = False
 
 
 @dataclass

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from functools import cache
 from typing import Any, ClassVar
 
-from .sse import Event
+from .sse import Event, iter_events
 from .summary import edge_events, one_line, text_of
 
 
@@ -172,6 +172,18 @@ class Protocol(ABC):
         messages-based default; prompt-based families override it."""
         return "\n".join(text_of(m.get("content")) for m in last_user_turns(body.get("messages"), "role"))
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        """The answer text one parsed stream event adds (chat-style `choices[].delta`)."""
+        return "".join(
+            text_of(choice.get("delta", {}).get("content") or choice.get("text", ""))
+            for choice in event.get("choices") or []
+            if isinstance(choice, dict) and isinstance(choice.get("delta", {}), dict)
+        )
+
+    def stream_text(self, body: bytes, fmt: str) -> str:
+        """A stream's answer text, assembled from its events: for people reading a fixture."""
+        return "".join(self.delta_text(obj) for event in iter_events(body, fmt) if (obj := json_object(event.data)))
+
 
 def last_user_turns(turns: Any, role_key: str, default_role: str = "") -> list[dict[str, Any]]:
     """The last run of consecutive user turns in a list of turns (after them, only
@@ -226,6 +238,10 @@ class OpenAIResponses(OpenAIChat):
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "response.completed"
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        delta = event.get("delta")
+        return delta if event.get("type") == "response.output_text.delta" and isinstance(delta, str) else ""
+
     def is_error(self, event: Event) -> bool:
         if event.name == "message" and not any(f in event.data for f in self.failures):
             return False
@@ -269,6 +285,10 @@ class AnthropicMessages(Protocol):
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        delta = event.get("delta")
+        return text_of(delta) if event.get("type") == "content_block_delta" and isinstance(delta, dict) else ""
+
     def is_error(self, event: Event) -> bool:
         if event.name == "message" and '"error"' not in event.data:
             return False
@@ -299,6 +319,11 @@ class Gemini(Protocol):
         candidates = obj.get("candidates") if obj else None
         return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates)
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        candidates = event.get("candidates")
+        first = candidates[0] if isinstance(candidates, list) and candidates else None
+        return text_of(first.get("content")) if isinstance(first, dict) else ""
+
     def user_text(self, body: dict[str, Any]) -> str:
         """A content without a role is the user's (single-turn requests omit it)."""
         turns = last_user_turns(body.get("contents"), "role", "user")
@@ -321,6 +346,11 @@ class OllamaNative(Protocol):
     def is_terminal(self, event: Event) -> bool:
         obj = json_object(event.data)
         return obj is not None and obj.get("done") is True
+
+    def delta_text(self, event: dict[str, Any]) -> str:
+        """/api/chat streams `message.content`, /api/generate `response`."""
+        message = event.get("message")
+        return text_of(message.get("content")) if isinstance(message, dict) else text_of(event.get("response", ""))
 
     def user_text(self, body: dict[str, Any]) -> str:
         """/api/chat has messages, /api/generate a prompt."""
