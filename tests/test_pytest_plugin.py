@@ -18,7 +18,7 @@ from fake_upstream import FakeUpstream
 
 # A project's tests, without a conftest: httpx and the openai SDK, made inside the tests,
 # reach the provider through the variables the plugin set.
-PROJECT_TESTS = '''
+PROJECT_TESTS = """
 import datetime, os, uuid
 
 import httpx, openai, pytest
@@ -65,7 +65,7 @@ def test_volatile_prompt(ai_cache):
 @pytest.mark.skipif(os.environ.get("SKIP_SOMETIMES") == "1", reason="skipped this run")
 def test_sometimes():
     ask("only sometimes")  # the status is not checked: a replay miss must fail the test all the same
-'''
+"""
 
 PROJECT_INI = """
 [pytest]
@@ -94,9 +94,7 @@ def run_pytest(project: Path, upstream: str, confdir: Path, *args: str, **env: s
     environment = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     environment.update(FAKE_UPSTREAM=upstream, **env)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--ai-cache-confdir={confdir}"]
-    done = subprocess.run(
-        [*command, *args], cwd=project, env=environment, capture_output=True, text=True, timeout=180
-    )
+    done = subprocess.run([*command, *args], cwd=project, env=environment, capture_output=True, text=True, timeout=180)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -140,7 +138,8 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     assert "1 failed, 3 passed" in output
     assert "FAILED test_llm.py::test_sometimes" in output
     assert "ai-cache replay miss (the provider was not called):" in output
-    assert re.search(r"ai-cache: no recording for this openai-chat request \(model gpt-4o-mini, .*prompt 'only sometimes'", output)
+    explained = r"ai-cache: no recording for this openai-chat request \(model gpt-4o-mini, .*prompt 'only sometimes'"
+    assert re.search(explained, output)
     assert summary(output) == f"ai-cache replay {fixtures}: 3 hits, 1 miss, 0 stored"
 
 
