@@ -103,9 +103,9 @@ def summary(output: str) -> str:
     return line
 
 
-def test_records_fixture_files_then_replays_from_them_alone(project, provider, confdir, tmp_path):
-    fixtures = tmp_path / "fixtures"
-    options = (f"--ai-cache-fixtures={fixtures}", "--ai-cache-normalize=datetime,uuid")
+def test_records_fixture_files_then_replays_from_them_alone(project, provider, confdir):
+    fixtures = project / "fixtures" / "llm"  # the ini option's
+    options = ("--ai-cache-normalize=datetime,uuid",)
     code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", *options)
     assert code == 0, output
     assert summary(output) == f"ai-cache record {fixtures}: 0 hits, 4 misses, 4 stored"
@@ -120,8 +120,11 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     assert summary(output) == f"ai-cache replay {fixtures}: 4 hits, 0 misses, 0 stored"
     assert {name: (fixtures / name).read_bytes() for name in files} == recorded  # replay writes nothing
 
-    # A run that skips a test reports the fixture it did not use, and lists it for prune-unused.
-    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", *options, SKIP_SOMETIMES="1")
+    # A run that skips a test reports the fixture it did not use, and lists it for prune-unused;
+    # under xdist too, where each worker has a proxy and the controller adds up what they used.
+    code, output = run_pytest(
+        project, provider.url, confdir, "--ai-cache-mode=replay", "-n", "2", *options, SKIP_SOMETIMES="1"
+    )
     assert code == 0, output
     unused = (fixtures / UNUSED_LIST).read_text().split()
     assert len(unused) == 1 and unused[0] in files
@@ -141,19 +144,6 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     explained = r"ai-cache: no recording for this openai-chat request \(model gpt-4o-mini, .*prompt 'only sometimes'"
     assert re.search(explained, output)
     assert summary(output) == f"ai-cache replay {fixtures}: 3 hits, 1 miss, 0 stored"
-
-
-def test_with_xdist_each_worker_records_through_its_own_proxy_into_one_directory(project, provider, confdir):
-    fixtures = project / "fixtures" / "llm"  # the ini option's
-    options = ("-n", "2", "--ai-cache-normalize=datetime,uuid")
-    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", *options)
-    assert code == 0, output
-    assert summary(output) == f"ai-cache record {fixtures}: 0 hits, 4 misses, 4 stored"
-    assert len([json.loads(p.read_text()) for p in fixtures.glob("*.json")]) == 4
-    provider.stop()
-    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", *options, SKIP_SOMETIMES="1")
-    assert code == 0, output
-    assert summary(output).startswith(f"ai-cache replay {fixtures}: 3 hits, 0 misses, 0 stored; 1 fixture file unused")
 
 
 def test_the_plugin_is_inert_unless_asked(project, provider, confdir):
