@@ -112,6 +112,10 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     files = sorted(p.name for p in fixtures.glob("*.json"))
     assert len(files) == 4 and all(name.startswith("openai-chat-gpt-4o-mini-") for name in files)
     recorded = {name: (fixtures / name).read_bytes() for name in files}
+    documents = [json.loads(data) for data in recorded.values()]
+    streams = [d for d in documents if d["format"] == "sse"]
+    assert len(streams) == 1 and streams[0]["answer"]  # the assembled text, for review
+    assert all("body_text" not in d and d["body_style"] == "spaced" for d in documents if d["format"] == "json")
     provider.stop()  # from here on nothing but the fixture directory answers
 
     # A fresh L1 and new timestamps and UUIDs in the volatile prompt: all from the files.
