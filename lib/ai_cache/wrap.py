@@ -160,12 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         "flow_detail": "0",
         "ai_cache_connection_log": "false",
     }
-    scratch = None
+    # With fixtures: the run log, and the L1 unless --dir (the run then depends on the files alone).
+    scratch = Path(tempfile.mkdtemp(prefix="ai-cache-"))
     if args.fixtures:
         options["ai_cache_fixtures"] = str(Path(args.fixtures).resolve())
-        if not args.dir:
-            scratch = Path(tempfile.mkdtemp(prefix="ai-cache-"))
-            options["ai_cache_dir"] = str(scratch / "l1")
+        options["ai_cache_dir"] = str(scratch / "l1")
     if args.dir:
         options["ai_cache_dir"] = str(Path(args.dir).resolve())
     if args.redis_url:
@@ -173,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         options[name] = value
-    run_log = None
     if options.get("ai_cache_fixtures"):
-        scratch = scratch or Path(tempfile.mkdtemp(prefix="ai-cache-"))
-        run_log = options["ai_cache_run_log"] = str(scratch / "run.jsonl")
+        options.setdefault("ai_cache_run_log", str(scratch / "run.jsonl"))
+    try:
+        return run(args, port, confdir, options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, port: int, confdir: Path, options: dict[str, str]) -> int:
+    """Run the command through a proxy with these options; its exit status."""
     command = mitmdump_command(port, options)
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ai-cache-", suffix=".log")[1])
     with open(log_path, "ab") as log:
@@ -201,10 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             stop(proxy)
     found = list(SUMMARY.finditer(log_path.read_text(errors="replace")))
     report(found[-1] if found else None, log_path)
-    if run_log:
-        report_unused(Path(options["ai_cache_fixtures"]), Path(run_log))
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
+    if "ai_cache_run_log" in options:
+        report_unused(Path(options["ai_cache_fixtures"]), Path(options["ai_cache_run_log"]))
     if status != 0:
         warn(f"command exited {status}; proxy log: {log_path}")
     elif found and not args.log:
