@@ -63,6 +63,17 @@ def wait_for_status(
     raise AssertionError(f"never saw {status}")
 
 
+def log_lines(proxy, pattern: str, count: int = 1, tries: int = 200) -> list[str]:
+    """The proxy's log lines matching `pattern`, once there are `count`: a MISS line is
+    written when its answer's write ended, which may be after the client returned."""
+    for _ in range(tries):
+        lines = [line for line in proxy.logs().splitlines() if re.search(pattern, line)]
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    return lines
+
+
 def stored_lines(proxy) -> int:
     """How many answers the proxy's log says it wrote (also `stored in l1 only (...)`)."""
     return len(re.findall(r": stored\b", proxy.logs()))

@@ -14,6 +14,7 @@ from pathlib import Path
 from ai_cache.cli import main
 from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
+from ai_cache.fixture_store import write_unused
 from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, deep, fill, key_of, sample_entries, stored
 
 SECRETS = ("SECRET-COOKIE", "sk-SECRET-KEY", "Bearer sk-SECRET-AUTH", "SECRET-QUERY")
@@ -176,19 +177,22 @@ def test_bad_fixture_files_are_reported_and_skipped(cli, cache_dir, tmp_path):
     assert stored(copy_dir).keys() == stored(cache_dir).keys()
 
 
-def test_edited_json_body_must_agree_with_its_exact_text(cli, cache_dir, tmp_path):
+def test_json_answers_have_one_body_and_version_1_files_still_import(cli, cache_dir, tmp_path):
     fixtures = tmp_path / "fixtures"
     cli("--dir", cache_dir, "export", fixtures, "--format", "json")
     (path,) = fixtures.iterdir()
     document = json.loads(path.read_text())
-    assert document["body_text"] == JSON_BODY.decode() and document["body"]["id"] == "c1"
-    document["body"]["id"] = "edited"
-    path.write_text(json.dumps(document))
+    # No serialisation gives back JSON_BODY's mixed spacing: its exact text alone, not twice.
+    assert document["body_text"] == JSON_BODY.decode() and "body" not in document
+
+    # A version 1 file carried both, which must agree.
+    version_1 = {**document, "ai_cache_fixture": 1, "body": {**json.loads(JSON_BODY), "id": "edited"}}
+    path.write_text(json.dumps(version_1))
     code, _, err = cli("--dir", tmp_path / "copy", "import", fixtures)
     assert code == 1 and "'body' and 'body_text' disagree" in err
 
-    del document["body_text"], document["chunks"]  # hand-written style: the parsed body alone
-    path.write_text(json.dumps(document))
+    del version_1["body_text"], version_1["chunks"]  # hand-written style: the parsed body alone
+    path.write_text(json.dumps(version_1))
     assert cli("--dir", tmp_path / "copy", "import", fixtures)[0] == 0
     (entry,) = stored(tmp_path / "copy").values()
     assert json.loads(entry.body)["id"] == "edited"
@@ -264,6 +268,29 @@ def test_clear_asks_on_a_terminal_and_refuses_without_one(cli, cache_dir, monkey
 def test_clear_with_yes(cli, cache_dir):
     assert cli("--dir", cache_dir, "clear", "--yes") == (0, f"deleted 3 entries from {cache_dir}\n", "")
     assert stored(cache_dir) == {}
+
+
+def test_prune_unused_deletes_what_the_last_run_listed_once_confirmed(cli, cache_dir, tmp_path, monkeypatch):
+    fixtures = tmp_path / "fixtures"
+    cli("--dir", cache_dir, "export", fixtures)
+    code, _, err = cli("prune-unused", fixtures)
+    assert code == 1 and "no .ai-cache-unused in" in err and "run the tests with these fixtures first" in err
+    names = sorted(p.name for p in fixtures.iterdir())
+    unused = write_unused(fixtures, {names[0]})
+    assert unused == names[1:]
+
+    code, out, _ = cli("prune-unused", fixtures, "--dry-run")
+    assert (code, out) == (0, "".join(f"would delete: {fixtures / n}\n" for n in unused))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, _, err = cli("prune-unused", fixtures)
+    assert code == 2 and f"refusing to delete 2 unused fixture files in {fixtures} without --yes" in err
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    assert cli("prune-unused", fixtures)[0] == 1
+    assert sorted(p.name for p in fixtures.glob("*.json")) == names
+
+    code, out, _ = cli("prune-unused", fixtures, "--yes")
+    assert code == 0 and out.endswith(f"deleted 2 unused fixture files in {fixtures}\n")
+    assert [p.name for p in fixtures.iterdir()] == names[:1]  # the list went with them
 
 
 def test_redis_layer(cli, cache_dir, tmp_path, start_redis):

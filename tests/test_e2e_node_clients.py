@@ -24,6 +24,7 @@ import pytest
 
 from conftest import Proxy
 from fake_upstream import TOOL_ARGS, FakeUpstream, make_tls_cert
+from helpers import log_lines
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE = shutil.which("node")
@@ -165,7 +166,7 @@ def test_node_sdk_miss_then_hit_with_one_upstream_call(driver, route, case, mark
     assert miss["summary"] == expected_summary(case, prompt)
     assert route.upstream.count(marker) == 1
 
-    stored = [line for line in route.proxy.logs().splitlines() if re.search(rf"MISS \S+ {model} ", line)]
+    stored = log_lines(route.proxy, rf"MISS \S+ {model} ")
     # Not "stored (complete; then Client disconnected)": unlike openai-python, the Node SDKs
     # read the body to its end after [DONE] / message_stop / response.completed ...
     assert len(stored) == 1 and stored[0].endswith(": stored"), stored

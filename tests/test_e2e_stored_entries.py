@@ -149,7 +149,7 @@ def test_corrupt_value_file_is_a_miss_and_is_replaced(start_proxy, upstream, mar
     proxy = start_proxy()
     body = chat_body(marker + " " + "lorem ipsum " * 4000)  # a 48 KB answer: a value file of its own
     first = post(proxy, upstream, CHAT, body)
-    wait_for_status(proxy, upstream, body, "HIT")
+    wait_for_stored(proxy)
     (value_file,) = Path(proxy.options["ai_cache_dir"]).rglob("*.val")
     data = bytearray(value_file.read_bytes())
     data[-2000:-1996] = b"EVIL"

@@ -3,10 +3,15 @@ export never writes through a symlink."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
-from helpers import deep, key_of, stored
+import pytest
+
+from ai_cache.entry import Entry
+from ai_cache.fixtures import FIXTURE_VERSION, FixtureError, dumps, from_fixture
+from helpers import deep, key_of, sample_entries, stored
 
 # Import checks every file like input: a bad one is reported with its reason and
 # skipped, the others are imported, and the exit status is 1.
@@ -73,4 +78,54 @@ def test_export_does_not_write_through_symlinks(cli, cache_dir, tmp_path):
     assert victim.read_text() == "precious"
     assert sorted(p.name for p in out.iterdir()) == names
     assert not any(p.is_symlink() for p in out.iterdir())
-    assert all(json.loads(p.read_text())["ai_cache_fixture"] == 1 for p in out.iterdir())
+    assert all(json.loads(p.read_text())["ai_cache_fixture"] == FIXTURE_VERSION for p in out.iterdir())
+
+
+# Reviewable files: one body per JSON answer, streams with their answer text, stable timing.
+
+ANSWER = {"id": "chatcmpl-1", "choices": [{"message": {"role": "assistant", "content": "Grüße ✓"}}], "n": 1.5}
+
+
+def json_entry(body: bytes) -> Entry:
+    return Entry(key_of(body.decode()), "json", body, [("content-type", "application/json")], chunks=[(0.0, len(body))])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps(ANSWER, indent=2).encode(),  # OpenAI's
+        json.dumps(ANSWER, separators=(",", ":"), ensure_ascii=False).encode(),  # Anthropic's
+        (json.dumps(ANSWER) + "\n").encode(),
+        json.dumps(ANSWER, indent=2, ensure_ascii=False).encode() + b"\n",
+    ],
+)
+def test_a_json_answer_is_one_parsed_body_that_gives_back_the_exact_bytes(body):
+    document = json.loads(dumps(json_entry(body)))
+    assert document["body"] == ANSWER and "body_text" not in document
+    assert from_fixture(document).body == body
+
+    document["body"]["choices"][0]["message"]["content"] = "edited"  # a reviewer's edit, in the same style
+    edited = from_fixture(document).body
+    assert json.loads(edited)["choices"][0]["message"]["content"] == "edited"
+    assert edited == body.replace("Grüße ✓".encode(), b"edited").replace(b"Gr\\u00fc\\u00dfe \\u2713", b"edited")
+
+
+def test_a_body_style_that_is_none_is_reported():
+    document = json.loads(dumps(json_entry(json.dumps(ANSWER).encode())))
+    with pytest.raises(FixtureError, match="body_style 'tabs' is none of"):
+        from_fixture({**document, "body_style": "tabs"})
+
+
+def test_streams_carry_their_answer_text_which_import_ignores(cache_dir):
+    sse, ndjson = (e for e in sample_entries() if e.format != "json")
+    document = json.loads(dumps(sse))
+    assert document["answer"] == "héllo ✓✓"
+    assert json.loads(dumps(ndjson))["answer"] == "hi"
+    assert from_fixture({**document, "answer": "edited"}).body == sse.body
+
+
+def test_chunk_times_are_kept_to_the_millisecond_so_jitter_does_not_churn_the_diff():
+    sse = next(e for e in sample_entries() if e.format == "sse")
+    jittered = dataclasses.replace(sse, chunks=[(at + 0.0001 * i, n) for i, (at, n) in enumerate(sse.chunks)])
+    assert dumps(jittered) == dumps(sse)
+    assert [chunk["at"] for chunk in json.loads(dumps(sse))["body"]] == [0.0, 0.25, 0.5, 0.75]

@@ -23,6 +23,7 @@ from ai_cache.protocols import (
     register,
 )
 from ai_cache.sse import Event
+from fake_upstream import RecordedRequest, answer_chunks
 
 SCOPED = KeyPolicy(ignore_fields=("user", "metadata.user_id"), scope_headers=("x-tenant",), include_host=False)
 
@@ -509,3 +510,27 @@ def test_stream_framing_and_terminal_events():
     assert BY_NAME["openai-responses"].is_error(Event("response.failed", "{}"))
     assert BY_NAME["ollama"].is_terminal(Event("message", '{"done": true}'))
     assert not BY_NAME["gemini"].terminal_proves_end
+
+
+STREAMED = [
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "tell a tale"}], "stream": True}),
+    ("/v1/completions", {"model": "m", "prompt": "tell a tale", "stream": True}),
+    ("/v1/responses", {"model": "m", "input": "tell a tale", "stream": True}),
+    (
+        "/v1/messages",
+        {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "tell a tale"}], "stream": True},
+    ),
+    ("/v1beta/models/g:streamGenerateContent", {"contents": [{"role": "user", "parts": [{"text": "tell a tale"}]}]}),
+    ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "tell a tale"}]}),
+    ("/api/generate", {"model": "m", "prompt": "tell a tale"}),
+]
+
+
+@pytest.mark.parametrize("path, body", STREAMED, ids=[path.rsplit("/", 1)[-1] for path, _ in STREAMED])
+def test_a_stream_assembles_to_its_answer_text(path, body):
+    """The text a fixture file shows beside a stream's frames (the fake provider echoes)."""
+    recorded = RecordedRequest("POST", path, "alt=sse", {}, json.dumps(body).encode())
+    _, content_type, chunks = answer_chunks(recorded, 1, frozenset())
+    protocol = recognise("POST", path)
+    fmt = "ndjson" if "ndjson" in content_type else "sse"
+    assert protocol.stream_text(b"".join(chunks), fmt) == "echo: tell a tale"

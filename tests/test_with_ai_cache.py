@@ -73,6 +73,25 @@ def test_runs_a_program_through_the_cache_and_keeps_its_exit_status(run, tmp_pat
     assert "no LLM call" not in recorded.stderr + replayed.stderr
 
 
+def test_fixtures_replay_from_the_files_alone_and_unused_ones_are_reported(run, tmp_path, confdir, upstream, marker):
+    fixtures = tmp_path / "fixtures"
+    common = ["--fixtures", str(fixtures), "--confdir", str(confdir)]
+    for prompt in (f"{marker} kept", f"{marker} dropped"):
+        assert run(*common, "--", sys.executable, "-c", PROGRAM, upstream.url, prompt).stdout.startswith("MISS")
+    files = sorted(p.name for p in fixtures.glob("*.json"))
+    assert len(files) == 2
+    # No --dir: a fresh L1 each run, so the answer comes from the committed file.
+    replayed = run("--mode", "replay", *common, "--", sys.executable, "-c", PROGRAM, upstream.url, f"{marker} kept")
+    assert replayed.stdout.startswith("HIT"), replayed.stderr
+    assert upstream.count(marker) == 2
+    (unused,) = (fixtures / ".ai-cache-unused").read_text().split()
+    assert unused in files
+    assert (
+        f"with-ai-cache: 1 fixture file in {fixtures} unused by this run ({unused}): "
+        f"ai-cache prune-unused {fixtures} deletes them"
+    ) in replayed.stderr.splitlines()
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_node_fetch_goes_through_the_proxy_over_https(run, tmp_path, confdir, marker):
     """Node 20 ignores NODE_USE_ENV_PROXY: without the preload its fetch reached the

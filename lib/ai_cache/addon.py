@@ -32,12 +32,21 @@ from .redis_store import redact
 from .replay import PacedReplay
 from .report import Tally, flow_line, hit_outcome, human_size, show_connection_lines
 from .responses import cache_headers, immediate_response, no_recording
+from .runlog import RunLog
 from .semantic import SemanticLayer
 from .state import FlowState, Mode, Status, attach, state_of
 from .tiers import TieredCache, open_cache
 
 logger = logging.getLogger(__name__)
-STORE_SETTINGS = ("directory", "redis_url", "redis_timeout", "redis_prefix", "redis_pool")
+STORE_SETTINGS = (
+    "directory",
+    "redis_url",
+    "redis_timeout",
+    "redis_prefix",
+    "redis_pool",
+    "fixtures",
+    "fixtures_writable",
+)
 
 
 class AICache:
@@ -250,7 +259,9 @@ class AICache:
             explanation = None
             state.reason = f"recording {stale}, answered 504 ({why})"
         else:
-            explanation = await explain_miss(cache.disk, state.request or {}, state.model or "", settings.policy)
+            explanation = await explain_miss(
+                cache.fixtures or cache.disk, state.request or {}, state.model or "", settings.policy
+            )
             state.reason = f"no recording, answered 504 ({why}); {explanation.sentence()}"
         state.served = True
         return no_recording(state, why, stale, explanation, cache_headers(state) if settings.headers else [])
@@ -307,4 +318,4 @@ def make_addons() -> list[object]:
     whose per-flow state they read."""
     pacer = PacedReplay()
     cache = AICache(pacer)
-    return [pacer, cache, Comments(cache.recorder), Metrics(cache), Commands(cache)]
+    return [pacer, cache, Comments(cache.recorder), Metrics(cache), Commands(cache), RunLog(cache)]

@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 from . import ADDON_PATH
 from .disk import DiskStore
 from .entry import FORMATS, Entry
+from .fixture_store import UNUSED_LIST, read_unused
 from .fixtures import export_dir, import_dir
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
@@ -67,6 +68,8 @@ class Stores:
     redis_timeout: float = REDIS_TIMEOUT
     redis_pool: int = DEFAULT_POOL
     ttl: float = 0.0  # no expiry on writes: the addon judges freshness from each `created_at`
+    fixtures: str = ""  # the CLI acts on L1 and L2; fixture files are its export/import
+    fixtures_writable: bool = False
 
 
 @dataclass
@@ -391,23 +394,50 @@ def cmd_delete(args: argparse.Namespace, cache: Cache) -> int:
     return 0
 
 
+def confirmed(args: argparse.Namespace, what: str) -> bool:
+    """--yes, or a person at a terminal answering y; without a terminal, a usage error."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CLIError(f"refusing to delete {what} without --yes (no terminal to ask)", status=2)
+    try:
+        answer = input(f"Delete {what}? [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("nothing deleted")
+    return False
+
+
 def cmd_clear(args: argparse.Namespace, cache: Cache) -> int:
     keys = cache.keys()
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise CLIError(
-                f"refusing to delete all {entry_count(len(keys))} in {cache.where} without --yes (no terminal to ask)",
-                status=2,
-            )
-        try:
-            answer = input(f"Delete all {entry_count(len(keys))} in {cache.where}? [y/N] ")
-        except EOFError:
-            answer = ""
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing deleted")
-            return 1
+    if not confirmed(args, f"all {entry_count(len(keys))} in {cache.where}"):
+        return 1
     cache.delete(keys)
     print(f"deleted {entry_count(len(keys))} from {cache.where}")
+    return 0
+
+
+def cmd_prune_unused(args: argparse.Namespace) -> int:
+    """Delete the fixture files the last run (the pytest plugin, with-ai-cache) did not use."""
+    if not args.directory.is_dir():
+        raise CLIError(f"{args.directory} is not a directory")
+    if not (args.directory / UNUSED_LIST).is_file():
+        raise CLIError(f"no {UNUSED_LIST} in {args.directory}: run the tests with these fixtures first")
+    names = read_unused(args.directory)
+    for name in names:
+        print(f"{'would delete' if args.dry_run else 'unused'}: {args.directory / name}")
+    if not names:
+        print(f"no unused fixture file in {args.directory}")
+        return 0
+    what = f"{plural(len(names), 'unused fixture file')} in {args.directory}"
+    if args.dry_run or not confirmed(args, what):
+        return 0 if args.dry_run else 1
+    for name in names:
+        (args.directory / name).unlink(missing_ok=True)
+    (args.directory / UNUSED_LIST).unlink()
+    print(f"deleted {what}")
     return 0
 
 
@@ -507,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("key", help="the entry's key or a unique prefix of it")
     sub = command("clear", cmd_clear, "Delete every entry.")
     sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    text = (
+        "Delete the fixture files the last test run did not use, as listed in DIR/"
+        f"{UNUSED_LIST} by the pytest plugin or with-ai-cache --fixtures."
+    )
+    sub = commands.add_parser("prune-unused", help=text, description=text)
+    sub.add_argument("directory", type=Path, metavar="DIR", help="the fixture directory")
+    sub.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    sub.add_argument("--dry-run", "-n", action="store_true", help="only list the files that would be deleted")
     text = 'Print the path of the addon file for mitmproxy: mitmdump -s "$(ai-cache addon-path)".'
     commands.add_parser("addon-path", help=text, description=text)
     return parser
@@ -522,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(format="%(message)s")  # the stores' warnings, already `ai-cache: `-prefixed
     try:
+        if args.command == "prune-unused":  # fixture files only: no cache to open
+            return cmd_prune_unused(args)
         cache = Cache(Path(args.dir).expanduser(), args.redis_url, args.redis_prefix, args.create)
         try:
             return args.run(args, cache)

@@ -1,10 +1,12 @@
 """Fixture files: cache entries as reviewable JSON, one file per entry, byte-exact both ways.
 
-A file is `{protocol}-{model}-{key[:16]}.json`, pretty-printed with sorted keys, so a
+A file is `{protocol}-{model}-{key[:16]}.json`, pretty-printed with sorted keys (but a
+JSON answer's own, kept in the provider's order), so a
 re-export of an unchanged cache rewrites identical bytes and diffs stay small:
 
     {
-      "ai_cache_fixture": 1,
+      "ai_cache_fixture": 2,
+      "answer": "Hello! How can I help?",
       "body": [
         {"at": 0.0, "text": "data: {\"choices\": ...}\n\n"},
         {"at": 0.412, "text": "data: [DONE]\n\n"}
@@ -22,14 +24,21 @@ The body, by format:
 - `sse` / `ndjson`: the recorded chunks in order, each `{"at": seconds since the first
   chunk, "text": the chunk as UTF-8}`, so the stream reads as text and keeps its pace.
   A chunk that is not UTF-8 on its own (a read that split a character) is stored as
-  `{"at", "base64"}` instead; the others stay readable.
-- `json`: `body` is the parsed answer, for reading and editing. The exact bytes come
-  from `body_text`, written unless they are exactly `keys.canonical_json(body)` (provider
-  answers never are: key order and spacing differ). On import `body_text` wins but must
-  parse to `body`, so an edit of one without the other is an error, not a silent loss;
-  a hand-written fixture may give `body` alone. Text that is not JSON has only
-  `body_text`; bytes that are not UTF-8 have only `body_base64`. The chunk timing, which
+  `{"at", "base64"}` instead; the others stay readable. `answer` is the answer text
+  the events assemble to, for review only: import ignores it.
+- `json`: one body. `body` is the parsed answer, for reading and editing, with
+  `body_style` naming the serialisation that gives back the exact bytes (`indent2`,
+  `compact`, `spaced`, with `+ascii` and `+newline`); answers no style reproduces are
+  kept as `body_text` alone, bytes that are not UTF-8 as `body_base64`. A hand-written
+  `body` without a style answers as `keys.canonical_json(body)`; an edited `body` keeps
+  its style (its read timing, which no longer fits, becomes one chunk). The chunk timing, which
   replay ignores for JSON, is kept as `chunks`: `[[seconds, length], ...]`.
+
+Chunk times are written in milliseconds' precision: a re-recorded stream does not change
+every line for microseconds of jitter.
+
+Version 1 files (before `answer` and `body_style`) still import: their JSON answers
+carried `body` and `body_text` both, which must agree.
 
 Credentials never reach a file: credential headers (and `set-cookie`) are dropped from
 the stored headers and `meta.request.headers`, credential parameters from
@@ -51,9 +60,17 @@ from typing import Any
 
 from .entry import FORMATS, Entry, EntryError, validated
 from .keys import CREDENTIAL_PARAMS, canonical_json
-from .protocols import credential_headers
+from .protocols import BY_NAME, credential_headers
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+TIME_DIGITS = 3  # chunk times in milliseconds
+# The serialisations `body_style` names: providers answer in one of these.
+STYLES: dict[str, dict[str, Any]] = {
+    "indent2": {"indent": 2},
+    "compact": {"separators": (",", ":")},
+    "spaced": {},
+}
 # A response's set-cookie carries a session credential too.
 RESPONSE_CREDENTIAL_HEADERS = frozenset({"set-cookie"})
 SLUG_LENGTH = 40
@@ -90,32 +107,52 @@ def file_name(entry: Entry) -> str:
     return f"{slug(protocol)}-{slug(model)}-{slug(entry.key[:16])}.json"
 
 
-def _stream_body(entry: Entry) -> list[dict[str, Any]]:
+def _stream_body(entry: Entry) -> dict[str, Any]:
     chunks = entry.chunks or ([(0.0, len(entry.body))] if entry.body else [])
     body, offset = [], 0
     for at, size in chunks:
         piece = entry.body[offset : offset + size]
         offset += size
         try:
-            body.append({"at": round(at, 6), "text": piece.decode("utf-8")})
+            body.append({"at": round(at, TIME_DIGITS), "text": piece.decode("utf-8")})
         except UnicodeDecodeError:
-            body.append({"at": round(at, 6), "base64": base64.b64encode(piece).decode("ascii")})
-    return body
+            body.append({"at": round(at, TIME_DIGITS), "base64": base64.b64encode(piece).decode("ascii")})
+    protocol = BY_NAME.get(str(entry.meta.get("protocol")))
+    answer = protocol.stream_text(entry.body, entry.format) if protocol else ""
+    return {"body": body, "answer": answer} if answer else {"body": body}
+
+
+def styled(value: Any, style: str) -> str:
+    """`value` serialised as `body_style` says; ValueError for a style that is none."""
+    name, *flags = style.split("+")
+    if name not in STYLES or not set(flags) <= {"ascii", "newline"}:
+        raise ValueError(style)
+    text = json.dumps(value, ensure_ascii="ascii" in flags, **STYLES[name])
+    return text + "\n" if "newline" in flags else text
+
+
+def style_of(value: Any, text: str) -> str | None:
+    """The style that serialises `value` back to exactly `text`, if any."""
+    flags = "+newline" if text.endswith("\n") else ""
+    for name in STYLES:
+        for style in (name + flags, f"{name}+ascii{flags}"):
+            if styled(value, style) == text:
+                return style
+    return None
 
 
 def _json_body(entry: Entry) -> dict[str, Any]:
-    fields: dict[str, Any] = {"chunks": [[round(at, 6), size] for at, size in entry.chunks]}
+    fields: dict[str, Any] = {"chunks": [[round(at, TIME_DIGITS), size] for at, size in entry.chunks]}
     try:
         text = entry.body.decode("utf-8")
     except UnicodeDecodeError:
         return fields | {"body_base64": base64.b64encode(entry.body).decode("ascii")}
     try:
-        fields["body"] = json.loads(text)
+        body = json.loads(text)
     except ValueError:
         return fields | {"body_text": text}
-    if canonical_json(fields["body"]) != text:
-        fields["body_text"] = text
-    return fields
+    style = style_of(body, text)
+    return fields | ({"body": body, "body_style": style} if style else {"body_text": text})
 
 
 def to_fixture(entry: Entry) -> dict[str, Any]:
@@ -130,15 +167,22 @@ def to_fixture(entry: Entry) -> dict[str, Any]:
         "headers": [list(h) for h in entry.headers],
         "meta": entry.meta,
     }
-    if entry.format == "json":
-        return document | _json_body(entry)
-    return document | {"body": _stream_body(entry)}
+    return document | (_json_body(entry) if entry.format == "json" else _stream_body(entry))
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {name: _sorted(value[name]) for name in sorted(value)}
+    return [_sorted(item) for item in value] if isinstance(value, list) else value
 
 
 def dumps(entry: Entry) -> bytes:
-    """The fixture file's bytes. A lone surrogate, which UTF-8 cannot carry, is written as
-    its JSON escape (`\\ud800`), so it reads back the same."""
-    text = json.dumps(to_fixture(entry), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """The fixture file's bytes: keys sorted, but a JSON answer's own (its `body_style`
+    gives back its bytes). A lone surrogate, which UTF-8 cannot carry, is written as its
+    JSON escape (`\\ud800`), so it reads back the same."""
+    document = to_fixture(entry)
+    document = {name: value if name == "body" else _sorted(value) for name, value in sorted(document.items())}
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     return text.encode("utf-8", "backslashreplace")
 
 
@@ -234,6 +278,12 @@ def _read_json_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, 
             if not same:
                 raise FixtureError("'body' and 'body_text' disagree: edit one and delete the other")
         body = _utf8(text, "'body_text'")
+    elif "body" in document and "body_style" in document:
+        style = _field(document, "body_style", str)
+        try:
+            body = _utf8(styled(document["body"], style), "'body'")
+        except ValueError:
+            raise FixtureError(f"body_style {style!r} is none of {', '.join(STYLES)} (+ascii, +newline)") from None
     elif "body" in document:
         body = _utf8(canonical_json(document["body"]), "'body'")
     else:
@@ -244,13 +294,15 @@ def _read_json_body(document: dict[str, Any]) -> tuple[bytes, list[tuple[float, 
         if isinstance(length, bool) or not isinstance(length, int):
             raise FixtureError(f"chunk {pair!r} is not [seconds, length]")
         chunks.append((_seconds(pair[0], "chunk time"), length))
+    if "body_style" in document and sum(length for _, length in chunks) != len(body):
+        chunks = [(0.0, len(body))]  # the body was edited: its recorded reads no longer fit
     return body, chunks
 
 
 def from_fixture(document: Any) -> Entry:
     """The entry a fixture document describes, checked like every entry read from outside
     (see `entry.validated`); FixtureError says what is wrong with it."""
-    if not isinstance(document, dict) or document.get("ai_cache_fixture") != FIXTURE_VERSION:
+    if not isinstance(document, dict) or document.get("ai_cache_fixture") not in READABLE_VERSIONS:
         raise FixtureError(f'not an ai-cache fixture (needs "ai_cache_fixture": {FIXTURE_VERSION})')
     key = _field(document, "key", str)
     fmt = _field(document, "format", str)

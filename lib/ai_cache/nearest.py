@@ -15,9 +15,8 @@ import asyncio
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .disk import DiskStore
 from .keys import KeyPolicy, canonical_json, keyed_body
 from .protocols import recognise
 
@@ -94,8 +93,14 @@ def _compare(
     return (found[0][0] if found else ""), sum(leaves for _, leaves in found)
 
 
+class Recordings(Protocol):
+    """A store a miss searches for the nearest recording: L1, or the fixture files."""
+
+    def headers(self, limit: int) -> list[dict[str, Any]]: ...
+
+
 def find_nearest(
-    store: DiskStore, request: dict[str, Any], model: str, policy: KeyPolicy, limit: int = MAX_EXAMINED
+    store: Recordings, request: dict[str, Any], model: str, policy: KeyPolicy, limit: int = MAX_EXAMINED
 ) -> Nearest | None:
     """The recording of the same host, path and model whose request is closest to this
     one. Blocking (reads L1): call it in a worker thread."""
@@ -144,7 +149,7 @@ class MissExplanation:
 
 
 async def explain_miss(
-    store: DiskStore | None, request: dict[str, Any], model: str, policy: KeyPolicy
+    store: Recordings | None, request: dict[str, Any], model: str, policy: KeyPolicy
 ) -> MissExplanation:
     """The prompt preview and the nearest recording; the L1 reads run in a worker thread."""
     nearest = await asyncio.to_thread(find_nearest, store, request, model, policy) if store else None

@@ -68,6 +68,22 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
         "Largest answer stored, in bytes or with a unit (512KiB, 10MiB). Larger answers and "
         "streams still reach the client in full; they are just not stored.",
     ),
+    (
+        "ai_cache_fixtures",
+        str,
+        "",
+        "Directory of fixture files (the export format, one file per answer) served in front "
+        "of L1 and L2, as layer 'fixtures'; in record and refresh modes new answers are also "
+        "written there. Empty: none. With ai_cache_mode=replay, CI needs only the committed files.",
+    ),
+    (
+        "ai_cache_run_log",
+        str,
+        "",
+        "File the proxy appends one JSON line to per LLM call (status, layer, fixture file, "
+        "the 504's explanation) and per write, and the fixture files used at shutdown: what "
+        "the pytest plugin and with-ai-cache read. Empty: none.",
+    ),
     ("ai_cache_headers", bool, True, "Add X-AI-Cache-Status, -Key, -Age and -Layer to answers of recognised requests."),
     (
         "ai_cache_ignore_fields",
@@ -301,6 +317,13 @@ class Settings:
     metrics: tuple[str, int] | None  # where /metrics and /stats are served; None = off
     metrics_models: bool
     semantic: SemanticSettings | None  # None: off
+    fixtures: str  # the fixture directory; "" = none
+    run_log: str
+
+    @property
+    def fixtures_writable(self) -> bool:
+        """Only recording modes write fixture files: replay never changes the directory."""
+        return self.mode in (Mode.RECORD, Mode.REFRESH)
 
     @classmethod
     def from_options(cls, options: Any) -> Settings:
@@ -361,6 +384,8 @@ class Settings:
             metrics=parsed("ai_cache_metrics", parse_listen),
             metrics_models=options.ai_cache_metrics_models,
             semantic=semantic_settings(options, parsed),
+            fixtures=options.ai_cache_fixtures.strip(),
+            run_log=options.ai_cache_run_log.strip(),
         )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
-from .sse import Event
+from .sse import Event, iter_events
 from .summary import edge_events, one_line, text_of
 
 
@@ -239,6 +239,18 @@ class Protocol(ABC):
         """Whether an answer (JSON or stream bytes) contains a tool call."""
         return any(needle in answer for needle in self.tool_call_needles)
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        """The answer text one parsed stream event adds (chat-style `choices[].delta`)."""
+        return "".join(
+            text_of(choice.get("delta", {}).get("content") or choice.get("text", ""))
+            for choice in event.get("choices") or []
+            if isinstance(choice, dict) and isinstance(choice.get("delta", {}), dict)
+        )
+
+    def stream_text(self, body: bytes, fmt: str) -> str:
+        """A stream's answer text, assembled from its events: for people reading a fixture."""
+        return "".join(self.delta_text(obj) for event in iter_events(body, fmt) if (obj := json_object(event.data)))
+
 
 def is_text_part(part: Any) -> bool:
     if isinstance(part, str):
@@ -306,6 +318,10 @@ class OpenAIResponses(OpenAIChat):
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "response.completed"
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        delta = event.get("delta")
+        return delta if event.get("type") == "response.output_text.delta" and isinstance(delta, str) else ""
+
     def is_error(self, event: Event) -> bool:
         if event.name == "message" and not any(f in event.data for f in self.failures):
             return False
@@ -350,6 +366,10 @@ class AnthropicMessages(Protocol):
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        delta = event.get("delta")
+        return text_of(delta) if event.get("type") == "content_block_delta" and isinstance(delta, dict) else ""
+
     def is_error(self, event: Event) -> bool:
         if event.name == "message" and '"error"' not in event.data:
             return False
@@ -389,6 +409,11 @@ class Gemini(Protocol):
         n = config.get("candidateCount", 1) if isinstance(config, dict) else 1
         return n if isinstance(n, int) else 1
 
+    def delta_text(self, event: dict[str, Any]) -> str:
+        candidates = event.get("candidates")
+        first = candidates[0] if isinstance(candidates, list) and candidates else None
+        return text_of(first.get("content")) if isinstance(first, dict) else ""
+
 
 class OllamaNative(Protocol):
     name = "ollama"
@@ -416,6 +441,11 @@ class OllamaNative(Protocol):
         if body.get("images") or not isinstance(body.get("prompt"), str):
             return "non-text content or no prompt"
         return Question(body["prompt"], {**body, "prompt": QUESTION_PLACEHOLDER})
+
+    def delta_text(self, event: dict[str, Any]) -> str:
+        """/api/chat streams `message.content`, /api/generate `response`."""
+        message = event.get("message")
+        return text_of(message.get("content")) if isinstance(message, dict) else text_of(event.get("response", ""))
 
 
 PROTOCOLS: list[Protocol] = []

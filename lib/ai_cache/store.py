@@ -19,8 +19,10 @@ class Store(Protocol):
     # Whether it drops entries at the TTL (memory shared by a team) or keeps them for
     # lookups to judge (local recordings that replay mode may still serve).
     drops_expired: bool
-    # Why it takes no writes for good (a read-only cache directory), None when it does.
-    read_only: str | None
+
+    @property
+    def read_only(self) -> str | None:
+        """Why it takes no writes for good (a read-only cache directory), None when it does."""
 
     async def get(self, key: str) -> Entry | None: ...
 

@@ -24,6 +24,7 @@ from diskcache.core import DBNAME
 
 from .disk import DiskStore
 from .entry import Entry
+from .fixture_store import FixtureStore
 from .redis_store import RedisStore
 from .report import human_age
 from .store import Store, WritesInThread
@@ -72,6 +73,10 @@ class TieredCache:
     # Entries waiting for the next batch write, and the timer that starts it.
     _batch: list[Pending] = field(default_factory=list, repr=False)
     _flush_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def fixtures(self) -> FixtureStore | None:
+        return next((store for store in self.stores if isinstance(store, FixtureStore)), None)
 
     @property
     def disk(self) -> DiskStore | None:
@@ -287,18 +292,25 @@ class StoreSettings(Protocol):
     def redis_prefix(self) -> str: ...
     @property
     def redis_pool(self) -> int: ...
+    @property
+    def fixtures(self) -> str: ...
+    @property
+    def fixtures_writable(self) -> bool: ...
 
 
 def open_cache(settings: StoreSettings, create: bool = True, fail_open: bool = True) -> TieredCache:
-    """The configured stores, nearest first: the cache directory (L1) and Redis when a URL
-    is set. Raises ValueError for a Redis URL that cannot be used (the caller names the
-    option or flag that set it).
+    """The configured stores, nearest first: the fixture directory when set (written only
+    in recording modes), the cache directory (L1) and Redis when a URL is set. Raises
+    ValueError for a Redis URL that cannot be used (the caller names the option or flag
+    that set it).
 
     The proxy creates the directory and fails open: a directory that cannot be opened at
     all leaves L1 out with a warning. The CLI (`create=False`) opens only a directory
     that holds a cache, and (`fail_open=False`) gets the OS/SQLite error to report.
     """
     stores: list[Store] = []
+    if settings.fixtures:
+        stores.append(FixtureStore(settings.fixtures, settings.fixtures_writable))
     directory = Path(settings.directory).expanduser()
     if create or (directory / DBNAME).exists():
         try:

@@ -12,16 +12,19 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import ssl
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from .fixture_store import write_unused
 from .launch import free_port, mitmdump_command, port_is_free, stop, wait_for_port
 from .nodejs import UNDICI_VERSION, ensure_undici, installed_version, needs_undici, node_directory, node_environment
 from .options import MODES
-from .report import SUMMARY
+from .report import SUMMARY, plural
+from .runlog import RunReader
 
 CA_BUNDLE = "ai-cache-ca-bundle.pem"
 # Where distributions keep their trust store, for Pythons built with another default.
@@ -107,6 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--mode", choices=MODES, default="record")
     parser.add_argument("--dir", help="cache directory (default: the addon's, ~/.cache/ai-cache)")
+    parser.add_argument(
+        "--fixtures",
+        metavar="DIR",
+        help="fixture directory served in front of the cache and, in record mode, written (ai_cache_fixtures); "
+        "without --dir the cache is a fresh temporary one, so the run depends on the files alone",
+    )
     parser.add_argument("--redis-url", help="shared L2 cache, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--port", type=int, help="proxy port (default: a free one; 8080 with --env)")
     parser.add_argument("--confdir", default="~/.mitmproxy", help="mitmproxy's directory holding its CA")
@@ -151,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         "flow_detail": "0",
         "ai_cache_connection_log": "false",
     }
+    # With fixtures: the run log, and the L1 unless --dir (the run then depends on the files alone).
+    scratch = Path(tempfile.mkdtemp(prefix="ai-cache-"))
+    if args.fixtures:
+        options["ai_cache_fixtures"] = str(Path(args.fixtures).resolve())
+        options["ai_cache_dir"] = str(scratch / "l1")
     if args.dir:
         options["ai_cache_dir"] = str(Path(args.dir).resolve())
     if args.redis_url:
@@ -158,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         options[name] = value
+    if options.get("ai_cache_fixtures"):
+        options.setdefault("ai_cache_run_log", str(scratch / "run.jsonl"))
+    try:
+        return run(args, port, confdir, options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, port: int, confdir: Path, options: dict[str, str]) -> int:
+    """Run the command through a proxy with these options; its exit status."""
     command = mitmdump_command(port, options)
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="ai-cache-", suffix=".log")[1])
     with open(log_path, "ab") as log:
@@ -182,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             stop(proxy)
     found = list(SUMMARY.finditer(log_path.read_text(errors="replace")))
     report(found[-1] if found else None, log_path)
+    if "ai_cache_run_log" in options:
+        report_unused(Path(options["ai_cache_fixtures"]), Path(options["ai_cache_run_log"]))
     if status != 0:
         warn(f"command exited {status}; proxy log: {log_path}")
     elif found and not args.log:
@@ -199,6 +225,20 @@ def report(summary: re.Match[str] | None, log_path: Path) -> None:
         warn(
             "no LLM call went through the proxy. If the command made any, it ignores "
             "HTTPS_PROXY (see the README on Node.js) or called a host outside ai_cache_hosts."
+        )
+
+
+def report_unused(fixtures: Path, run_log: Path) -> None:
+    """Warn about the fixture files the run never used, and list them for prune-unused."""
+    reader = RunReader(run_log)
+    reader.read()
+    if not reader.fixtures:  # the proxy did not finish its run
+        return
+    unused = write_unused(fixtures, reader.used)
+    if unused:
+        warn(
+            f"{plural(len(unused), 'fixture file')} in {fixtures} unused by this run ({', '.join(unused)}): "
+            f"ai-cache prune-unused {fixtures} deletes them"
         )
 
 

@@ -1,0 +1,112 @@
+"""The pytest plugin: a test session's LLM calls recorded into, and replayed from, a
+directory of fixture files, through one ai-cache proxy.
+
+Installed with the package (the `pytest11` entry point) and inert until asked: only
+`--ai-cache-mode` (or the ini option `ai_cache_mode`) starts anything. Then each process
+that runs tests starts `mitmdump` with the addon on a free port, its L1 a fresh temporary
+directory and the fixture directory in front (so a run depends on the committed files
+alone), and points the process's proxy and CA variables at it before test modules are
+imported: SDK clients made in tests, and programs they start, go through it.
+
+This module declares the options and decides; `pytest_session` (imported only when
+asked, so that an inert plugin costs pytest no mitmproxy import) runs the proxy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from .pytest_session import AICacheFixture
+
+MODES = ("record", "replay", "refresh", "off")
+DEFAULT_FIXTURES = "tests/fixtures/llm"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ai-cache", "LLM calls recorded and replayed by the ai-cache proxy")
+    group.addoption(
+        "--ai-cache-mode",
+        choices=MODES,
+        help="start the ai-cache proxy for the session: record (answer from the fixtures, record "
+        "what is missing), replay (never call the provider: a missing fixture fails the test), "
+        "refresh (record everything again), off (no proxy). Default: the ini option ai_cache_mode.",
+    )
+    group.addoption(
+        "--ai-cache-fixtures",
+        metavar="DIR",
+        help=f"the fixture directory (default: the ini option ai_cache_fixtures, else {DEFAULT_FIXTURES})",
+    )
+    group.addoption(
+        "--ai-cache-normalize",
+        metavar="RULES",
+        help="key normalisers for volatile prompts, e.g. datetime,uuid (the proxy's ai_cache_normalize)",
+    )
+    group.addoption(
+        "--ai-cache-set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="any other mitmproxy or ai_cache_* option for the proxy, once each",
+    )
+    group.addoption(
+        "--ai-cache-confdir",
+        metavar="DIR",
+        help="mitmproxy's directory holding its CA (default: ~/.mitmproxy)",
+    )
+    parser.addini("ai_cache_mode", "default of --ai-cache-mode; empty: the plugin stays inert", default="")
+    parser.addini("ai_cache_fixtures", f"the fixture directory, relative to the ini file ({DEFAULT_FIXTURES})")
+    parser.addini("ai_cache_normalize", "default of --ai-cache-normalize", default="")
+
+
+@dataclass
+class Plan:
+    """What the session asked for."""
+
+    mode: str
+    fixtures: Path
+    normalize: str
+    options: list[str]
+    confdir: Path
+
+
+def plan_of(config: pytest.Config) -> Plan | None:
+    """The session's settings, or None when the plugin is not asked for."""
+    mode = config.getoption("ai_cache_mode") or str(config.getini("ai_cache_mode")).strip()
+    if not mode or mode == "off":
+        return None
+    if mode not in MODES:
+        raise pytest.UsageError(f"ai_cache_mode: {mode!r} is not one of {', '.join(MODES)}")
+    given = config.getoption("ai_cache_fixtures")
+    if given:
+        fixtures = config.invocation_params.dir / given
+    else:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        fixtures = base / (str(config.getini("ai_cache_fixtures") or "").strip() or DEFAULT_FIXTURES)
+    return Plan(
+        mode=mode,
+        fixtures=fixtures.resolve(),
+        normalize=config.getoption("ai_cache_normalize") or str(config.getini("ai_cache_normalize")).strip(),
+        options=config.getoption("ai_cache_set"),
+        confdir=Path(config.getoption("ai_cache_confdir") or "~/.mitmproxy").expanduser(),
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the session's plugin, only when asked: otherwise nothing here runs."""
+    plan = plan_of(config)
+    if plan is not None:
+        from .pytest_session import Session
+
+        config.pluginmanager.register(Session(config, plan), "ai-cache-session")
+
+
+@pytest.fixture
+def ai_cache(request: pytest.FixtureRequest) -> AICacheFixture:
+    """Skips the test when the plugin is not active (the session's plugin overrides it)."""
+    pytest.skip("the ai-cache plugin is not active: run with --ai-cache-mode")
