@@ -74,6 +74,20 @@ def log_lines(proxy, pattern: str, count: int = 1, tries: int = 200) -> list[str
     return lines
 
 
+def on_disk(directory, key: str, tries: int = 100) -> Entry:
+    """The entry under `key` once the proxy's batch write put it in the cache directory."""
+    for _ in range(tries):
+        store = DiskStore(directory)
+        try:
+            entry = store.get_sync(key)
+        finally:
+            store.close_sync()
+        if entry is not None:
+            return entry
+        time.sleep(0.05)
+    raise AssertionError(f"{key[:12]} never reached {directory}")
+
+
 def stored_lines(proxy) -> int:
     """How many answers the proxy's log says it wrote (also `stored in l1 only (...)`)."""
     return len(re.findall(r": stored\b", proxy.logs()))

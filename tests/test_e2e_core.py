@@ -11,11 +11,10 @@ import time
 import anthropic
 import pytest
 
-from ai_cache.disk import DiskStore
 from ai_cache.keys import canonical_json
 from ai_cache.launch import mitmdump_command
 from conftest import ADDON
-from helpers import CHAT, chat_body, deep, openai_client, post, wait_for_status
+from helpers import CHAT, chat_body, deep, on_disk, openai_client, post, wait_for_status
 
 
 def test_openai_sdk_miss_then_hit_replays_the_same_answer(shared_proxy, upstream, marker):
@@ -435,9 +434,7 @@ def test_a_large_request_keeps_a_preview_and_a_hash(shared_proxy, upstream, mark
     body["messages"].insert(0, {"role": "system", "content": "lorem ipsum " * 100_000})  # 1.2 MB
     first = post(proxy, upstream, CHAT, body)
     assert wait_for_status(proxy, upstream, body, "HIT").content == first.content
-    store = DiskStore(proxy.options["ai_cache_dir"])
-    entry = store.get_sync(first.headers["x-ai-cache-key"])
-    store.close_sync()
+    entry = on_disk(proxy.options["ai_cache_dir"], first.headers["x-ai-cache-key"])
     text = canonical_json(body).encode()
     request = entry.meta["request"]
     assert "body" not in request and request["body_size"] == len(text)

@@ -14,17 +14,16 @@ import redis
 
 from ai_cache.entry import Entry
 from conftest import Proxy, RedisServer
-from helpers import CHAT, chat_body, deep, post, stored_lines, wait_for_status, wait_for_stored
+from helpers import CHAT, chat_body, deep, on_disk, post, wait_for_status, wait_for_stored
 
 
 # An entry whose decoding raises something other than EntryError (RecursionError here)
 # is a miss and is replaced; it used to be an "Addon error" on every request.
 def test_undecodable_l1_entry_is_a_miss_and_is_replaced(shared_proxy, upstream, marker):
     proxy = shared_proxy
-    earlier = stored_lines(proxy)  # a shared proxy: earlier tests stored too
     first = post(proxy, upstream, CHAT, chat_body(marker))
-    wait_for_stored(proxy, earlier + 1)
     key = first.headers["x-ai-cache-key"]
+    on_disk(proxy.options["ai_cache_dir"], key)  # planted below once the proxy's own write is done
     head = deep(100_000).encode()  # a version-1 value: no checksum, a header that nests too deep
     with diskcache.Cache(proxy.options["ai_cache_dir"]) as raw_cache:
         raw_cache.set(key, b"AIC" + bytes([1]) + len(head).to_bytes(4, "big") + head)
