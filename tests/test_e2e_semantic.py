@@ -130,6 +130,8 @@ OPPOSITES = [
     ("what is 2+2 in binary arithmetic", "what is 2+3 in binary arithmetic"),
     ("Should I use tabs for indentation?", "Should I not use tabs for indentation?"),
     ('Translate "good morning" to German', 'Translate "good night" to German'),
+    ("What is the population of Paris today?", "What is the population of London today?"),
+    ("what is 6+3 in decimal arithmetic", "what is 6*3 in decimal arithmetic"),
 ]
 
 

@@ -187,6 +187,48 @@ def test_the_lexical_guard(asked, stored, refused):
     assert bool(difference(asked, stored)) is refused
 
 
+@pytest.mark.parametrize(
+    ("asked", "stored", "refused"),
+    [
+        # Numbers in another order, written otherwise, or signed.
+        ("What is 10 divided by 2?", "What is 2 divided by 10?", True),
+        ("Is 1/2/2020 a Monday?", "Is 2/1/2020 a Monday?", True),
+        ("What's new in Python 3.10?", "What's new in Python 3.1?", True),
+        ("Is -3 greater than 2?", "Is 3 greater than 2?", True),
+        ("what is 10% of 50", "what is 10 percent of 50", False),
+        ("what is 2+2", "what is two plus two", False),
+        # Arithmetic between the same numbers.
+        ("what is 2+2 exactly", "what is 2*2 exactly", True),
+        ("what is 7 plus 3", "what is 7 minus 3", True),
+        ("what does x = y - 1 do", "what does x = y + 1 do", True),
+        # Names: another one, or the same ones the other way round.
+        ("Tell me the population of Paris in detail", "Tell me the population of London in detail", True),
+        ("What happened on March 3, 2020?", "What happened on May 3, 2020?", True),
+        ("Convert 100 Fahrenheit to Celsius", "Convert 100 Celsius to Fahrenheit", True),
+        ("Translate hello from English to French", "Translate hello from French to English", True),
+        ("write a parser in Python please", "write a parser in JavaScript please", True),
+        ("What is the capital of France?", "Tell me France's capital", False),
+        ("What is the capital of France?", "what's the capital of france", False),
+        ("How do I reverse a list in Python quickly?", "What is the fastest way to reverse a Python list?", False),
+        # Negation in other languages, and opposite words made with a prefix.
+        ("ich kann mich nicht einloggen", "ich kann mich einloggen", True),
+        ("je ne peux pas me connecter", "je peux me connecter", True),
+        ("não consigo entrar agora", "consigo entrar agora", True),
+        ("how do I lock the screen", "how do I unlock the screen", True),
+        ("how to install the package", "how to uninstall the package", True),
+        ("how to encrypt a file with gpg", "how to decrypt a file with gpg", True),
+        ("is this input valid", "is this input invalid", True),
+        ("sort the list ascending", "sort the list descending", True),
+        ("how do I connect the printer", "how can I connect the printer", False),
+        ("Hello, I'm stuck: how do I exit Vim?", "Hello, I am stuck: how do I quit Vim?", False),
+        ("In Python, how do I read a file?", "How do I read a file in Python?", False),
+    ],
+)
+def test_the_lexical_guard_sees_order_arithmetic_names_and_other_negations(asked, stored, refused):
+    assert bool(difference(asked, stored)) is refused
+    assert bool(difference(stored, asked)) is refused
+
+
 def unit(seed: int, dims: int = 8) -> np.ndarray:
     vector = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
     return vector / np.linalg.norm(vector)

@@ -3,8 +3,10 @@
 Embeddings place "turn on dark mode" and "turn off dark mode" at cosine 0.93-0.98, and
 "what is 2+2" and "what is 2+3" at 0.89, close to real paraphrases (0.94-0.96): no
 threshold separates them. The words that flip an answer are few and visible, so a
-candidate must also have the same numbers, the same quoted or code strings and the same
-negation and polarity words as the question.
+candidate must also have the same numbers and arithmetic in the same order, the same
+quoted or code strings, the same negation and polarity words (in a few languages, and
+opposites made with a prefix: lock/unlock, valid/invalid) and the same names (Paris is
+not London, English to French is not French to English).
 """
 
 from __future__ import annotations
@@ -12,11 +14,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-NUMBER = re.compile(r"\d+(?:\.\d+)?")
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+# In text order: a number as written (a minus sign directly before it makes it negative;
+# "3.10" is not "3.1", "1.2.3" is one), an arithmetic sign (a dash or slash only between
+# numbers or spaces: not in "e-mail" or "and/or"), or a word (contractions and
+# possessives included).
+TOKEN = re.compile(
+    r"(?P<number>(?:(?<![\w)\]])-)?\d+(?:\.\d+)*)"
+    r"|(?P<operator>(?<=[\d\s])[-/x×](?=\s*\d)|(?<=\s)[-/](?=\s)|[+*×÷^%=<>])"
+    r"|(?P<word>[^\W\d_]+(?:['’][^\W\d_]+)*)"
+)
 # "double", `code`, “curly”, 'single' (not an apostrophe: no letter outside the quotes).
 QUOTED = re.compile(r'"([^"\n]+)"|“([^”\n]+)”|`+([^`]+)`+|(?<![\w\'])\'([^\'\n]+)\'(?![\w\'])')
-WORD = re.compile(r"[a-z]*n['’]t\b|[a-z]+")
 NUMBER_WORDS = {
     word: str(value)
     for value, words in enumerate(
@@ -38,11 +47,25 @@ NUMBER_WORDS = {
     )
     for word in words.split()
 } | {"hundred": "100", "thousand": "1000", "million": "1000000", "billion": "1000000000", "half": "0.5"}
+OPERATORS = {"x": "*", "×": "*", "÷": "/"} | {
+    word: sign
+    for sign, words in {
+        "+": "plus",
+        "-": "minus",
+        "*": "times multiplied",
+        "/": "divided",
+        "^": "squared cubed power",
+        "%": "percent percentage",
+    }.items()
+    for word in words.split()
+}
 # Words that turn an answer around, grouped by what they mean (stems and forms map to one).
 POLARITY = {
     word: meaning
     for meaning, words in {
-        "not": "not no never none nothing nobody nowhere neither nor cannot without except unless",
+        "not": "not no never none nothing nobody nowhere neither nor cannot without except unless "
+        "nicht kein keine keinen keiner nie niemals ohne ne pas non sans jamais não nao nunca jamás "
+        "senza niet geen",
         "off": "off disable disabled disables disabling deactivate stop",
         "on": "on enable enabled enables enabling activate start",
         "false": "false wrong incorrect",
@@ -61,6 +84,15 @@ POLARITY = {
     }.items()
     for word in words.split()
 }
+# Opposites made with a prefix (lock/unlock, encrypt/decrypt, ascending/descending): a
+# word of one text whose stem, under the other prefix, is a word of the other text.
+OPPOSITE_PREFIXES = (
+    ("", "un"), ("", "dis"), ("", "de"), ("", "non"), ("", "anti"), ("", "in"), ("", "im"), ("", "ir"),
+    ("", "il"), ("en", "de"), ("in", "de"), ("in", "ex"), ("im", "ex"), ("in", "out"), ("up", "down"),
+    ("as", "des"),
+)  # fmt: skip
+MIN_STEM = 3
+SENTENCE_START = ".!?:;\n\"'“‘(*#>-"  # a capital after these starts a sentence, names nothing
 
 
 @dataclass(frozen=True)
@@ -68,18 +100,66 @@ class Features:
     """What must be the same in a question and a candidate's stored question."""
 
     numbers: tuple[str, ...]
+    operators: tuple[str, ...]
     quoted: frozenset[str]
     polarity: frozenset[str]
+    words: tuple[str, ...]  # lower-cased, possessives cut, in order
+    names: tuple[str, ...]  # the words written as names (capitalised inside a sentence, iPhone, SQL)
+
+
+def is_name(word: str, text: str, start: int) -> bool:
+    if any(c.isupper() for c in word[1:]):
+        return True
+    before = text[:start].rstrip(" \t")
+    pronoun = re.split("['’]", word)[0] == "I"  # I, I'm, I'd
+    return word[0].isupper() and not pronoun and bool(before) and before[-1] not in SENTENCE_START
 
 
 def features(text: str) -> Features:
-    lowered = THOUSANDS.sub("", text.lower())
-    words = WORD.findall(lowered)
-    numbers = [str(float(n)).removesuffix(".0") for n in NUMBER.findall(lowered)]
-    numbers += [NUMBER_WORDS[w] for w in words if w in NUMBER_WORDS]
-    polarity = {"not" if w.endswith(("n't", "n’t")) else POLARITY.get(w, "") for w in words} - {""}
+    text = THOUSANDS.sub("", text)
+    numbers: list[str] = []
+    operators: list[str] = []
+    polarity: set[str] = set()
+    words: list[str] = []
+    names: list[str] = []
+    for m in TOKEN.finditer(text):
+        if number := m.group("number"):
+            numbers.append(number)
+        elif operator := m.group("operator"):
+            operators.append(OPERATORS.get(operator, operator))
+        else:
+            token = m.group("word")
+            word = re.sub(r"['’]s$", "", token.lower())
+            words.append(word)
+            if word in NUMBER_WORDS:
+                numbers.append(NUMBER_WORDS[word])
+            if word in OPERATORS:
+                operators.append(OPERATORS[word])
+            if meaning := "not" if word.endswith(("n't", "n’t")) else POLARITY.get(word):
+                polarity.add(meaning)
+            if is_name(token, text, m.start()) and word not in names:
+                names.append(word)
     quoted = frozenset(" ".join(next(g for g in m.groups() if g).split()) for m in QUOTED.finditer(text))
-    return Features(tuple(sorted(numbers)), quoted, frozenset(polarity))
+    return Features(tuple(numbers), tuple(operators), quoted, frozenset(polarity), tuple(words), tuple(names))
+
+
+def opposites(a: set[str], b: set[str]) -> bool:
+    """Whether a word of `a` is a word of `b` with an opposite prefix (or the other way)."""
+    for one, other in ((a, b), (b, a)):
+        for word in one:
+            for mine, theirs in OPPOSITE_PREFIXES:
+                stem = word[len(mine) :]
+                if word.startswith(mine) and len(stem) >= MIN_STEM and theirs + stem in other:
+                    return True
+    return False
+
+
+def same_names(a: Features, b: Features) -> bool:
+    """Each text's names are words of the other (however cased), in the same order."""
+    names = set(a.names) | set(b.names)
+    if not names <= set(a.words) or not names <= set(b.words):
+        return False
+    return [w for w in dict.fromkeys(a.words) if w in names] == [w for w in dict.fromkeys(b.words) if w in names]
 
 
 def difference(question: str, stored: str) -> str:
@@ -87,8 +167,12 @@ def difference(question: str, stored: str) -> str:
     a, b = features(question), features(stored)
     if a.numbers != b.numbers:
         return "different numbers"
+    if a.operators != b.operators:
+        return "different arithmetic"
     if a.quoted != b.quoted:
         return "different quoted text"
-    if a.polarity != b.polarity:
+    if a.polarity != b.polarity or opposites(set(a.words) - set(b.words), set(b.words) - set(a.words)):
         return "different negation or polarity words"
+    if not same_names(a, b):
+        return "different names"
     return ""
