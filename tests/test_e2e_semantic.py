@@ -171,6 +171,20 @@ def test_empty_or_tool_turns_are_never_embedded_and_never_hit(semantic_proxy, up
     assert embedder.calls == []
 
 
+def test_a_long_question_is_never_compared(semantic_proxy, upstream, embedder):
+    # Embedding models read only their first few hundred tokens: two long texts that
+    # differ only at their end get the same vector, whatever their last words ask.
+    text = "Here is my essay about the history of the printing press and its effects. " * 12
+    stored, asked = text + "Summarize it in a few words.", text + "List every weakness of its argument."
+    embedder.vectors[asked] = embedder.vector(stored)
+    proxy = semantic_proxy()
+    store(proxy, upstream, ask(stored))
+    answer = post(proxy, upstream, CHAT, ask(asked))
+    assert answer.headers["x-ai-cache-status"] == "MISS"
+    assert answer.json()["choices"][0]["message"]["content"] == f"echo: {asked}"
+    assert embedder.calls == []
+
+
 def test_an_answer_that_calls_a_tool_is_no_semantic_entry(semantic_proxy, upstream, embedder):
     embedder.similar(QUESTION, PARAPHRASE, 0.99)
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]

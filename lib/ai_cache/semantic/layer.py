@@ -39,6 +39,10 @@ from .vectors import Candidate, LocalVectors, RedisVectors, local_vectors
 logger = logging.getLogger(__name__)
 CANDIDATES = 4  # best matches judged per layer
 MIN_WORDS = 2  # a shorter question is never compared ("hi", "", a lone number)
+# Nor a longer one: embedding models read only their first few hundred tokens (all-minilm
+# 256), so long texts that differ only in their last words get one vector. 640 bytes of
+# UTF-8 are about 100 English words, 160 tokens; 210 CJK characters.
+MAX_BYTES = 640
 
 
 @dataclass
@@ -110,6 +114,8 @@ class SemanticLayer:
             return
         question = protocol.question(found.body, self.settings.messages)
         if isinstance(question, str) or len(question.text.split()) < MIN_WORDS:
+            return
+        if len(question.text.encode("utf-8", "replace")) > MAX_BYTES:
             return
         lookup = mode is Mode.RECORD and not controls.refresh
         self._asked[flow] = Asked(question, found, protocol, settings.policy, lookup, controls.max_age)
