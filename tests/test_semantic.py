@@ -327,6 +327,18 @@ async def test_a_failing_embedder_answers_none_and_is_skipped_while_its_breaker_
     assert "authorization" not in fake_embedder.headers[0]
 
 
+async def test_credentials_in_the_embed_url_never_reach_a_log_line_or_the_partition(fake_embedder, caplog):
+    fake_embedder.status = 500
+    url = fake_embedder.url + "?api-version=2024-02-01&key=sk-in-url&api-key=sk-two"
+    embedder = Embedder(url, "m", "", 0.5)
+    assert await embedder.embed("a question to embed") is None
+    embedder.close()
+    assert "embedder at" in caplog.text
+    assert "api-version=2024-02-01" in caplog.text
+    assert "sk-in-url" not in caplog.text and "sk-two" not in caplog.text
+    assert "sk-in-url" not in json.dumps(embedder.identity)
+
+
 def test_semantic_options_are_checked_and_name_the_option(tmp_path):
     addon = AICache()
     with taddons.context(addon) as tctx:

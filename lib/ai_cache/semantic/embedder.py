@@ -20,10 +20,11 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from ..keys import CREDENTIAL_PARAMS
 from ..redis_store import CircuitBreaker, redact
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,22 @@ class EmbedError(Exception):
     """The embedder gave no usable vector; the message says why."""
 
 
+def shown(url: str) -> str:
+    """The URL as log lines and partitions see it: no password, no credential in the query
+    (`?key=`, `api-key=`...: the names the cache key never keeps either)."""
+    parts = urlsplit(redact(url))
+    pairs = (pair.partition("=") for pair in parts.query.split("&")) if parts.query else ()
+    query = "&".join(f"{k}=***" if k.lower() in CREDENTIAL_PARAMS else f"{k}{eq}{v}" for k, eq, v in pairs)
+    return urlunsplit(parts._replace(query=query))
+
+
 class HTTPEndpoint:
     """POSTs JSON to one URL over HTTP/1.1, keeping a few connections alive."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{redact(url)!r} is not an http:// or https:// URL")
+            raise ValueError(f"{shown(url)!r} is not an http:// or https:// URL")
         self.tls = parts.scheme == "https"
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
@@ -144,7 +154,7 @@ class Embedder:
         self._headers = {"content-type": "application/json", "accept": "application/json"}
         if key:
             self._headers["authorization"] = f"Bearer {key}"
-        self.breaker = CircuitBreaker(f"embedder at {redact(url)}")
+        self.breaker = CircuitBreaker(f"embedder at {shown(url)}")
         self.dims = 0  # learnt from the first vector: a later answer of another size is wrong
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self.on_call: Callable[[float], None] | None = None  # told each call's seconds (metrics)
@@ -152,7 +162,7 @@ class Embedder:
     @property
     def identity(self) -> list[object]:
         """What makes its vectors comparable: part of every partition."""
-        return [redact(self.url), self.model, self.dims]
+        return [shown(self.url), self.model, self.dims]
 
     async def embed(self, text: str) -> np.ndarray | None:
         if (known := self._lru.get(text)) is not None:
