@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ from ai_cache.protocols import BY_NAME, QUESTION_PLACEHOLDER, Question, recognis
 from ai_cache.report import flow_line
 from ai_cache.responses import cache_headers
 from ai_cache.semantic import vectors
-from ai_cache.semantic.embedder import Embedder
+from ai_cache.semantic.embedder import Embedder, EmbedError, unit_vector
 from ai_cache.semantic.guard import difference
 from ai_cache.semantic.vectors import LocalVectors, Partition, candidates
 from ai_cache.state import FlowState, Status
@@ -325,6 +325,58 @@ async def test_a_failing_embedder_answers_none_and_is_skipped_while_its_breaker_
     assert time.monotonic() - started < 0.9
     embedder.close()
     assert "authorization" not in fake_embedder.headers[0]
+
+
+async def raw_embedder(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> tuple[asyncio.Server, str]:
+    """A server answering every request with `answer` (which writes raw HTTP), and its URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        await answer(writer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/embeddings"
+
+
+async def test_an_answer_ended_by_closing_the_connection_is_read_to_its_end():
+    vector = [0.001 * (i + 1) for i in range(3072)]
+    body = json.dumps({"data": [{"embedding": vector}]}).encode()
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n")
+        writer.write(body[:1000])
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the rest comes later, as over a real network
+        writer.write(body[1000:])
+        await writer.drain()
+
+    server, url = await raw_embedder(answer)
+    embedder = Embedder(url, "m", "", 2.0)
+    found = await embedder.embed("a long vector please")
+    server.close()
+    assert found is not None and len(found) == 3072
+    assert np.allclose(found, np.asarray(vector) / np.linalg.norm(vector), atol=1e-6)
+
+
+async def test_a_huge_or_absurd_answer_is_refused_unread_and_teaches_no_vector_size(fake_embedder, caplog):
+    huge = b'{"data": [{"embedding": [' + b"0.5, " * 400_000 + b"0.5]}]}"
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(huge) + huge)
+        await writer.drain()
+
+    server, url = await raw_embedder(answer)
+    embedder = Embedder(url, "m", "", 2.0)
+    assert await embedder.embed("a question to embed") is None
+    server.close()
+    assert "answer too large" in caplog.text
+    assert embedder.dims == 0  # a later sane vector is still welcome
+    with pytest.raises(EmbedError):
+        unit_vector([True, False, True])
 
 
 async def test_credentials_in_the_embed_url_never_reach_a_log_line_or_the_partition(fake_embedder, caplog):

@@ -30,7 +30,10 @@ from ..redis_store import CircuitBreaker, redact
 logger = logging.getLogger(__name__)
 LRU_SIZE = 2048
 IDLE_CONNECTIONS = 4
-MAX_ANSWER = 32 * 1024 * 1024
+# An embeddings answer is parsed on the event loop: 1 MiB of JSON takes a few ms, 32 MiB
+# stalled every flow for half a second. Real vectors are far smaller (3072 floats ~60 KiB).
+MAX_ANSWER = 1024 * 1024
+MAX_DIMS = 16384
 
 
 class EmbedError(Exception):
@@ -104,13 +107,23 @@ class HTTPEndpoint:
                 raise EmbedError("answer too large")
             data = await reader.readexactly(int(length))
         else:
-            data = await reader.read(MAX_ANSWER)
+            data = await self._to_end(reader)
             answer_headers[b"connection"] = b"close"
         if answer_headers.get(b"connection", b"").lower() == b"close" or len(self._idle) >= IDLE_CONNECTIONS:
             writer.close()
         else:
             self._idle.append((reader, writer))
         return status, data
+
+    @staticmethod
+    async def _to_end(reader: asyncio.StreamReader) -> bytes:
+        """A body ended by closing the connection (read() returns what has come so far)."""
+        data = bytearray()
+        while chunk := await reader.read(MAX_ANSWER + 1 - len(data)):
+            data += chunk
+            if len(data) > MAX_ANSWER:
+                raise EmbedError("answer too large")
+        return bytes(data)
 
     @staticmethod
     async def _chunked(reader: asyncio.StreamReader) -> bytes:
@@ -132,8 +145,10 @@ class HTTPEndpoint:
 
 def unit_vector(values: object) -> np.ndarray:
     """A list of finite numbers as a float32 unit vector; EmbedError for anything else."""
-    if not isinstance(values, list) or not values or not all(isinstance(v, int | float) for v in values):
+    if not isinstance(values, list) or not values or not all(type(v) in (int, float) for v in values):
         raise EmbedError("the answer holds no vector of numbers")
+    if len(values) > MAX_DIMS:
+        raise EmbedError(f"a vector of {len(values)} dimensions")
     vector = np.asarray(values, dtype=np.float32)
     norm = float(np.linalg.norm(vector))
     if not math.isfinite(norm) or norm == 0:
