@@ -270,6 +270,21 @@ async def test_local_vectors_persist_and_search_large_partitions_off_the_loop(tm
     again.close()
 
 
+def test_local_vectors_read_back_past_a_corrupt_vector(tmp_path):
+    index = LocalVectors(tmp_path)
+    index.add_sync("a" * 64, "p", "question a", 5.0, unit(1))
+    head = b'{"partition": "p", "text": "t", "created_at": 1}\n'
+    index._disk.set("b" * 64, head + unit(2, dims=4).tobytes())  # another size in the partition
+    index._disk.set("c" * 64, head + (unit(3) * 100).tobytes())  # no unit vector (a flipped exponent)
+    index.close()
+    again = LocalVectors(tmp_path)
+    assert again.load_sync() == 2
+    found = again.partitions["p"].search(unit(3), 4)
+    assert [c.key for c in found][0] == "c" * 64
+    assert max(c.similarity for c in found) == pytest.approx(1.0, abs=1e-5)  # never above
+    again.close()
+
+
 def test_redisearch_answers_in_both_protocols_skip_documents_without_fields():
     key = "d" * 64
     fields = [b"key", key.encode(), b"text", b"hi there", b"created_at", b"12.5", b"distance", b"0.04"]

@@ -128,7 +128,9 @@ class LocalVectors:
 
     def load_sync(self) -> int:
         """Read every stored vector into memory; how many. Values are written as bytes (a
-        JSON head, a newline, float32s), like entries; any other value is skipped."""
+        JSON head, a newline, float32s), like entries; any other value is skipped, and so
+        is a vector of another size than its partition's (they are normalised again: a
+        corrupt one must not score above 1)."""
         for key in self._guarded("listing", lambda: list(self._disk.iterkeys()), []):
             value = self._guarded("read", lambda k=key: self._disk.get(k))
             if isinstance(value, bytes) and KEY_PATTERN.fullmatch(str(key)):
@@ -139,8 +141,12 @@ class LocalVectors:
                     vector = np.frombuffer(data, dtype=np.float32)
                 except (ValueError, KeyError, TypeError):
                     continue
-                if vector.size and np.isfinite(vector).all() and isinstance(created_at, float | int):
-                    self._remember(key, partition, text, float(created_at), vector)
+                norm = float(np.linalg.norm(vector)) if vector.size and np.isfinite(vector).all() else 0.0
+                known = self.partitions.get(partition)
+                if known is not None and known.matrix.shape[1] != vector.size:
+                    continue
+                if np.isfinite(norm) and norm > 0 and isinstance(created_at, float | int):
+                    self._remember(key, partition, text, float(created_at), vector / norm)
         self.loaded = True
         return len(self._where)
 
