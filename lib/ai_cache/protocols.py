@@ -328,9 +328,12 @@ class OpenAIResponses(OpenAIChat):
         return self.event_type(event) in self.failures
 
     def question(self, body: dict[str, Any], count: int = 1) -> Question | str:
-        """Only a self-contained request: `previous_response_id` holds history the key cannot see."""
+        """Only a self-contained request: `previous_response_id` and `conversation` hold
+        history the key cannot see (a conversation's grows under the same id)."""
         if body.get("previous_response_id") is not None:
             return "continues a stored response (previous_response_id)"
+        if body.get("conversation") is not None:
+            return "continues a stored conversation (conversation)"
         if isinstance(body.get("input"), str):
             return Question(body["input"], {**body, "input": QUESTION_PLACEHOLDER})
         return super().question(body, count)
@@ -361,7 +364,7 @@ class AnthropicMessages(Protocol):
     answer_headers = ("anthropic-version", "anthropic-beta")
     own_credential_headers = frozenset({"x-api-key", "authorization"})
     turns_field = "messages"
-    tool_call_needles = (b'"tool_use"', b'"server_tool_use"')
+    tool_call_needles = (b'"tool_use"', b'"server_tool_use"', b'"mcp_tool_use"')
 
     def is_terminal(self, event: Event) -> bool:
         return self.event_type(event) == "message_stop"
