@@ -11,10 +11,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from ai_cache.cli import main
 from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
 from ai_cache.fixture_store import write_unused
+from ai_cache.semantic.vectors import LocalVectors
 from helpers import JSON_BODY, NDJSON_CHUNKS, SSE_CHUNKS, deep, fill, key_of, sample_entries, stored
 
 SECRETS = ("SECRET-COOKIE", "sk-SECRET-KEY", "Bearer sk-SECRET-AUTH", "SECRET-QUERY")
@@ -268,6 +271,18 @@ def test_clear_asks_on_a_terminal_and_refuses_without_one(cli, cache_dir, monkey
 def test_clear_with_yes(cli, cache_dir):
     assert cli("--dir", cache_dir, "clear", "--yes") == (0, f"deleted 3 entries from {cache_dir}\n", "")
     assert stored(cache_dir) == {}
+
+
+def test_clear_drops_every_semantic_question_even_of_entries_gone_by_themselves(cli, cache_dir):
+    index = LocalVectors(cache_dir)
+    vector = np.ones(4, dtype=np.float32) / 2
+    index.add_sync(sample_entries()[0].key, "p", "a question kept with its entry", 1.0, vector)
+    index.add_sync("e" * 64, "p", "a question whose entry expired", 1.0, vector)
+    index.count_hit_sync()
+    index.close()
+    assert cli("--dir", cache_dir, "clear", "--yes")[0] == 0
+    code, out, _ = cli("--dir", cache_dir, "stats", "--json")
+    assert code == 0 and json.loads(out)["semantic"] == {"questions": 0, "hits": 1}
 
 
 def test_prune_unused_deletes_what_the_last_run_listed_once_confirmed(cli, cache_dir, tmp_path, monkeypatch):

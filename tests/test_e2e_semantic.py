@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from ai_cache.launch import free_port, mitmdump_command, redis_command, stop, wait_for_port
 from conftest import ADDON
@@ -322,7 +323,9 @@ def redisearch(tmp_path) -> Iterator[str]:
     stop(proc)
 
 
-def test_a_fleet_shares_semantic_hits_through_redisearch(semantic_proxy, upstream, embedder, redisearch, tmp_path):
+def test_a_fleet_shares_semantic_hits_through_redisearch(
+    semantic_proxy, upstream, embedder, redisearch, tmp_path, cli
+):
     embedder.similar(QUESTION, PARAPHRASE, 0.97)
     one = semantic_proxy(ai_cache_redis_url=redisearch, ai_cache_dir=str(tmp_path / "one"))
     two = semantic_proxy(ai_cache_redis_url=redisearch, ai_cache_dir=str(tmp_path / "two"))
@@ -331,6 +334,16 @@ def test_a_fleet_shares_semantic_hits_through_redisearch(semantic_proxy, upstrea
     assert answer.headers["x-ai-cache-layer"] == "semantic"
     assert answer.headers["x-ai-cache-key"] == first.headers["x-ai-cache-key"]
     assert json.loads(answer.text)["choices"][0]["message"]["content"] == f"echo: {QUESTION}"
+    # `clear` drops the shared questions too, also those whose entries went by themselves.
+    client = redis.Redis.from_url(redisearch)
+    [index] = client.execute_command("FT._LIST")
+    dims = int(index.decode().rsplit("-", 1)[1])
+    client.hset(f"{index.decode()}:{'e' * 64}", mapping={"partition": "p", "vector": b"\0" * 4 * dims})
+    one.stop()
+    two.stop()
+    assert cli("--dir", tmp_path / "one", "--redis-url", redisearch, "clear", "--yes")[0] == 0
+    assert client.execute_command("FT._LIST") == []
+    assert client.keys(f"{index.decode()}:*") == []
 
 
 def test_plain_redis_leaves_semantic_lookups_local(semantic_proxy, upstream, embedder, start_redis):

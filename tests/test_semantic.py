@@ -273,6 +273,18 @@ async def test_local_vectors_persist_and_search_large_partitions_off_the_loop(tm
     again.close()
 
 
+def test_local_vectors_of_expired_entries_are_dropped_as_they_are_read_back(tmp_path):
+    index = LocalVectors(tmp_path)
+    index.add_sync("a" * 64, "p", "an old question", 100.0, unit(1))
+    index.add_sync("b" * 64, "p", "a recent question", 200.0, unit(2))
+    index.close()
+    again = LocalVectors(tmp_path)
+    assert again.load_sync(expired_before=150.0) == 1
+    assert [c.key for c in again.partitions["p"].search(unit(1), 4)] == ["b" * 64]
+    again.close()
+    assert LocalVectors(tmp_path).counts_sync()[0] == 1  # gone from disk too
+
+
 def test_local_vectors_read_back_past_a_corrupt_vector(tmp_path):
     index = LocalVectors(tmp_path)
     index.add_sync("a" * 64, "p", "question a", 5.0, unit(1))

@@ -161,6 +161,13 @@ class Cache:
         if self.remote_vectors is not None:
             self._run(self.remote_vectors.remove(keys))
 
+    def clear_questions(self) -> None:
+        """Every semantic question, also those whose entries expired or were evicted."""
+        if self.vectors is not None:
+            self.vectors.clear_sync()
+        if self.remote_vectors is not None:
+            self._run(self.remote_vectors.clear())
+
     def semantic_counts(self) -> tuple[int, int] | None:
         """(questions stored, semantic hits) of L1, None when the semantic layer never ran here."""
         return self.vectors.counts_sync() if self.vectors is not None else None
@@ -415,6 +422,7 @@ def cmd_clear(args: argparse.Namespace, cache: Cache) -> int:
     if not confirmed(args, f"all {entry_count(len(keys))} in {cache.where}"):
         return 1
     cache.delete(keys)
+    cache.clear_questions()
     print(f"deleted {entry_count(len(keys))} from {cache.where}")
     return 0
 

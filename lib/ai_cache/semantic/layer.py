@@ -85,17 +85,18 @@ class SemanticLayer:
     def start(self) -> None:
         """Read L1's vectors back and ask L2 for its search module, off the request path
         (configured before the proxy runs: L1's read inline, L2 asked at its first use)."""
+        expired_before = time.time() - self.cache.ttl if self.cache.ttl else 0.0
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             if self.local is not None:
-                self.local.load_sync()
+                self.local.load_sync(expired_before)
             return
         if self.local is not None:
             local = self.local
 
             async def load() -> None:
-                count = await asyncio.to_thread(local.load_sync)
+                count = await asyncio.to_thread(local.load_sync, expired_before)
                 logger.info("ai-cache: semantic layer on (%d stored questions in L1)", count)
 
             self.cache.background(load())
@@ -155,10 +156,9 @@ class SemanticLayer:
             self.rejected[why] += 1
             logger.debug("ai-cache: semantic candidate %s refused: %s", candidate.key[:12], why)
             return None
-        if self.cache.ttl and time.time() - candidate.created_at >= self.cache.ttl:
-            return None
-        found = await self.cache.find(candidate.key, asked.max_age)
-        if found is None:  # its entry is gone (deleted, evicted): so is the question
+        expired = bool(self.cache.ttl) and time.time() - candidate.created_at >= self.cache.ttl
+        found = None if expired else await self.cache.find(candidate.key, asked.max_age)
+        if found is None:  # its entry is gone (expired, deleted, evicted): so is the question
             if self.local is not None:
                 self.cache.background(asyncio.to_thread(self.local.remove_sync, [candidate.key]))
             return None

@@ -126,11 +126,13 @@ class LocalVectors:
         self._outage.worked()
         return result
 
-    def load_sync(self) -> int:
+    def load_sync(self, expired_before: float = 0.0) -> int:
         """Read every stored vector into memory; how many. Values are written as bytes (a
         JSON head, a newline, float32s), like entries; any other value is skipped, and so
         is a vector of another size than its partition's (they are normalised again: a
-        corrupt one must not score above 1)."""
+        corrupt one must not score above 1). Vectors of entries created before
+        `expired_before` (expired by the TTL: they went, their questions stayed) are deleted."""
+        expired = []
         for key in self._guarded("listing", lambda: list(self._disk.iterkeys()), []):
             value = self._guarded("read", lambda k=key: self._disk.get(k))
             if isinstance(value, bytes) and KEY_PATTERN.fullmatch(str(key)):
@@ -145,8 +147,13 @@ class LocalVectors:
                 known = self.partitions.get(partition)
                 if known is not None and known.matrix.shape[1] != vector.size:
                     continue
-                if np.isfinite(norm) and norm > 0 and isinstance(created_at, float | int):
+                if not np.isfinite(norm) or norm == 0 or not isinstance(created_at, float | int):
+                    continue
+                if created_at < expired_before:
+                    expired.append(key)
+                else:
                     self._remember(key, partition, text, float(created_at), vector / norm)
+        self.remove_sync(expired)
         self.loaded = True
         return len(self._where)
 
@@ -181,6 +188,14 @@ class LocalVectors:
         if len(found) * vector.shape[0] <= INLINE_WORK:
             return found.search(vector, k)
         return await asyncio.to_thread(found.search, vector, k)
+
+    def clear_sync(self) -> int:
+        """Forget every vector, also those whose entries went by themselves (expired,
+        evicted); how many. The hit count stays."""
+        keys = [k for k in self._guarded("listing", lambda: list(self._disk.iterkeys()), []) if k != HITS]
+        self.partitions.clear()
+        self._where.clear()
+        return self.remove_sync(keys)
 
     def count_hit_sync(self) -> None:
         self._guarded("write", lambda: self._disk.incr(HITS))
@@ -336,3 +351,18 @@ class RedisVectors:
             return int(await client.delete(*docs)) if docs else 0
 
         return await self.store.with_redis(delete, 0, "semantic")
+
+    async def clear(self) -> bool:
+        """Drop every index of this prefix with its documents (FT.DROPINDEX ... DD)."""
+        if not await self.detect():
+            return False
+
+        async def drop(client: Any) -> bool:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in await client.execute_command("FT._LIST")]
+            for name in names:
+                if name.startswith(self.index_prefix):
+                    await client.execute_command("FT.DROPINDEX", name, "DD")
+            self._indexes.clear()
+            return True
+
+        return await self.store.with_redis(drop, False, "semantic")
