@@ -323,9 +323,7 @@ def redisearch(tmp_path) -> Iterator[str]:
     stop(proc)
 
 
-def test_a_fleet_shares_semantic_hits_through_redisearch(
-    semantic_proxy, upstream, embedder, redisearch, tmp_path, cli
-):
+def test_a_fleet_shares_semantic_hits_through_redisearch(semantic_proxy, upstream, embedder, redisearch, tmp_path, cli):
     embedder.similar(QUESTION, PARAPHRASE, 0.97)
     one = semantic_proxy(ai_cache_redis_url=redisearch, ai_cache_dir=str(tmp_path / "one"))
     two = semantic_proxy(ai_cache_redis_url=redisearch, ai_cache_dir=str(tmp_path / "two"))
