@@ -213,6 +213,14 @@ def test_the_lexical_guard(asked, stored, refused):
         ("What is the capital of France?", "Tell me France's capital", False),
         ("What is the capital of France?", "what's the capital of france", False),
         ("How do I reverse a list in Python quickly?", "What is the fastest way to reverse a Python list?", False),
+        # Dates and units, however cased.
+        ("what is the weather like today in town", "what is the weather like tomorrow in town", True),
+        ("which holidays fall on a monday", "which holidays fall on a friday", True),
+        ("how many km are 5 miles", "how many miles are 5 km", True),
+        ("convert 3 pounds to kg", "convert 3 kg to pounds", True),
+        ("how many days are in 3 weeks", "how many weeks are in 3 days", True),
+        ("how many kilometers are 5 miles", "how many km are 5 mi", False),
+        ("what is the weather like today in town", "how is the weather today in town", False),
         # Negation in other languages, and opposite words made with a prefix.
         ("ich kann mich nicht einloggen", "ich kann mich einloggen", True),
         ("je ne peux pas me connecter", "je peux me connecter", True),

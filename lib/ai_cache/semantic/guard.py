@@ -5,8 +5,9 @@ Embeddings place "turn on dark mode" and "turn off dark mode" at cosine 0.93-0.9
 threshold separates them. The words that flip an answer are few and visible, so a
 candidate must also have the same numbers and arithmetic in the same order, the same
 quoted or code strings, the same negation and polarity words (in a few languages, and
-opposites made with a prefix: lock/unlock, valid/invalid) and the same names (Paris is
-not London, English to French is not French to English).
+opposites made with a prefix: lock/unlock, valid/invalid) and the same names, days and
+units (Paris is not London, English to French is not French to English, today is not
+tomorrow).
 """
 
 from __future__ import annotations
@@ -84,6 +85,26 @@ POLARITY = {
     }.items()
     for word in words.split()
 }
+# Words that name a day or a unit however they are cased: compared like names (present
+# in both, in the same order: 5 km in miles is not 5 miles in km), forms mapped to one.
+TERMS = {
+    word: forms.split()[0]
+    for forms in (
+        "today", "tomorrow", "yesterday", "tonight",
+        "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+        "january", "february", "april", "june", "july", "august", "september", "october",
+        "november", "december",  # not march or may: verbs too (capitalised, they are names)
+        "km kilometer kilometers kilometre kilometres", "mi mile miles", "meter meters metre metres",
+        "cm centimeter centimeters centimetre centimetres", "mm millimeter millimeters millimetre millimetres",
+        "inch inches", "ft foot feet", "yard yards", "kg kilo kilos kilogram kilograms", "gram grams",
+        "lb lbs pound pounds", "oz ounce ounces", "celsius centigrade", "fahrenheit", "kelvin",
+        "liter liters litre litres", "ml milliliter milliliters millilitre millilitres", "gallon gallons",
+        "mph", "kph", "usd dollar dollars", "eur euro euros", "gbp", "yen", "kb kilobyte kilobytes",
+        "mb megabyte megabytes", "gb gigabyte gigabytes", "tb terabyte terabytes",
+        "seconds", "minute minutes", "hour hours", "day days", "week weeks", "month months", "year years",
+    )
+    for word in forms.split()
+}  # fmt: skip
 # Opposites made with a prefix (lock/unlock, encrypt/decrypt, ascending/descending): a
 # word of one text whose stem, under the other prefix, is a word of the other text.
 OPPOSITE_PREFIXES = (
@@ -104,7 +125,7 @@ class Features:
     quoted: frozenset[str]
     polarity: frozenset[str]
     words: tuple[str, ...]  # lower-cased, possessives cut, in order
-    names: tuple[str, ...]  # the words written as names (capitalised inside a sentence, iPhone, SQL)
+    names: tuple[str, ...]  # words written as names (capitalised inside a sentence, iPhone, SQL), TERMS
 
 
 def is_name(word: str, text: str, start: int) -> bool:
@@ -130,6 +151,7 @@ def features(text: str) -> Features:
         else:
             token = m.group("word")
             word = re.sub(r"['’]s$", "", token.lower())
+            word = TERMS.get(word, word)
             words.append(word)
             if word in NUMBER_WORDS:
                 numbers.append(NUMBER_WORDS[word])
@@ -137,7 +159,7 @@ def features(text: str) -> Features:
                 operators.append(OPERATORS[word])
             if meaning := "not" if word.endswith(("n't", "n’t")) else POLARITY.get(word):
                 polarity.add(meaning)
-            if is_name(token, text, m.start()) and word not in names:
+            if (word in TERMS or is_name(token, text, m.start())) and word not in names:
                 names.append(word)
     quoted = frozenset(" ".join(next(g for g in m.groups() if g).split()) for m in QUOTED.finditer(text))
     return Features(tuple(numbers), tuple(operators), quoted, frozenset(polarity), tuple(words), tuple(names))
