@@ -213,6 +213,13 @@ def test_the_lexical_guard(asked, stored, refused):
         ("What is the capital of France?", "Tell me France's capital", False),
         ("What is the capital of France?", "what's the capital of france", False),
         ("How do I reverse a list in Python quickly?", "What is the fastest way to reverse a Python list?", False),
+        # Code outside quotes: dotted names, snake_case, calls, file and host names.
+        ("what does os.path.join do", "what does os.path.split do", True),
+        ("how to parse config.yaml in a script", "how to parse config.json in a script", True),
+        ("what does my_func return here", "what does my_fun return here", True),
+        ("explain print() in detail", "explain input() in detail", True),
+        ("How do I use os.path.join?", "What is the way to use os.path.join", False),
+        ("give an example, e.g. a list", "show an example, e.g. a list", False),
         # Dates and units, however cased.
         ("what is the weather like today in town", "what is the weather like tomorrow in town", True),
         ("which holidays fall on a monday", "which holidays fall on a friday", True),

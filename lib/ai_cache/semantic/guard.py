@@ -4,10 +4,10 @@ Embeddings place "turn on dark mode" and "turn off dark mode" at cosine 0.93-0.9
 "what is 2+2" and "what is 2+3" at 0.89, close to real paraphrases (0.94-0.96): no
 threshold separates them. The words that flip an answer are few and visible, so a
 candidate must also have the same numbers and arithmetic in the same order, the same
-quoted or code strings, the same negation and polarity words (in a few languages, and
-opposites made with a prefix: lock/unlock, valid/invalid) and the same names, days and
-units (Paris is not London, English to French is not French to English, today is not
-tomorrow).
+quoted strings and code (os.path.join, my_func, print()), the same negation and
+polarity words (in a few languages, and opposites made with a prefix: lock/unlock,
+valid/invalid) and the same names, days and units (Paris is not London, English to
+French is not French to English, today is not tomorrow).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ TOKEN = re.compile(
 )
 # "double", `code`, “curly”, 'single' (not an apostrophe: no letter outside the quotes).
 QUOTED = re.compile(r'"([^"\n]+)"|“([^”\n]+)”|`+([^`]+)`+|(?<![\w\'])\'([^\'\n]+)\'(?![\w\'])')
+# Code outside quotes: dotted names of 2+ letter parts (os.path.join, config.yaml, not
+# e.g.), snake_case, and names called with parentheses (print()).
+CODE = re.compile(r"[A-Za-z_]\w+(?:(?:\.|::|->)[A-Za-z_]\w+)+|\b\w*_\w+|[A-Za-z_]\w*(?=\()")
 NUMBER_WORDS = {
     word: str(value)
     for value, words in enumerate(
@@ -122,7 +125,7 @@ class Features:
 
     numbers: tuple[str, ...]
     operators: tuple[str, ...]
-    quoted: frozenset[str]
+    quoted: frozenset[str]  # and code outside quotes
     polarity: frozenset[str]
     words: tuple[str, ...]  # lower-cased, possessives cut, in order
     names: tuple[str, ...]  # words written as names (capitalised inside a sentence, iPhone, SQL), TERMS
@@ -162,6 +165,7 @@ def features(text: str) -> Features:
             if (word in TERMS or is_name(token, text, m.start())) and word not in names:
                 names.append(word)
     quoted = frozenset(" ".join(next(g for g in m.groups() if g).split()) for m in QUOTED.finditer(text))
+    quoted |= frozenset(CODE.findall(text))
     return Features(tuple(numbers), tuple(operators), quoted, frozenset(polarity), tuple(words), tuple(names))
 
 
@@ -192,7 +196,7 @@ def difference(question: str, stored: str) -> str:
     if a.operators != b.operators:
         return "different arithmetic"
     if a.quoted != b.quoted:
-        return "different quoted text"
+        return "different quoted text or code"
     if a.polarity != b.polarity or opposites(set(a.words) - set(b.words), set(b.words) - set(a.words)):
         return "different negation or polarity words"
     if not same_names(a, b):
