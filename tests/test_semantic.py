@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -15,11 +16,12 @@ from mitmproxy.test import taddons
 
 from ai_cache.addon import AICache
 from ai_cache.keys import KeyPolicy, cacheable_request, header_map, partition_key, path_of
+from ai_cache.launch import free_port
 from ai_cache.protocols import BY_NAME, QUESTION_PLACEHOLDER, Question, recognise
 from ai_cache.report import flow_line
 from ai_cache.responses import cache_headers
 from ai_cache.semantic import vectors
-from ai_cache.semantic.embedder import Embedder, EmbedError, unit_vector
+from ai_cache.semantic.embedder import Embedder, EmbedError, HTTPEndpoint, unit_vector
 from ai_cache.semantic.guard import difference
 from ai_cache.semantic.vectors import LocalVectors, Partition, candidates
 from ai_cache.state import FlowState, Status
@@ -422,6 +424,17 @@ async def test_a_huge_or_absurd_answer_is_refused_unread_and_teaches_no_vector_s
     assert embedder.dims == 0  # a later sane vector is still welcome
     with pytest.raises(EmbedError):
         unit_vector([True, False, True])
+
+
+async def test_the_tls_context_is_made_once_not_on_the_event_loop_for_each_connection(monkeypatch):
+    made = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(1) or real(*a, **k))
+    endpoint = HTTPEndpoint(f"https://127.0.0.1:{free_port()}/v1/embeddings")  # configure time
+    for _ in range(2):  # request time: reading the system's CAs took 16 ms of the loop each
+        with pytest.raises(OSError):
+            await endpoint.post(b"{}", {})
+    assert len(made) == 1
 
 
 async def test_credentials_in_the_embed_url_never_reach_a_log_line_or_the_partition(fake_embedder, caplog):

@@ -57,6 +57,8 @@ class HTTPEndpoint:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{shown(url)!r} is not an http:// or https:// URL")
         self.tls = parts.scheme == "https"
+        # Made here, at configure time: it reads the system's CAs (16 ms), too long for a hook.
+        self.context = ssl.create_default_context() if self.tls else None
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -76,8 +78,7 @@ class HTTPEndpoint:
             except BaseException:
                 writer.close()
                 raise
-        context = ssl.create_default_context() if self.tls else None
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=context)
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.context)
         try:
             return await self._exchange(reader, writer, body, headers)
         except BaseException:
