@@ -230,6 +230,15 @@ def test_the_lexical_guard(asked, stored, refused):
         ("how many days are in 3 weeks", "how many weeks are in 3 days", True),
         ("how many kilometers are 5 miles", "how many km are 5 mi", False),
         ("what is the weather like today in town", "how is the weather today in town", False),
+        # Antonyms: refused when each side has one of a pair, not when one side has none.
+        ("what is the best programming language", "what is the worst programming language", True),
+        ("what are the pros of remote work", "what are the cons of remote work", True),
+        ("how to switch the editor to light mode", "how to switch the editor to dark mode", True),
+        ("how to read a file in rust", "how to write a file in rust", True),
+        ("What's the best way to learn Rust?", "How should I learn Rust?", False),
+        ("what are the advantages of remote work", "what are the benefits of remote work", False),
+        ("I am unable to log in", "I am able to log in", True),
+        ("how do I avoid a merge conflict", "how do I get a merge conflict", True),
         # Negation in other languages, and opposite words made with a prefix.
         ("ich kann mich nicht einloggen", "ich kann mich einloggen", True),
         ("je ne peux pas me connecter", "je peux me connecter", True),

@@ -6,8 +6,9 @@ threshold separates them. The words that flip an answer are few and visible, so 
 candidate must also have the same numbers and arithmetic in the same order, the same
 quoted strings and code (os.path.join, my_func, print()), the same negation and
 polarity words (in a few languages, and opposites made with a prefix: lock/unlock,
-valid/invalid) and the same names, days and units (Paris is not London, English to
-French is not French to English, today is not tomorrow).
+valid/invalid), no opposite sides of an antonym pair (best/worst) and the same names,
+days and units (Paris is not London, English to French is not French to English, today
+is not tomorrow).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ POLARITY = {
     word: meaning
     for meaning, words in {
         "not": "not no never none nothing nobody nowhere neither nor cannot without except unless "
+        "unable avoid avoiding prevent preventing lack lacking hardly barely "
         "nicht kein keine keinen keiner nie niemals ohne ne pas non sans jamais não nao nunca jamás "
         "senza niet geen",
         "off": "off disable disabled disables disabling deactivate stop",
@@ -88,6 +90,40 @@ POLARITY = {
     }.items()
     for word in words.split()
 }
+# Antonyms, weaker than polarity words: refused only when each text has a side of the
+# pair and the sides differ ("the best way to learn X" and "how should I learn X" agree).
+ANTONYMS = [
+    (frozenset(one.split()), frozenset(other.split()))
+    for one, other in (
+        ("best", "worst"),
+        ("good better", "bad worse"),
+        ("most", "least"),
+        ("fast faster fastest quick quicker quickest quickly", "slow slower slowest slowly"),
+        ("long longer longest", "short shorter shortest"),
+        ("old older oldest", "new newer newest latest"),
+        ("hot hotter hottest warm", "cold colder coldest cool"),
+        ("cheap cheaper cheapest", "expensive"),
+        ("easy easier easiest", "hard harder hardest difficult"),
+        ("pros advantage advantages benefit benefits", "cons disadvantage disadvantages drawback drawbacks"),
+        ("light", "dark"),
+        ("black", "white"),
+        ("same", "different"),
+        ("read reading", "write writing"),
+        ("send sending", "receive receiving"),
+        ("buy buying", "sell selling"),
+        ("win winning", "lose losing"),
+        ("push", "pull"),
+        ("open opening", "close closing"),
+        ("server", "client"),
+        ("frontend", "backend"),
+        ("sync synchronous synchronously", "async asynchronous asynchronously"),
+        ("horizontal horizontally", "vertical vertically"),
+        ("row rows", "column columns"),
+        ("north", "south"),
+        ("east", "west"),
+        ("left", "right"),
+    )
+]
 # Words that name a day or a unit however they are cased: compared like names (present
 # in both, in the same order: 5 km in miles is not 5 miles in km), forms mapped to one.
 TERMS = {
@@ -180,6 +216,16 @@ def opposites(a: set[str], b: set[str]) -> bool:
     return False
 
 
+def antonyms(a: set[str], b: set[str]) -> bool:
+    """Whether the texts take different sides of a pair, each taking one."""
+    for pair in ANTONYMS:
+        sides_a = {i for i, side in enumerate(pair) if side & a}
+        sides_b = {i for i, side in enumerate(pair) if side & b}
+        if sides_a and sides_b and sides_a != sides_b:
+            return True
+    return False
+
+
 def same_names(a: Features, b: Features) -> bool:
     """Each text's names are words of the other (however cased), in the same order."""
     names = set(a.names) | set(b.names)
@@ -197,8 +243,11 @@ def difference(question: str, stored: str) -> str:
         return "different arithmetic"
     if a.quoted != b.quoted:
         return "different quoted text or code"
-    if a.polarity != b.polarity or opposites(set(a.words) - set(b.words), set(b.words) - set(a.words)):
+    words_a, words_b = set(a.words), set(b.words)
+    if a.polarity != b.polarity or opposites(words_a - words_b, words_b - words_a):
         return "different negation or polarity words"
+    if antonyms(words_a, words_b):
+        return "opposite words"
     if not same_names(a, b):
         return "different names"
     return ""
