@@ -344,6 +344,25 @@ def test_a_fleet_shares_semantic_hits_through_redisearch(semantic_proxy, upstrea
     assert client.keys(f"{index.decode()}:*") == []
 
 
+def test_an_index_gone_from_redis_is_made_again_and_leaves_l2_up(
+    semantic_proxy, upstream, embedder, redisearch, tmp_path
+):
+    # A Redis restarted without persistence, or flushed, has no index any more: searches
+    # got "no such index", counted as Redis failing, and L2 was skipped for exact lookups too.
+    again = "What is the quickest way to reverse a Python list?"
+    embedder.similar(QUESTION, PARAPHRASE, 0.97)
+    embedder.similar(QUESTION, again, 0.97)
+    one = semantic_proxy(ai_cache_redis_url=redisearch, ai_cache_dir=str(tmp_path / "one"))
+    two = semantic_proxy(ai_cache_redis_url=redisearch, ai_cache_dir=str(tmp_path / "two"))
+    store(one, upstream, ask(QUESTION))
+    assert semantic_hit(two, upstream, ask(PARAPHRASE)).headers["x-ai-cache-layer"] == "semantic"
+    client = redis.Redis.from_url(redisearch)
+    [index] = client.execute_command("FT._LIST")
+    client.execute_command("FT.DROPINDEX", index)  # its documents stay: made again, it finds them
+    assert semantic_hit(two, upstream, ask(again)).headers["x-ai-cache-layer"] == "semantic"
+    assert "failed" not in two.logs()
+
+
 def test_plain_redis_leaves_semantic_lookups_local(semantic_proxy, upstream, embedder, start_redis):
     embedder.similar(QUESTION, PARAPHRASE, 0.97)
     proxy = semantic_proxy(ai_cache_redis_url=start_redis().url)

@@ -337,7 +337,18 @@ class RedisVectors:
             "PARAMS", "2", "vec", vector.tobytes(), "SORTBY", "distance", "ASC",
             "RETURN", "4", "key", "text", "created_at", "distance", "LIMIT", "0", str(k), "DIALECT", "2",
         ]  # fmt: skip
-        return candidates(await self.store.with_redis(lambda client: client.execute_command(*query), None, "semantic"))
+        dims = len(vector)
+
+        async def knn(client: Any) -> Any:
+            try:
+                return await client.execute_command(*query)
+            except ResponseError as e:  # gone (a flush, a restart): Redis is fine, make it again
+                if not any(gone in str(e).lower() for gone in ("no such index", "unknown index")):
+                    raise
+                self._indexes.discard(dims)
+                return None
+
+        return candidates(await self.store.with_redis(knn, None, "semantic"))
 
     async def remove(self, keys: list[str]) -> int:
         """Delete the documents of `keys` from every index this prefix has."""
