@@ -14,8 +14,6 @@ import pytest
 
 from ai_cache.cli import main as ai_cache
 from ai_cache.fixture_store import UNUSED_LIST
-from ai_cache.pytest_plugin import Plan
-from ai_cache.pytest_session import Proxy
 from fake_upstream import FakeUpstream
 
 # A project's tests, without a conftest: httpx and the openai SDK, made inside the tests,
@@ -150,15 +148,6 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     explained = r"ai-cache: no recording for this openai-chat request \(model gpt-4o-mini, .*prompt 'only sometimes'"
     assert re.search(explained, output)
     assert summary(output) == f"ai-cache replay {fixtures}: 3 hits, 1 miss, 0 stored"
-
-
-def test_the_plugins_proxy_never_looks_up_semantically_unless_told(tmp_path):
-    # A config.yaml in the confdir (~/.mitmproxy by default) may turn it on for a
-    # developer's own proxy: an answer to another question must not reach a test.
-    plan = Plan("record", tmp_path / "fixtures", "", [], tmp_path)
-    assert Proxy(plan).options()["ai_cache_semantic"] == "off"
-    plan.options.append("ai_cache_semantic=on")
-    assert Proxy(plan).options()["ai_cache_semantic"] == "on"
 
 
 def test_the_plugin_is_inert_unless_asked(project, provider, confdir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -476,6 +477,19 @@ def test_semantic_options_are_checked_and_name_the_option(tmp_path):
         assert addon.semantic is not None and addon.semantic.settings.threshold == 0.95
         tctx.configure(addon, ai_cache_semantic="off")
         assert addon.semantic is None
+        asyncio.run(addon.done())
+
+
+def test_no_semantic_layer_with_fixtures_whatever_turned_it_on(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    addon = AICache()
+    with taddons.context(addon) as tctx:
+        url = "http://127.0.0.1:9/v1/embeddings"
+        tctx.configure(addon, ai_cache_dir=str(tmp_path / "c"), ai_cache_semantic="on", ai_cache_embed_url=url)
+        assert addon.semantic is not None
+        tctx.configure(addon, ai_cache_fixtures=str(tmp_path / "fixtures"))  # the pytest plugin's, for one
+        assert addon.semantic is None
+        assert "no semantic lookups with ai_cache_fixtures" in caplog.text
         asyncio.run(addon.done())
 
 

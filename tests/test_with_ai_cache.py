@@ -16,6 +16,7 @@ import pytest
 from mitmproxy import certs
 
 from conftest import ROOT
+from fake_embedder import FakeEmbedder
 from fake_upstream import FakeUpstream, make_tls_cert
 
 SCRIPT = str(ROOT / "scripts" / "with-ai-cache")
@@ -90,6 +91,38 @@ def test_fixtures_replay_from_the_files_alone_and_unused_ones_are_reported(run, 
         f"with-ai-cache: 1 fixture file in {fixtures} unused by this run ({unused}): "
         f"ai-cache prune-unused {fixtures} deletes them"
     ) in replayed.stderr.splitlines()
+
+
+def test_with_fixtures_the_semantic_layer_is_off_whatever_config_yaml_says(run, tmp_path, confdir, upstream, marker):
+    # A developer's config.yaml may turn it on for their own proxy (it beats --set for an
+    # addon's options); a test recorded into fixtures must get answers to its own
+    # questions, each with a fixture of its own, as the pytest plugin's do.
+    embedder = FakeEmbedder().start()
+    own = tmp_path / "conf"
+    shutil.copytree(confdir, own)
+    (own / "config.yaml").write_text(f"ai_cache_semantic: 'on'\nai_cache_embed_url: {embedder.url}\n")
+    prompt = f"{marker} how do I reverse a list"
+    try:
+        common = ["--fixtures", str(tmp_path / "fixtures"), "--confdir", str(own)]
+        recorded = run(*common, "--", sys.executable, "-c", PROGRAM, upstream.url, prompt)
+        assert recorded.stdout.startswith("MISS"), recorded.stderr
+        assert embedder.calls == []
+        # Without fixtures, config.yaml's semantic layer is on: the question is embedded.
+        run(
+            "--dir",
+            str(tmp_path / "l1"),
+            "--confdir",
+            str(own),
+            "--",
+            sys.executable,
+            "-c",
+            PROGRAM,
+            upstream.url,
+            prompt,
+        )
+        assert embedder.calls == [prompt]
+    finally:
+        embedder.stop()
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")

@@ -122,7 +122,9 @@ class AICache:
         if old is not None:
             self.recorder.observers.remove(old.concluded)
             old.close()
-        if settings.semantic is not None:
+        if settings.semantic is not None and settings.fixtures:
+            logger.info("ai-cache: no semantic lookups with ai_cache_fixtures: a test gets only its own answers")
+        elif settings.semantic is not None:
             try:
                 self.semantic = SemanticLayer(settings.semantic, self.cache)
             except ValueError as e:

@@ -61,8 +61,6 @@ class Proxy:
             "confdir": str(self.plan.confdir),
             "flow_detail": "0",
             "ai_cache_connection_log": "false",
-            # Not from a config.yaml in the confdir: a test gets answers to its own questions.
-            "ai_cache_semantic": "off",
         }
         if self.plan.normalize:
             options["ai_cache_normalize"] = self.plan.normalize
