@@ -344,8 +344,9 @@ def chat(prompt: str, stream: bool = False, **extra: object) -> bytes:
 
 
 def letters(i: int) -> str:
-    """`i` in words of letters a-j: new wording without numbers (the guard refuses other numbers)."""
-    return "".join(chr(97 + int(d)) for d in str(i))
+    """`i` in words of letters a-j: new wording without numbers (the guard refuses other
+    numbers), after a q so that it spells no unit or word the guard knows ("gb" for 61)."""
+    return "q" + "".join(chr(97 + int(d)) for d in str(i))
 
 
 def problem_with(response: httpx.Response, expect: dict[str, str]) -> str | None:
