@@ -231,6 +231,11 @@ def test_the_lexical_guard(asked, stored, refused):
         ("how many days are in 3 weeks", "how many weeks are in 3 days", True),
         ("how many kilometers are 5 miles", "how many km are 5 mi", False),
         ("what is the weather like today in town", "how is the weather today in town", False),
+        # The same words, the other way round around to/into/than/from/vs.
+        ("How do I convert a list to a dict in Python?", "How do I convert a dict to a list in Python?", True),
+        ("is a list faster than a tuple", "is a tuple faster than a list", True),
+        ("how to reverse a list", "how can I reverse a list", False),
+        ("how do I convert a list to a dict", "how do I turn a list into a dict", False),
         # Antonyms: refused when each side has one of a pair, not when one side has none.
         ("what is the best programming language", "what is the worst programming language", True),
         ("what are the pros of remote work", "what are the cons of remote work", True),

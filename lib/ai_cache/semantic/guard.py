@@ -6,9 +6,10 @@ threshold separates them. The words that flip an answer are few and visible, so 
 candidate must also have the same numbers and arithmetic in the same order, the same
 quoted strings and code (os.path.join, my_func, print()), the same negation and
 polarity words (in a few languages, and opposites made with a prefix: lock/unlock,
-valid/invalid), no opposite sides of an antonym pair (best/worst) and the same names,
+valid/invalid), no opposite sides of an antonym pair (best/worst), the same names,
 days and units (Paris is not London, English to French is not French to English, today
-is not tomorrow).
+is not tomorrow) and no swap around to/than/from (a list to a dict is not a dict to a
+list).
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ ANTONYMS = [
         ("left", "right"),
     )
 ]
+# Words that point one way: the word after one (articles skipped) says which way
+# ("a list to a dict" is not "a dict to a list"; "into" is "to").
+DIRECTIONS = {"to": "to", "into": "to", "than": "than", "from": "from", "vs": "vs", "versus": "vs"}
+ARTICLES = frozenset("a an the my your our their his her its this that these those some".split())
 # Words that name a day or a unit however they are cased: compared like names (present
 # in both, in the same order: 5 km in miles is not 5 miles in km), forms mapped to one.
 TERMS = {
@@ -165,6 +170,16 @@ class Features:
     polarity: frozenset[str]
     words: tuple[str, ...]  # lower-cased, possessives cut, in order
     names: tuple[str, ...]  # words written as names (capitalised inside a sentence, iPhone, SQL), TERMS
+
+    @property
+    def pointed(self) -> set[tuple[str, str]]:
+        """(direction, the word it points at) for each direction word."""
+        found = set()
+        for i, word in enumerate(self.words):
+            if word in DIRECTIONS:
+                target = next((w for w in self.words[i + 1 :] if w not in ARTICLES), "")
+                found.add((DIRECTIONS[word], target))
+        return found
 
 
 def is_name(word: str, text: str, start: int) -> bool:
@@ -226,6 +241,19 @@ def antonyms(a: set[str], b: set[str]) -> bool:
     return False
 
 
+def swapped(a: Features, b: Features) -> bool:
+    """Whether a direction points at another word of both texts in each ("a list to a
+    dict" and "a dict to a list"); one without the direction ("how to X", "how can I X")
+    is no swap."""
+    words_a, words_b = set(a.words), set(b.words)
+    pointed_b = b.pointed
+    return any(
+        way == other_way and target != other and target in words_b and other in words_a
+        for way, target in a.pointed
+        for other_way, other in pointed_b
+    )
+
+
 def same_names(a: Features, b: Features) -> bool:
     """Each text's names are words of the other (however cased), in the same order."""
     names = set(a.names) | set(b.names)
@@ -250,4 +278,6 @@ def difference(question: str, stored: str) -> str:
         return "opposite words"
     if not same_names(a, b):
         return "different names"
+    if swapped(a, b):
+        return "the other way round"
     return ""
