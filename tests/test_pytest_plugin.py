@@ -154,3 +154,25 @@ def test_the_plugin_is_inert_unless_asked(project, provider, confdir):
     code, output = run_pytest(project, provider.url, confdir, "-k", "json")
     assert code == 0 and "1 skipped" in output  # the ai_cache fixture skips: no proxy, no variables
     assert "ai-cache" not in output
+
+
+def test_a_partial_run_lists_no_fixture_for_prune_unused(project, provider, confdir):
+    fixtures = project / "fixtures" / "llm"
+    options = ("--ai-cache-normalize=datetime,uuid",)
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", *options)
+    assert code == 0, output
+    files = sorted(p.name for p in fixtures.glob("*.json"))
+    assert len(files) == 4
+
+    # Tests not run leave their fixtures unused: pruning them would delete recordings still needed.
+    for selection in (("-k", "json"), ("test_llm.py::test_json",)):
+        code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", *options, *selection)
+        assert code == 0, output
+        assert not (fixtures / UNUSED_LIST).exists()
+        assert re.fullmatch(
+            rf"ai-cache replay {fixtures}: 1 hit, 0 misses, 0 stored; 3 fixture files unused by this run "
+            r"\(.*\), which ran part of the suite \(.*\): not listed for prune-unused",
+            summary(output),
+        ), output
+        assert ai_cache(["prune-unused", str(fixtures), "--yes"]) == 1  # nothing listed
+        assert sorted(p.name for p in fixtures.glob("*.json")) == files
