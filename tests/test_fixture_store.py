@@ -16,6 +16,14 @@ from ai_cache.tiers import TieredCache
 from helpers import sample_entries
 
 
+def load_error(path: Path) -> str:
+    try:
+        json.loads(path.read_text())
+    except ValueError as e:
+        return str(e)
+    raise AssertionError(f"{path} is valid JSON")
+
+
 def exported(directory: Path) -> list[Entry]:
     entries = sample_entries()
     export_dir(entries, directory)
@@ -62,6 +70,26 @@ async def test_a_bad_file_is_skipped_with_one_warning_and_the_others_served(tmp_
         f"ai-cache: fixture {tmp_path / 'broken.json'} skipped: not valid JSON: "
         "Expecting value: line 1 column 32 (char 31)"
     ]
+
+
+async def test_a_bad_file_is_named_with_its_reason_until_it_is_fixed_or_gone(tmp_path):
+    """The proxy's warning goes to a log that the pytest plugin removes: the run reports `skipped`."""
+    json_entry, *_ = exported(tmp_path)
+    path = tmp_path / file_name(json_entry)
+    good = path.read_text()
+    path.write_text(good.replace('"key"', '"key",'))  # a hand edit gone wrong
+    store = FixtureStore(tmp_path, writable=False)
+    assert await store.get(json_entry.key) is None
+    assert store.skipped == {path.name: f"not valid JSON: {load_error(path)}"}
+    assert path.name not in store.unused()
+    path.write_text(good)
+    assert (await store.get(json_entry.key)) is not None
+    assert store.skipped == {}
+    (tmp_path / "broken.json").write_text("{}")
+    await store.get("0" * 64)
+    (tmp_path / "broken.json").unlink()
+    await store.get("0" * 64)
+    assert store.skipped == {}
 
 
 async def test_recording_modes_write_one_file_per_answer_and_leave_an_unchanged_answer_alone(tmp_path):

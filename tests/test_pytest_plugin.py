@@ -176,3 +176,20 @@ def test_a_partial_run_lists_no_fixture_for_prune_unused(project, provider, conf
         ), output
         assert ai_cache(["prune-unused", str(fixtures), "--yes"]) == 1  # nothing listed
         assert sorted(p.name for p in fixtures.glob("*.json")) == files
+
+
+def test_a_fixture_file_that_does_not_load_is_named_not_offered_for_pruning(project, provider, confdir):
+    fixtures = project / "fixtures" / "llm"
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", "-k", "json")
+    assert code == 0, output
+    (path,) = fixtures.glob("*.json")
+    path.write_text(path.read_text().replace('"status": 200', '"status": 200,'))  # a hand edit gone wrong
+    provider.stop()
+
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", "-k", "json")
+    assert code == 1, output
+    assert "FAILED test_llm.py::test_json" in output
+    assert re.search(
+        rf"^ai-cache: fixture file {re.escape(str(path))} skipped, not loaded: not valid JSON: ", output, re.M
+    )
+    assert "unused" not in summary(output)

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,9 @@ class FixtureStore:
         self.used: set[str] = set()
         self._files: dict[str, Indexed] = {}  # file name -> entry
         self._by_key: dict[str, Indexed] = {}
-        self._rejected: dict[str, tuple[int, int]] = {}  # warned about once per version of the file
+        # Files that do not load, warned about once per version: (stamp, why). The proxy's
+        # log may be a temporary file: runs report these (`skipped`) to their user.
+        self._rejected: dict[str, tuple[tuple[int, int], str]] = {}
         self._scan_lock = threading.Lock()
         umask = os.umask(0)
         os.umask(umask)
@@ -90,6 +92,7 @@ class FixtureStore:
         """Bring the index in step with the directory (blocking: call in a thread)."""
         with self._scan_lock:
             files: dict[str, Indexed] = {}
+            rejected: dict[str, tuple[tuple[int, int], str]] = {}
             try:
                 listing = [e for e in os.scandir(self.directory) if e.name.endswith(".json") and e.is_file()]
             except FileNotFoundError:
@@ -101,18 +104,22 @@ class FixtureStore:
                     continue
                 stamp = (stat.st_mtime_ns, stat.st_size)
                 known = self._files.get(item.name)
+                bad = self._rejected.get(item.name)
                 if known is not None and known.stamp == stamp:
                     files[item.name] = known
-                elif self._rejected.get(item.name) != stamp:
+                elif bad is not None and bad[0] == stamp:
+                    rejected[item.name] = bad
+                else:
                     try:
                         files[item.name] = Indexed(item.name, stamp, load_file(Path(item.path)))
                     except FixtureError as e:
-                        self._rejected[item.name] = stamp
+                        rejected[item.name] = (stamp, str(e))
                         logger.warning("ai-cache: fixture %s skipped: %s", item.path, e)
             by_key: dict[str, Indexed] = {}
             for indexed in files.values():
                 by_key.setdefault(indexed.entry.key, indexed)
             self._files, self._by_key = files, by_key  # readers see the old index or the new one
+            self._rejected = rejected
 
     async def get(self, key: str) -> Entry | None:
         await self._wait_ready()
@@ -153,6 +160,7 @@ class FixtureStore:
             indexed = Indexed(name, (stat.st_mtime_ns, stat.st_size), written)
             self._files = {**self._files, name: indexed}
             self._by_key = {**self._by_key, entry.key: indexed}
+            self._rejected = {other: bad for other, bad in self._rejected.items() if other != name}
         self.used.add(name)
         return True
 
@@ -185,6 +193,11 @@ class FixtureStore:
         found = self._by_key.get(key)
         return found.name if found else None
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """The fixture files in the directory that do not load, and why."""
+        return {name: why for name, (_, why) in self._rejected.items()}
+
     def unused(self) -> list[str]:
         """The fixture files in the directory this run neither served nor wrote."""
         return sorted(set(self._files) - self.used)
@@ -200,9 +213,10 @@ def fixture_names(directory: Path) -> set[str]:
     return {p.name for p in directory.glob("*.json") if p.is_file()}
 
 
-def write_unused(directory: Path, used: set[str]) -> list[str]:
-    """List the fixture files of `directory` not in `used` in its UNUSED_LIST; returns them."""
-    unused = sorted(fixture_names(directory) - used)
+def write_unused(directory: Path, used: set[str], skipped: Collection[str] = ()) -> list[str]:
+    """List the fixture files of `directory` not in `used` in its UNUSED_LIST; returns them.
+    A file `skipped` (it does not load) is not unused: it needs mending, not deleting."""
+    unused = sorted(fixture_names(directory) - used - set(skipped))
     if directory.is_dir():
         umask = os.umask(0)
         os.umask(umask)

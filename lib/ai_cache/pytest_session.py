@@ -131,6 +131,7 @@ class Session:
         self.total = Counts()  # hits, misses, stored: added up from the tests' reports
         self.outside = Counts()  # calls no test made (module-level clients at collection)
         self.used: set[str] = set()
+        self.skipped: dict[str, str] = {}  # fixture files that did not load
         self.deselected = 0  # by -k, -m, --deselect or a plugin: their fixtures look unused
         self.worker = hasattr(config, "workerinput")
         self.proxy: Proxy | None = None
@@ -198,10 +199,12 @@ class Session:
             return
         self.outside.add(self.proxy.stop())
         self.used |= self.proxy.reader.used
+        self.skipped |= self.proxy.reader.skipped
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput["ai_cache"] = {
                 "used": sorted(self.used),
+                "skipped": self.skipped,
                 "outside": as_dict(self.outside),
                 "deselected": self.deselected,
             }
@@ -214,6 +217,7 @@ class Session:
         found = getattr(node, "workeroutput", {}).get("ai_cache")
         if found:
             self.used.update(found["used"])
+            self.skipped.update(found["skipped"])
             self._add(found["outside"])
             self.deselected = max(self.deselected, found["deselected"])  # each worker collects them all
 
@@ -235,13 +239,17 @@ class Session:
         if self.worker:
             return
         directory, partial = self.plan.fixtures, self.partial(exitstatus)
+        for name, why in sorted(self.skipped.items()):
+            terminalreporter.write_line(
+                f"ai-cache: fixture file {directory / name} skipped, not loaded: {why}", red=True
+            )
         if not directory.is_dir():
             unused = []
         elif partial:  # an earlier run's list may name a fixture this run used
             (directory / UNUSED_LIST).unlink(missing_ok=True)
-            unused = sorted(fixture_names(directory) - self.used)
+            unused = sorted(fixture_names(directory) - self.used - set(self.skipped))
         else:
-            unused = write_unused(directory, self.used)
+            unused = write_unused(directory, self.used, self.skipped)
         terminalreporter.write_line(self.summary(unused, partial))
 
     def summary(self, unused: list[str], partial: str) -> str:
