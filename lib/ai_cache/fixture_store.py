@@ -4,7 +4,11 @@ files, one per entry, read and written by the proxy, in front of L1 and L2.
 Lookups never touch the disk on the event loop: every file is parsed once, in a worker
 thread, into an in-memory index (key -> entry), built when the store opens and scanned
 again on a miss, so files added, edited or deleted while the proxy runs count from the
-next miss on. A scan stats every file and parses only the new and changed ones.
+next miss on. A scan stats every file and parses only the new and changed ones; it is
+skipped while the directory's own time has not changed since a scan that began well
+after that time (a file made within the same tick of file times leaves it as it was).
+Editing a known file in place does not change that time: the edit counts from the next
+scan. Files that did not load are checked on every miss, so mending one counts at once.
 
 Writes (record and refresh modes only: replay never changes the directory) go to a
 temporary file in the directory, renamed over the fixture's stable name: several proxies
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,10 @@ from .fixtures import FixtureError, dumps, file_name, from_fixture, load_file, w
 logger = logging.getLogger(__name__)
 # Where the last run's unused fixture names are listed, one per line, for prune-unused.
 UNUSED_LIST = ".ai-cache-unused"
+# A directory time this close to a scan's start may be shared by a change after it (file
+# times in ticks: 2 s on FAT, 1 s on HFS+ and ext3; a file server's skew): such a scan is
+# not trusted to be current.
+SETTLED_NS = 3_000_000_000
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class FixtureStore:
         # log may be a temporary file: runs report these (`skipped`) to their user.
         self._rejected: dict[str, tuple[tuple[int, int], str]] = {}
         self._scan_lock = threading.Lock()
+        self._scanned: tuple[int, int] | None = None  # (mtime_ns, inode) of the directory a scan saw
         umask = os.umask(0)
         os.umask(umask)
         self._file_mode = 0o666 & ~umask
@@ -88,9 +98,31 @@ class FixtureStore:
         if not self._ready.is_set():
             await asyncio.to_thread(self._ready.wait)
 
+    def _stat(self, path: Path) -> os.stat_result | None:
+        try:
+            return path.stat()
+        except FileNotFoundError:
+            return None
+
+    def _current(self, directory: tuple[int, int] | None) -> bool:
+        """Whether the index still describes the directory: its time is the one a trusted
+        scan saw, and no file that did not load has changed since."""
+        if directory is None or directory != self._scanned:
+            return False
+        for name, (stamp, _) in self._rejected.items():
+            stat = self._stat(self.directory / name)
+            if stat is None or (stat.st_mtime_ns, stat.st_size) != stamp:
+                return False
+        return True
+
     def rescan(self) -> None:
         """Bring the index in step with the directory (blocking: call in a thread)."""
         with self._scan_lock:
+            started = time.time_ns()
+            found = self._stat(self.directory)  # before the listing: a change during it moves the time on
+            directory = (found.st_mtime_ns, found.st_ino) if found else None
+            if self._current(directory):
+                return
             files: dict[str, Indexed] = {}
             rejected: dict[str, tuple[tuple[int, int], str]] = {}
             try:
@@ -120,6 +152,7 @@ class FixtureStore:
                 by_key.setdefault(indexed.entry.key, indexed)
             self._files, self._by_key = files, by_key  # readers see the old index or the new one
             self._rejected = rejected
+            self._scanned = directory if directory and directory[0] < started - SETTLED_NS else None
 
     async def get(self, key: str) -> Entry | None:
         await self._wait_ready()
