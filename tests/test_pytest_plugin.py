@@ -193,3 +193,34 @@ def test_a_fixture_file_that_does_not_load_is_named_not_offered_for_pruning(proj
         rf"^ai-cache: fixture file {re.escape(str(path))} skipped, not loaded: not valid JSON: ", output, re.M
     )
     assert "unused" not in summary(output)
+
+
+CONFTEST_CLIENT = """
+import os, openai
+
+# Made when pytest imports this conftest.py, before the tests' modules (an app imported here does the same).
+CLIENT = openai.OpenAI(api_key="sk-test", base_url=os.environ["FAKE_UPSTREAM"] + "/v1", max_retries=0)
+"""
+
+CONFTEST_TEST = """
+from conftest import CLIENT
+
+
+def test_conftest_client(ai_cache):
+    answer = CLIENT.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "from conftest"}]
+    )
+    expected = "HIT" if ai_cache.mode == "replay" else "MISS"
+    assert answer.headers.get("x-ai-cache-status") == expected
+"""
+
+
+def test_a_client_made_when_conftest_is_imported_goes_through_the_proxy(project, provider, confdir):
+    (project / "conftest.py").write_text(CONFTEST_CLIENT)
+    (project / "test_llm.py").write_text(CONFTEST_TEST)
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record")
+    assert code == 0, output
+    assert summary(output) == f"ai-cache record {project / 'fixtures' / 'llm'}: 0 hits, 1 miss, 1 stored"
+    provider.stop()
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", "-n", "2")
+    assert code == 0, output  # each worker imports conftest.py after starting its proxy

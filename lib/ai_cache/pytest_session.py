@@ -133,11 +133,24 @@ class Session:
         self.used: set[str] = set()
         self.skipped: dict[str, str] = {}  # fixture files that did not load
         self.deselected = 0  # by -k, -m, --deselect or a plugin: their fixtures look unused
-        self.worker = hasattr(config, "workerinput")
         self.proxy: Proxy | None = None
-        if not is_xdist_controller(config):
-            self.proxy = Proxy(plan)
+
+    @property
+    def worker(self) -> bool:
+        return hasattr(self.config, "workerinput")  # set by xdist after conftest.py files are imported
+
+    def run_proxy(self, wanted: bool) -> None:
+        """Start this process's proxy, or stop the one an xdist controller turned out not to need."""
+        if wanted and self.proxy is None:
+            self.proxy = Proxy(self.plan)
             self.proxy.start()
+        elif not wanted and self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        self.run_proxy(not is_xdist_controller(config))
 
     def pytest_unconfigure(self) -> None:
         if self.proxy is not None:
