@@ -124,6 +124,17 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     assert summary(output) == f"ai-cache replay {fixtures}: 4 hits, 0 misses, 0 stored"
     assert {name: (fixtures / name).read_bytes() for name in files} == recorded  # replay writes nothing
 
+    # A run of some tests leaves the others' fixtures unused: pruning them would delete recordings still needed.
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", *options, "-k", "json")
+    assert code == 0, output
+    assert not (fixtures / UNUSED_LIST).exists()  # the record run's list is gone too
+    assert re.fullmatch(
+        rf"ai-cache replay {fixtures}: 1 hit, 0 misses, 0 stored; 3 fixture files unused by this run "
+        r"\(.*\), which ran part of the suite \(3 deselected\): not listed for prune-unused",
+        summary(output),
+    ), output
+    assert ai_cache(["prune-unused", str(fixtures), "--yes"]) == 1  # nothing listed
+
     # A run that skips a test reports the fixture it did not use, and lists it for prune-unused;
     # under xdist too, where each worker has a proxy and the controller adds up what they used.
     code, output = run_pytest(
@@ -154,28 +165,6 @@ def test_the_plugin_is_inert_unless_asked(project, provider, confdir):
     code, output = run_pytest(project, provider.url, confdir, "-k", "json")
     assert code == 0 and "1 skipped" in output  # the ai_cache fixture skips: no proxy, no variables
     assert "ai-cache" not in output
-
-
-def test_a_partial_run_lists_no_fixture_for_prune_unused(project, provider, confdir):
-    fixtures = project / "fixtures" / "llm"
-    options = ("--ai-cache-normalize=datetime,uuid",)
-    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", *options)
-    assert code == 0, output
-    files = sorted(p.name for p in fixtures.glob("*.json"))
-    assert len(files) == 4
-
-    # Tests not run leave their fixtures unused: pruning them would delete recordings still needed.
-    for selection in (("-k", "json"), ("test_llm.py::test_json",)):
-        code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", *options, *selection)
-        assert code == 0, output
-        assert not (fixtures / UNUSED_LIST).exists()
-        assert re.fullmatch(
-            rf"ai-cache replay {fixtures}: 1 hit, 0 misses, 0 stored; 3 fixture files unused by this run "
-            r"\(.*\), which ran part of the suite \(.*\): not listed for prune-unused",
-            summary(output),
-        ), output
-        assert ai_cache(["prune-unused", str(fixtures), "--yes"]) == 1  # nothing listed
-        assert sorted(p.name for p in fixtures.glob("*.json")) == files
 
 
 def test_a_fixture_file_that_does_not_load_is_named_not_offered_for_pruning(project, provider, confdir):
