@@ -213,3 +213,13 @@ def test_a_client_made_when_conftest_is_imported_goes_through_the_proxy(project,
     provider.stop()
     code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", "-n", "2")
     assert code == 0, output  # each worker imports conftest.py after starting its proxy
+
+
+def test_a_proxy_that_exits_stops_the_run_with_its_reason(project, provider, confdir):
+    """mitmdump listens, then exits over an option it refused: say why, not 'connection refused' per test."""
+    code, output = run_pytest(
+        project, provider.url, confdir, "--ai-cache-mode=record", "--ai-cache-set=ai_cache_normalize=bogus"
+    )
+    assert code == pytest.ExitCode.USAGE_ERROR, output
+    assert "ai_cache_normalize: unknown rule 'bogus'" in output
+    assert "ConnectError" not in output and provider.count("") == 0

@@ -92,6 +92,14 @@ class Proxy:
             self.saved_environment[name] = os.environ.get(name)
             os.environ[name] = value
 
+    def exited(self) -> str:
+        """Why the proxy is gone ("" while it runs): mitmdump listens before it exits over an
+        option it refused, and its log is removed with the session's directory."""
+        if self.process is None or self.process.poll() is None:
+            return ""
+        log_text = self.log_path.read_text(errors="replace")[-2000:]
+        return f"ai-cache: the proxy exited (status {self.process.returncode}); its log ends:\n{log_text}"
+
     def stop(self) -> Counts:
         """Stop the proxy (it writes its last lines), restore the variables; what came after
         the last test."""
@@ -163,6 +171,8 @@ class Session:
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if self.proxy is None:
             return
+        if problem := self.proxy.exited():
+            pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
         self.outside.add(self.proxy.reader.settle())
         item.stash[COUNTS] = Counts()
         item.stash[REPORTED] = 0
