@@ -223,3 +223,14 @@ def test_a_proxy_that_exits_stops_the_run_with_its_reason(project, provider, con
     assert code == pytest.ExitCode.USAGE_ERROR, output
     assert "ai_cache_normalize: unknown rule 'bogus'" in output
     assert "ConnectError" not in output and provider.count("") == 0
+
+
+def test_a_usage_error_after_the_proxy_started_stops_it(project, provider, confdir, tmp_path):
+    """The proxy starts before pytest parses the whole command line (conftest.py files may add options)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code, output = run_pytest(
+        project, provider.url, confdir, "--ai-cache-mode=record", "--no-such-option", TMPDIR=str(scratch)
+    )
+    assert code == pytest.ExitCode.USAGE_ERROR and "--no-such-option" in output, output
+    assert list(scratch.iterdir()) == []  # the proxy's directory, removed once it stopped

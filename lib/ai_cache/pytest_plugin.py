@@ -110,6 +110,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
         session = Session(early_config, plan)
         early_config.pluginmanager.register(session, "ai-cache-session")
+        early_config.add_cleanup(lambda: session.run_proxy(False))  # also when parsing fails after this
         session.run_proxy(not looks_distributed(early_config))
 
 

@@ -160,10 +160,6 @@ class Session:
     def pytest_configure(self, config: pytest.Config) -> None:
         self.run_proxy(not is_xdist_controller(config))
 
-    def pytest_unconfigure(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
-
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
         self.deselected += len(items)
 
