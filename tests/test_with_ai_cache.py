@@ -81,12 +81,17 @@ def test_fixtures_replay_from_the_files_alone_and_unused_ones_are_reported(run, 
         assert run(*common, "--", sys.executable, "-c", PROGRAM, upstream.url, prompt).stdout.startswith("MISS")
     files = sorted(p.name for p in fixtures.glob("*.json"))
     assert len(files) == 2
+    (fixtures / "hand-made.json").write_text("{}")  # not a fixture: named, not offered for pruning
     # No --dir: a fresh L1 each run, so the answer comes from the committed file.
     replayed = run("--mode", "replay", *common, "--", sys.executable, "-c", PROGRAM, upstream.url, f"{marker} kept")
     assert replayed.stdout.startswith("HIT"), replayed.stderr
     assert upstream.count(marker) == 2
     (unused,) = (fixtures / ".ai-cache-unused").read_text().split()
     assert unused in files
+    assert (
+        f"with-ai-cache: fixture file {fixtures / 'hand-made.json'} skipped, not loaded: "
+        'not an ai-cache fixture (needs "ai_cache_fixture": 2)'
+    ) in replayed.stderr.splitlines()
     assert (
         f"with-ai-cache: 1 fixture file in {fixtures} unused by this run ({unused}): "
         f"ai-cache prune-unused {fixtures} deletes them"
