@@ -6,6 +6,9 @@ process): a follower's first byte arrives before the provider sent its last chun
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ class Reader:
     upstream: object
     body: dict
     scenario: str
+    extra: dict = field(default_factory=dict)  # more request headers
     chunks: list[tuple[float, bytes]] = field(default_factory=list)
     headers: dict = field(default_factory=dict)
     error: Exception | None = None
@@ -44,7 +48,7 @@ class Reader:
     def _run(self) -> None:
         try:
             with self.proxy.client() as client:
-                headers = {"x-fake-scenario": self.scenario}
+                headers = {"x-fake-scenario": self.scenario, **self.extra}
                 with client.stream("POST", self.upstream.url + CHAT, json=self.body, headers=headers) as response:
                     self.headers = dict(response.headers)
                     for data in response.iter_raw():
@@ -151,3 +155,36 @@ def test_openai_sdk_followers_of_an_sdk_leader(start_proxy, upstream, marker):
     assert upstream.count(marker) == 1
     hit = post(proxy, upstream, CHAT, stream_body(marker), {"cache-control": "only-if-cached"})
     assert hit.headers["x-ai-cache-status"] == "HIT"
+
+
+def test_a_stalled_follower_is_cut_off_once_a_max_body_behind_and_the_leader_goes_on(start_proxy, upstream, marker):
+    """A follower whose client stops reading must not make the proxy keep the rest of the
+    leader's stream for it: past ai_cache_max_body behind, its stream breaks off."""
+    proxy = start_proxy(ai_cache_max_body="1m")
+    scenario = "big,pace-20"
+    size = 16_000_000
+    body = stream_body(marker)
+    leader = Reader(proxy, upstream, body, scenario, {"x-fake-size": str(size)}).start()
+    leader.wait_for_chunks(1)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", proxy.port))
+    data = json.dumps(body).encode()
+    stalled.sendall(
+        f"POST {upstream.url}{CHAT} HTTP/1.1\r\nhost: 127.0.0.1:{upstream.port}\r\n"
+        f"x-fake-scenario: {scenario}\r\nx-fake-size: {size}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    leader.join()  # while the stalled follower reads nothing
+    assert leader.error is None and leader.body_bytes.endswith(b"data: [DONE]\n\n")
+    received = b""
+    stalled.settimeout(10)
+    with contextlib.suppress(ConnectionError):
+        while chunk := stalled.recv(1 << 20):
+            received += chunk
+    stalled.close()
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert b"x-ai-cache-layer: live" in head.lower()
+    assert upstream.count(marker) == 1
+    assert not rest.endswith(b"0\r\n\r\n") and len(rest) < len(leader.body_bytes)  # cut off

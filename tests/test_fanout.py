@@ -45,10 +45,29 @@ async def test_followers_of_a_stream_that_broke_off_break_off_too():
 
 async def test_past_the_size_bound_no_one_new_joins_and_the_joined_get_it_all():
     broadcast = Broadcast(200, HEADERS, "sse", 4)
-    queue = broadcast.subscribe()
+    follower = broadcast.subscribe()
     broadcast.feed(b"abc")
     assert broadcast.joinable
+    assert await follower.get() == b"abc"  # it keeps up
     broadcast.feed(b"de")
     assert not broadcast.joinable and broadcast.parts == []
     broadcast.end(cleanly=True)
-    assert await collect(broadcast, queue) == [b"abc", b"de"] and broadcast.size == 5
+    assert await collect(broadcast, follower) == [b"de"] and broadcast.size == 5
+
+
+async def test_a_follower_more_than_the_size_bound_behind_breaks_off_and_the_others_go_on():
+    broadcast = Broadcast(200, HEADERS, "sse", 4)
+    broadcast.feed(b"ab")
+    slow, keeping_up = broadcast.subscribe(), broadcast.subscribe()  # both start with 'ab'
+    received = [await keeping_up.get()]
+    for data in (b"c", b"d", b"e", b"f"):
+        broadcast.feed(data)
+        received.append(await keeping_up.get())
+    broadcast.feed(b"g")  # 'cdef' waits for the slow one: 'g' would make it 5 bytes behind
+    broadcast.end(cleanly=True)
+    assert await collect(broadcast, keeping_up) == [b"g"] and received == [b"ab", b"c", b"d", b"e", b"f"]
+    kept = []
+    with pytest.raises(ConnectionAbortedError):
+        async for data in relayed(slow):
+            kept.append(data)
+    assert kept == []  # what waited for it was dropped at once

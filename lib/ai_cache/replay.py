@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from mitmproxy import connection, http
 
 from .entry import Entry
-from .fanout import Broadcast, relayed
+from .fanout import Broadcast, Subscription, relayed
 from .state import FlowState, state_of
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Live:
     """A follower's subscription to a leader's stream."""
 
     broadcast: Broadcast
-    queue: asyncio.Queue[bytes | object]
+    subscription: Subscription
 
 
 class ReplayServer:
@@ -88,7 +88,7 @@ class ReplayServer:
     def forget(self, token: str) -> None:
         source, *_ = self._pending.pop(token, (None,))
         if isinstance(source, Live):
-            source.broadcast.unsubscribe(source.queue)
+            source.broadcast.unsubscribe(source.subscription)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -132,14 +132,14 @@ class ReplayServer:
         head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
         writer.write(f"HTTP/1.1 {live.broadcast.status} OK\r\n{head_lines}\r\n".encode())
         try:
-            async for data in relayed(live.queue):
+            async for data in relayed(live.subscription):
                 writer.write(b"%x\r\n%s\r\n" % (len(data), data))
                 await writer.drain()
         except ConnectionAbortedError:
             writer.transport.abort()
             return
         finally:
-            live.broadcast.unsubscribe(live.queue)
+            live.broadcast.unsubscribe(live.subscription)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
