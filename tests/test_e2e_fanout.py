@@ -35,6 +35,7 @@ class Reader:
     body: dict
     scenario: str
     extra: dict = field(default_factory=dict)  # more request headers
+    leave_after: int = 0  # chunks after which the client hangs up (0: reads to the end)
     chunks: list[tuple[float, bytes]] = field(default_factory=list)
     headers: dict = field(default_factory=dict)
     error: Exception | None = None
@@ -54,6 +55,8 @@ class Reader:
                     for data in response.iter_raw():
                         self.chunks.append((time.monotonic(), data))
                         self.got.set()
+                        if len(self.chunks) == self.leave_after:
+                            break
         except httpx.HTTPError as e:
             self.error = e
         finally:
@@ -188,3 +191,19 @@ def test_a_stalled_follower_is_cut_off_once_a_max_body_behind_and_the_leader_goe
     assert b"x-ai-cache-layer: live" in head.lower()
     assert upstream.count(marker) == 1
     assert not rest.endswith(b"0\r\n\r\n") and len(rest) < len(leader.body_bytes)  # cut off
+
+
+def test_followers_break_off_when_the_leaders_client_leaves_mid_stream(start_proxy, upstream, marker):
+    """The leader's client hanging up cuts the provider's stream short: its followers'
+    streams break off too (a clean end would hand their SDKs a truncated answer)."""
+    proxy = start_proxy()
+    leader = Reader(proxy, upstream, stream_body(marker), PACE, leave_after=5).start()
+    leader.wait_for_chunks(2)
+    follower = Reader(proxy, upstream, stream_body(marker), PACE).start()
+    follower.wait_for_chunks(1)
+    leader.join(), follower.join()
+    assert follower.headers["x-ai-cache-layer"] == "live" and upstream.count(marker) == 1
+    assert b"[DONE]" not in follower.body_bytes
+    assert isinstance(follower.error, httpx.RemoteProtocolError)
+    answer = post(proxy, upstream, CHAT, stream_body(marker), {"cache-control": "only-if-cached"})
+    assert answer.status_code == 504  # nothing was stored
