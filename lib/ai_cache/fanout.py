@@ -25,7 +25,7 @@ class Subscription:
     """A follower's chunks still to be passed on, then how the stream ended; `backlog` is
     how far (in bytes) the follower is behind the leader."""
 
-    def __init__(self, so_far: bytes = b"") -> None:
+    def __init__(self, so_far: list[bytes]) -> None:
         self._so_far = so_far  # passed on first; not backlog: the broadcast keeps it anyway
         self._items: asyncio.Queue[bytes | object] = asyncio.Queue()
         self.backlog = 0
@@ -39,16 +39,19 @@ class Subscription:
         """Drop what waits and break off: the follower fell too far behind."""
         while not self._items.empty():
             self._items.get_nowait()
-        self._so_far, self.backlog = b"", 0
+        self._so_far, self.backlog = [], 0
         self._items.put_nowait(ABORTED)
 
-    async def get(self) -> bytes | object:
+    async def get(self) -> list[bytes] | object:
+        """The parts of the next chunk to pass on (the stream so far is one chunk: its
+        parts are never joined, which would copy it for each follower), or the ending."""
         if self._so_far:
-            so_far, self._so_far = self._so_far, b""
+            so_far, self._so_far = self._so_far, []
             return so_far
         item = await self._items.get()
         if isinstance(item, bytes):
             self.backlog -= len(item)
+            return [item]
         return item
 
 
@@ -102,7 +105,7 @@ class Broadcast:
     def subscribe(self) -> Subscription:
         """A follower's subscription: everything so far as one chunk, then each chunk as
         it comes, then ENDED or ABORTED."""
-        follower = Subscription(b"".join(self.parts))
+        follower = Subscription(list(self.parts))
         if self.ending is not None:
             follower.put(self.ending)
         else:
@@ -114,14 +117,14 @@ class Broadcast:
             self._followers.remove(follower)
 
 
-async def relayed(follower: Subscription) -> AsyncIterator[bytes]:
-    """The chunks of a subscription; raises ConnectionAbortedError if the leader's stream
-    broke off (or the follower fell too far behind)."""
+async def relayed(follower: Subscription) -> AsyncIterator[list[bytes]]:
+    """The chunks of a subscription, each as its parts; raises ConnectionAbortedError if the
+    leader's stream broke off (or the follower fell too far behind)."""
     while True:
         item = await follower.get()
         if item is ENDED:
             return
         if item is ABORTED:
             raise ConnectionAbortedError("the leader's stream broke off")
-        assert isinstance(item, bytes)
+        assert isinstance(item, list)
         yield item

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-ai-cache-replay-token"
 TOKEN_LIFETIME = 60.0  # a registered replay mitmproxy never fetched (another addon answered)
 READ_TIMEOUT = 10.0
+WRITE_PIECE = 64 * 1024  # bytes of a live chunk written at a time
 
 
 def send_to_replay_server(flow: http.HTTPFlow, port: int, token: str) -> None:
@@ -132,9 +133,21 @@ class ReplayServer:
         head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
         writer.write(f"HTTP/1.1 {live.broadcast.status} OK\r\n{head_lines}\r\n".encode())
         try:
-            async for data in relayed(live.subscription):
-                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                await writer.drain()
+            async for parts in relayed(live.subscription):
+                size = sum(map(len, parts))
+                if size <= WRITE_PIECE:  # a live chunk: one write
+                    writer.write(b"%x\r\n%s\r\n" % (size, b"".join(parts)))
+                    await writer.drain()
+                    continue
+                # In pieces, each drained: a late follower's stream so far (up to
+                # ai_cache_max_body) is never copied whole into its socket's buffer.
+                writer.write(b"%x\r\n" % size)
+                for part in parts:
+                    view = memoryview(part)
+                    for start in range(0, len(part), WRITE_PIECE):
+                        writer.write(view[start : start + WRITE_PIECE])
+                        await writer.drain()
+                writer.write(b"\r\n")
         except ConnectionAbortedError:
             writer.transport.abort()
             return
