@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis
 
+from ai_cache.disk import DiskStore
 from ai_cache.entry import Entry
 from conftest import Proxy, RedisServer
 from helpers import CHAT, chat_body, deep, on_disk, post, wait_for_status, wait_for_stored
@@ -157,3 +158,17 @@ def test_corrupt_value_file_is_a_miss_and_is_replaced(start_proxy, upstream, mar
     assert again.headers["x-ai-cache-status"] == "MISS" and b"EVIL" not in again.content
     assert wait_for_status(proxy, upstream, body, "HIT").content == again.content != first.content
     assert "checksum mismatch" in proxy.logs()
+
+
+# Answers wait up to 50 ms for their batch write: a proxy stopped right after answering
+# must still write them.
+def test_answers_waiting_for_their_write_are_written_when_the_proxy_stops(start_proxy, upstream, marker):
+    proxy = start_proxy()
+    keys = [post(proxy, upstream, CHAT, chat_body(f"{marker} {i}")).headers["x-ai-cache-key"] for i in range(3)]
+    proxy.stop()  # SIGTERM at once
+    store = DiskStore(proxy.options["ai_cache_dir"])
+    try:
+        assert all(store.get_sync(key) is not None for key in keys)
+    finally:
+        store.close_sync()
+    assert proxy.logs().count(": stored") == 3

@@ -4,6 +4,7 @@ redis-server, compression by encoded size and a breaker that calls in flight can
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import redis
 import redis.asyncio
@@ -61,6 +62,24 @@ async def test_redis_compression_follows_the_encoded_size(start_redis):
     value = redis.Redis(port=server.port).get("t:" + small_answer.key)
     assert value.startswith(COMPRESSED) and len(value) < 10_000
     assert (await store.get(small_answer.key)).meta == small_answer.meta
+    await store.close()
+
+
+async def test_a_value_inflating_past_the_bound_is_skipped_not_deleted(start_redis, caplog):
+    server = start_redis()
+    raw = redis.Redis(port=server.port)
+    store = RedisStore(server.url, 5.0, "t:", max_value=1_000_000)
+    bomb = COMPRESSED + zlib.compress(b"\0" * 200_000_000, 9)  # ~200 KB planted, 200 MB inflated
+    raw.set("t:" + key_of("bomb"), bomb)
+    assert await store.get(key_of("bomb")) is None
+    assert raw.get("t:" + key_of("bomb")) == bomb  # maybe a peer's larger entry: not ours to drop
+    assert "inflates past 1000000 bytes" in caplog.text
+    entry = Entry(key_of("fits"), "json", b"{}", [], meta={"request": {"body": {"p": "lorem ipsum " * 20_000}}})
+    await store.put(entry, None)  # compressed, and well within the bound once inflated
+    assert (await store.get(entry.key)).meta == entry.meta
+    truncated = raw.get("t:" + entry.key)[:-10]
+    raw.set("t:" + entry.key, truncated)
+    assert await store.get(entry.key) is None and raw.get("t:" + entry.key) is None  # corrupt: dropped
     await store.close()
 
 

@@ -69,3 +69,17 @@ async def test_a_back_filled_entry_is_served_from_the_nearest_store_at_once(tmp_
     await cache.drain()
     assert near.keys_sync() == ["e" * 64]
     await cache.close()
+
+
+async def test_a_hit_read_again_is_decoded_once_until_its_bytes_change(tmp_path):
+    store = DiskStore(tmp_path / "cache")
+    assert store.put_sync(entry("a"), None)
+    first = await store.get("a" * 64)
+    assert await store.get("a" * 64) is first  # the same bytes: no second decode
+    other = DiskStore(tmp_path / "cache")  # another proxy on the directory rewrites it
+    assert other.put_sync(Entry("a" * 64, "json", b'{"a": 2}', [], created_at=time.time()), None)
+    assert (await store.get("a" * 64)).body == b'{"a": 2}'
+    other._cache.set("a" * 64, b"AIC not an entry")  # and then spoils it
+    assert await store.get("a" * 64) is None  # checked again, not served from memory
+    other.close_sync()
+    await store.close()

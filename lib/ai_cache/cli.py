@@ -31,7 +31,7 @@ from .fixture_store import UNUSED_LIST, read_unused
 from .fixtures import export_dir, import_dir
 from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
-from .redis_store import DEFAULT_POOL, RedisStore, redact
+from .redis_store import DEFAULT_MAX_VALUE, DEFAULT_POOL, RedisStore, redact
 from .report import human_age, human_size, plural
 from .semantic.vectors import RedisVectors, local_vectors
 from .store import Store
@@ -67,6 +67,7 @@ class Stores:
     redis_prefix: str
     redis_timeout: float = REDIS_TIMEOUT
     redis_pool: int = DEFAULT_POOL
+    max_body: int = DEFAULT_MAX_VALUE  # whatever the proxies' ai_cache_max_body, within reason
     ttl: float = 0.0  # no expiry on writes: the addon judges freshness from each `created_at`
     fixtures: str = ""  # the CLI acts on L1 and L2; fixture files are its export/import
     fixtures_writable: bool = False

@@ -34,6 +34,9 @@ T = TypeVar("T")
 STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 READS = frozenset({"read", "listing"})
 TIMEOUT = 1.0  # seconds SQLite waits for another writer's lock
+# Decoded entries kept for hits read again: at most this many, each at most this large.
+DECODED_ENTRIES = 256
+DECODED_MAX_BYTES = 32 * 1024
 
 
 class ReadOnlyCache(diskcache.Cache):
@@ -112,6 +115,7 @@ class DiskStore:
         # The last failure (None after a success): callers that must not fail open, like
         # the CLI, report it.
         self.failure: str | None = None
+        self._decoded: dict[str, tuple[bytes, Entry]] = {}  # key -> the bytes last read, decoded
         self._outages = {
             kind: Outage(f"ai-cache: {layer.upper()} {kind} in {self.directory} work again")
             for kind in ("reads", "writes")
@@ -152,6 +156,19 @@ class DiskStore:
         except EntryError as e:
             logger.warning("ai-cache: discarding unreadable %s entry %s: %s", self.layer.upper(), key[:12], e)
             return None
+
+    def _decode_known(self, key: str, data: bytes) -> Entry | None:
+        """`_decode`, skipped when `data` is what the last read of `key` decoded (a memcmp
+        instead of a checksum, a JSON parse and the checks): a hit read again and again."""
+        known = self._decoded.get(key)
+        if known is not None and known[0] == data:
+            return known[1]
+        entry = self._decode(key, data)
+        if entry is not None and len(data) <= DECODED_MAX_BYTES:
+            if len(self._decoded) >= DECODED_ENTRIES:
+                del self._decoded[next(iter(self._decoded))]  # the oldest
+            self._decoded[key] = (data, entry)
+        return entry
 
     def put_sync(self, entry: Entry, expire: float | None) -> bool:
         if not self._writable():
@@ -216,7 +233,7 @@ class DiskStore:
         data = found
         if found is not None and not isinstance(found, bytes):
             data = await asyncio.to_thread(self._guarded, "read", lambda: _read_and_close(found), None)
-        entry = None if data is None else self._decode(key, data)
+        entry = None if data is None else self._decode_known(key, data)
         if data is not None and entry is None:
             await self.delete(key)
         return entry

@@ -85,6 +85,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
+        self._lookup_by_layer: dict[str, Histogram] = {}
         self.listen: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self._unserved: socket.socket | None = None  # bound before the loop ran
@@ -103,7 +104,10 @@ class Metrics:
             self.coalesced += bool(state.coalesced)
 
     def looked_up(self, layer: str, seconds: float) -> None:
-        self.lookup_seconds.labels(layer).observe(seconds)
+        histogram = self._lookup_by_layer.get(layer)
+        if histogram is None:  # `labels()` takes a lock and builds a key: once per layer
+            histogram = self._lookup_by_layer[layer] = self.lookup_seconds.labels(layer)
+        histogram.observe(seconds)
         count_and_sum = self.lookups.setdefault(layer, [0, 0.0])
         count_and_sum[0] += 1
         count_and_sum[1] += seconds

@@ -38,6 +38,9 @@ COMPRESS_FROM = 64 * 1024
 # Concurrent calls (= connections) per proxy. redis-py's async pool refuses the 101st by
 # default, which made a healthy Redis look down under 150 clients; a Redis serves 10k.
 DEFAULT_POOL = 256
+# The most a compressed value may inflate to: a proxy writes nothing larger than its
+# ai_cache_max_body, but anyone with access to Redis may plant a zlib bomb.
+DEFAULT_MAX_VALUE = 1 << 30
 WRITE_REFUSALS = (OutOfMemoryError, ReadOnlyError)
 
 
@@ -56,6 +59,22 @@ def encoded(entry: Entry) -> bytes:
     (the request copy and chunk list count, not only the answer)."""
     data = entry.to_bytes()
     return COMPRESSED + zlib.compress(data, 1) if len(data) >= COMPRESS_FROM else data
+
+
+class TooLarge(Exception):
+    """A compressed value inflating past the reader's bound: not read, yet not corrupt
+    (a proxy with a larger ai_cache_max_body may have written it), so not deleted."""
+
+
+def inflated(data: bytes, limit: int) -> bytes:
+    """`data` decompressed, at most `limit` bytes of it (TooLarge beyond)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise TooLarge(f"it inflates past {limit} bytes")
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return out
 
 
 def connect(url: str, timeout: float, pool: int) -> Any:
@@ -134,8 +153,17 @@ class RedisStore:
     drops_expired = True  # memory shared by a team: entries go at the TTL
     read_only: str | None = None  # Redis refusing writes is an outage, not for good
 
-    def __init__(self, url: str, timeout: float, prefix: str, pool: int = DEFAULT_POOL, layer: str = "l2") -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        prefix: str,
+        pool: int = DEFAULT_POOL,
+        layer: str = "l2",
+        max_value: int = DEFAULT_MAX_VALUE,
+    ) -> None:
         self.layer = layer
+        self.max_value = max_value
         self.timeout = timeout
         self.prefix = prefix
         self.client = connect(url, timeout, pool)
@@ -215,8 +243,11 @@ class RedisStore:
             return None
         try:
             if data.startswith(COMPRESSED):
-                data = await asyncio.to_thread(zlib.decompress, data[len(COMPRESSED) :])
+                data = await asyncio.to_thread(inflated, data[len(COMPRESSED) :], self.max_value)
             entry = Entry.from_bytes(data, key)
+        except TooLarge as e:
+            logger.warning("ai-cache: skipping %s value for %s: %s", self.layer.upper(), key[:12], e)
+            return None
         except (EntryError, zlib.error) as e:
             logger.warning("ai-cache: discarding unreadable %s value for %s: %s", self.layer.upper(), key[:12], e)
             await self.delete(key)

@@ -4,8 +4,10 @@ go upstream, and the `x-ai-cache-*` headers on every answer."""
 from __future__ import annotations
 
 import json
+import time
 
 from mitmproxy import http
+from mitmproxy.net.http import status_codes
 
 from .entry import Entry
 from .nearest import MissExplanation
@@ -29,10 +31,13 @@ def cache_headers(state: FlowState) -> list[tuple[str, str]]:
 
 
 def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> http.Response:
-    response = http.Response.make(entry.status, b"", make_headers(entry.replay_headers() + extra_headers))
-    response.raw_content = entry.body
-    response.headers["content-length"] = str(len(entry.body))
-    return response
+    """Built in one step: `Response.make` would encode an empty body and then rescan the
+    headers for content-length (a hit's hot path; stored headers hold no framing ones)."""
+    fields = [(k.encode(), v.encode()) for k, v in entry.replay_headers() + extra_headers]
+    fields.append((b"content-length", str(len(entry.body)).encode()))
+    reason = status_codes.RESPONSES.get(entry.status, "").encode()
+    now = time.time()
+    return http.Response(b"HTTP/1.1", entry.status, reason, http.Headers(fields), entry.body, None, now, now)
 
 
 def no_recording(

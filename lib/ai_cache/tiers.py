@@ -293,6 +293,8 @@ class StoreSettings(Protocol):
     @property
     def redis_pool(self) -> int: ...
     @property
+    def max_body(self) -> int: ...
+    @property
     def fixtures(self) -> str: ...
     @property
     def fixtures_writable(self) -> bool: ...
@@ -323,7 +325,12 @@ def open_cache(settings: StoreSettings, create: bool = True, fail_open: bool = T
         try:
             stores.append(
                 RedisStore(
-                    settings.redis_url, settings.redis_timeout, settings.redis_prefix, settings.redis_pool, layer="l2"
+                    settings.redis_url,
+                    settings.redis_timeout,
+                    settings.redis_prefix,
+                    settings.redis_pool,
+                    layer="l2",
+                    max_value=settings.max_body,  # larger: a peer with a larger max_body, or a zlib bomb
                 )
             )
         except Exception as e:  # redis-py raises several types for a URL it cannot use
