@@ -234,3 +234,20 @@ def peak_memory(proxy) -> int:
     with open(f"/proc/{proxy.proc.pid}/status") as status:
         (line,) = [line for line in status if line.startswith("VmHWM:")]
     return int(line.split()[1]) * 1024
+
+
+def test_a_followers_client_keeps_its_connection(start_proxy, upstream, marker):
+    """The replay server closes its side after each answer; the client's connection to
+    the proxy stays open for its next request, as after any other answer."""
+    proxy = start_proxy()
+    leader = Reader(proxy, upstream, stream_body(marker), PACE).start()
+    leader.wait_for_chunks(2)
+    with proxy.client() as client:
+        ports, layers = [], []
+        for body in (stream_body(marker), stream_body(f"{marker}-next")):
+            with client.stream("POST", upstream.url + CHAT, json=body, headers={"x-fake-scenario": PACE}) as response:
+                ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+                layers.append(response.headers.get("x-ai-cache-layer"))
+                response.read()
+    leader.join()
+    assert layers == ["live", None] and ports[0] == ports[1]

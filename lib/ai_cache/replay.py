@@ -197,6 +197,8 @@ class PacedReplay:
         if state is None or not state.token or flow.response is None:
             return
         flow.response.stream = True  # our own server: pass it on chunk by chunk
+        # It closes its side after each answer; the client's connection stays open.
+        flow.response.headers.pop("connection", None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
