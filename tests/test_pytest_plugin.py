@@ -124,6 +124,17 @@ def test_records_fixture_files_then_replays_from_them_alone(project, provider, c
     assert summary(output) == f"ai-cache replay {fixtures}: 4 hits, 0 misses, 0 stored"
     assert {name: (fixtures / name).read_bytes() for name in files} == recorded  # replay writes nothing
 
+    # A run of some tests leaves the others' fixtures unused: pruning them would delete recordings still needed.
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", *options, "-k", "json")
+    assert code == 0, output
+    assert not (fixtures / UNUSED_LIST).exists()  # the record run's list is gone too
+    assert re.fullmatch(
+        rf"ai-cache replay {fixtures}: 1 hit, 0 misses, 0 stored; 3 fixture files unused by this run "
+        r"\(.*\), which ran part of the suite \(3 deselected\): not listed for prune-unused",
+        summary(output),
+    ), output
+    assert ai_cache(["prune-unused", str(fixtures), "--yes"]) == 1  # nothing listed
+
     # A run that skips a test reports the fixture it did not use, and lists it for prune-unused;
     # under xdist too, where each worker has a proxy and the controller adds up what they used.
     code, output = run_pytest(
@@ -154,3 +165,72 @@ def test_the_plugin_is_inert_unless_asked(project, provider, confdir):
     code, output = run_pytest(project, provider.url, confdir, "-k", "json")
     assert code == 0 and "1 skipped" in output  # the ai_cache fixture skips: no proxy, no variables
     assert "ai-cache" not in output
+
+
+def test_a_fixture_file_that_does_not_load_is_named_not_offered_for_pruning(project, provider, confdir):
+    fixtures = project / "fixtures" / "llm"
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", "-k", "json")
+    assert code == 0, output
+    (path,) = fixtures.glob("*.json")
+    path.write_text(path.read_text().replace('"status": 200', '"status": 200,'))  # a hand edit gone wrong
+    provider.stop()
+
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", "-k", "json")
+    assert code == 1, output
+    assert "FAILED test_llm.py::test_json" in output
+    assert re.search(
+        rf"^ai-cache: fixture file {re.escape(str(path))} skipped, not loaded: not valid JSON: ", output, re.M
+    )
+    assert "unused" not in summary(output)
+
+
+CONFTEST_CLIENT = """
+import os, openai
+
+# Made when pytest imports this conftest.py, before the tests' modules (an app imported here does the same).
+CLIENT = openai.OpenAI(api_key="sk-test", base_url=os.environ["FAKE_UPSTREAM"] + "/v1", max_retries=0)
+"""
+
+CONFTEST_TEST = """
+from conftest import CLIENT
+
+
+def test_conftest_client(ai_cache):
+    answer = CLIENT.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "from conftest"}]
+    )
+    expected = "HIT" if ai_cache.mode == "replay" else "MISS"
+    assert answer.headers.get("x-ai-cache-status") == expected
+"""
+
+
+def test_a_client_made_when_conftest_is_imported_goes_through_the_proxy(project, provider, confdir):
+    (project / "conftest.py").write_text(CONFTEST_CLIENT)
+    (project / "test_llm.py").write_text(CONFTEST_TEST)
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record")
+    assert code == 0, output
+    assert summary(output) == f"ai-cache record {project / 'fixtures' / 'llm'}: 0 hits, 1 miss, 1 stored"
+    provider.stop()
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=replay", "-n", "2")
+    assert code == 0, output  # each worker imports conftest.py after starting its proxy
+
+
+def test_a_proxy_that_exits_stops_the_run_with_its_reason(project, provider, confdir):
+    """mitmdump listens, then exits over an option it refused: say why, not 'connection refused' per test."""
+    code, output = run_pytest(
+        project, provider.url, confdir, "--ai-cache-mode=record", "--ai-cache-set=ai_cache_normalize=bogus"
+    )
+    assert code == pytest.ExitCode.USAGE_ERROR, output
+    assert "ai_cache_normalize: unknown rule 'bogus'" in output
+    assert "ConnectError" not in output and provider.count("") == 0
+
+
+def test_a_usage_error_after_the_proxy_started_stops_it(project, provider, confdir, tmp_path):
+    """The proxy starts before pytest parses the whole command line (conftest.py files may add options)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code, output = run_pytest(
+        project, provider.url, confdir, "--ai-cache-mode=record", "--no-such-option", TMPDIR=str(scratch)
+    )
+    assert code == pytest.ExitCode.USAGE_ERROR and "--no-such-option" in output, output
+    assert list(scratch.iterdir()) == []  # the proxy's directory, removed once it stopped

@@ -50,9 +50,12 @@ def test_a_write_that_ends_before_its_call_line_is_not_pending(tmp_path):
     assert (counts.misses, counts.stored, reader.pending) == (1, 0, False)
 
 
-def test_the_shutdown_line_names_the_fixtures_used(tmp_path):
+def test_the_shutdown_line_names_the_fixtures_used_and_skipped(tmp_path):
     path = tmp_path / "run.jsonl"
-    append(path, {"done": True, "fixtures": "/repo/tests/fixtures/llm", "used": ["a.json", "b.json"]})
+    skipped = {"c.json": "not valid JSON: Expecting value: line 1 column 1 (char 0)"}
+    append(
+        path, {"done": True, "fixtures": "/repo/tests/fixtures/llm", "used": ["a.json", "b.json"], "skipped": skipped}
+    )
     reader = RunReader(path)
     reader.read()
-    assert (reader.fixtures, reader.used) == ("/repo/tests/fixtures/llm", {"a.json", "b.json"})
+    assert (reader.fixtures, reader.used, reader.skipped) == ("/repo/tests/fixtures/llm", {"a.json", "b.json"}, skipped)

@@ -4,7 +4,11 @@ files, one per entry, read and written by the proxy, in front of L1 and L2.
 Lookups never touch the disk on the event loop: every file is parsed once, in a worker
 thread, into an in-memory index (key -> entry), built when the store opens and scanned
 again on a miss, so files added, edited or deleted while the proxy runs count from the
-next miss on. A scan stats every file and parses only the new and changed ones.
+next miss on. A scan stats every file and parses only the new and changed ones; it is
+skipped while the directory's own time has not changed since a scan that began well
+after that time (a file made within the same tick of file times leaves it as it was).
+Editing a known file in place does not change that time: the edit counts from the next
+scan. Files that did not load are checked on every miss, so mending one counts at once.
 
 Writes (record and refresh modes only: replay never changes the directory) go to a
 temporary file in the directory, renamed over the fixture's stable name: several proxies
@@ -23,7 +27,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,10 @@ from .fixtures import FixtureError, dumps, file_name, from_fixture, load_file, w
 logger = logging.getLogger(__name__)
 # Where the last run's unused fixture names are listed, one per line, for prune-unused.
 UNUSED_LIST = ".ai-cache-unused"
+# A directory time this close to a scan's start may be shared by a change after it (file
+# times in ticks: 2 s on FAT, 1 s on HFS+ and ext3; a file server's skew): such a scan is
+# not trusted to be current.
+SETTLED_NS = 3_000_000_000
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,11 @@ class FixtureStore:
         self.used: set[str] = set()
         self._files: dict[str, Indexed] = {}  # file name -> entry
         self._by_key: dict[str, Indexed] = {}
-        self._rejected: dict[str, tuple[int, int]] = {}  # warned about once per version of the file
+        # Files that do not load, warned about once per version: (stamp, why). The proxy's
+        # log may be a temporary file: runs report these (`skipped`) to their user.
+        self._rejected: dict[str, tuple[tuple[int, int], str]] = {}
         self._scan_lock = threading.Lock()
+        self._scanned: tuple[int, int] | None = None  # (mtime_ns, inode) of the directory a scan saw
         umask = os.umask(0)
         os.umask(umask)
         self._file_mode = 0o666 & ~umask
@@ -86,10 +98,33 @@ class FixtureStore:
         if not self._ready.is_set():
             await asyncio.to_thread(self._ready.wait)
 
+    def _stat(self, path: Path) -> os.stat_result | None:
+        try:
+            return path.stat()
+        except FileNotFoundError:
+            return None
+
+    def _current(self, directory: tuple[int, int] | None) -> bool:
+        """Whether the index still describes the directory: its time is the one a trusted
+        scan saw, and no file that did not load has changed since."""
+        if directory is None or directory != self._scanned:
+            return False
+        for name, (stamp, _) in self._rejected.items():
+            stat = self._stat(self.directory / name)
+            if stat is None or (stat.st_mtime_ns, stat.st_size) != stamp:
+                return False
+        return True
+
     def rescan(self) -> None:
         """Bring the index in step with the directory (blocking: call in a thread)."""
         with self._scan_lock:
+            started = time.time_ns()
+            found = self._stat(self.directory)  # before the listing: a change during it moves the time on
+            directory = (found.st_mtime_ns, found.st_ino) if found else None
+            if self._current(directory):
+                return
             files: dict[str, Indexed] = {}
+            rejected: dict[str, tuple[tuple[int, int], str]] = {}
             try:
                 listing = [e for e in os.scandir(self.directory) if e.name.endswith(".json") and e.is_file()]
             except FileNotFoundError:
@@ -101,18 +136,23 @@ class FixtureStore:
                     continue
                 stamp = (stat.st_mtime_ns, stat.st_size)
                 known = self._files.get(item.name)
+                bad = self._rejected.get(item.name)
                 if known is not None and known.stamp == stamp:
                     files[item.name] = known
-                elif self._rejected.get(item.name) != stamp:
+                elif bad is not None and bad[0] == stamp:
+                    rejected[item.name] = bad
+                else:
                     try:
                         files[item.name] = Indexed(item.name, stamp, load_file(Path(item.path)))
                     except FixtureError as e:
-                        self._rejected[item.name] = stamp
+                        rejected[item.name] = (stamp, str(e))
                         logger.warning("ai-cache: fixture %s skipped: %s", item.path, e)
             by_key: dict[str, Indexed] = {}
             for indexed in files.values():
                 by_key.setdefault(indexed.entry.key, indexed)
             self._files, self._by_key = files, by_key  # readers see the old index or the new one
+            self._rejected = rejected
+            self._scanned = directory if directory and directory[0] < started - SETTLED_NS else None
 
     async def get(self, key: str) -> Entry | None:
         await self._wait_ready()
@@ -153,6 +193,7 @@ class FixtureStore:
             indexed = Indexed(name, (stat.st_mtime_ns, stat.st_size), written)
             self._files = {**self._files, name: indexed}
             self._by_key = {**self._by_key, entry.key: indexed}
+            self._rejected = {other: bad for other, bad in self._rejected.items() if other != name}
         self.used.add(name)
         return True
 
@@ -185,6 +226,11 @@ class FixtureStore:
         found = self._by_key.get(key)
         return found.name if found else None
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """The fixture files in the directory that do not load, and why."""
+        return {name: why for name, (_, why) in self._rejected.items()}
+
     def unused(self) -> list[str]:
         """The fixture files in the directory this run neither served nor wrote."""
         return sorted(set(self._files) - self.used)
@@ -200,9 +246,10 @@ def fixture_names(directory: Path) -> set[str]:
     return {p.name for p in directory.glob("*.json") if p.is_file()}
 
 
-def write_unused(directory: Path, used: set[str]) -> list[str]:
-    """List the fixture files of `directory` not in `used` in its UNUSED_LIST; returns them."""
-    unused = sorted(fixture_names(directory) - used)
+def write_unused(directory: Path, used: set[str], skipped: Collection[str] = ()) -> list[str]:
+    """List the fixture files of `directory` not in `used` in its UNUSED_LIST; returns them.
+    A file `skipped` (it does not load) is not unused: it needs mending, not deleting."""
+    unused = sorted(fixture_names(directory) - used - set(skipped))
     if directory.is_dir():
         umask = os.umask(0)
         os.umask(umask)

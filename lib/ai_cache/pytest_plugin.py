@@ -5,8 +5,9 @@ Installed with the package (the `pytest11` entry point) and inert until asked: o
 `--ai-cache-mode` (or the ini option `ai_cache_mode`) starts anything. Then each process
 that runs tests starts `mitmdump` with the addon on a free port, its L1 a fresh temporary
 directory and the fixture directory in front (so a run depends on the committed files
-alone), and points the process's proxy and CA variables at it before test modules are
-imported: SDK clients made in tests, and programs they start, go through it.
+alone), and points the process's proxy and CA variables at it before the first conftest.py
+is imported: SDK clients made there (an app a conftest imports), in tests, and programs
+they start, go through it.
 
 This module declares the options and decides; `pytest_session` (imported only when
 asked, so that an inert plugin costs pytest no mitmproxy import) runs the proxy.
@@ -14,6 +15,7 @@ asked, so that an inert plugin costs pytest no mitmproxy import) runs the proxy.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,13 +77,15 @@ class Plan:
 
 
 def plan_of(config: pytest.Config) -> Plan | None:
-    """The session's settings, or None when the plugin is not asked for."""
-    mode = config.getoption("ai_cache_mode") or str(config.getini("ai_cache_mode")).strip()
+    """The session's settings, or None when the plugin is not asked for. Read from the
+    options as parsed before conftest.py files are imported."""
+    options = vars(config.known_args_namespace)
+    mode = options.get("ai_cache_mode") or str(config.getini("ai_cache_mode")).strip()
     if not mode or mode == "off":
         return None
     if mode not in MODES:
         raise pytest.UsageError(f"ai_cache_mode: {mode!r} is not one of {', '.join(MODES)}")
-    given = config.getoption("ai_cache_fixtures")
+    given = options.get("ai_cache_fixtures")
     if given:
         fixtures = config.invocation_params.dir / given
     else:
@@ -90,20 +94,33 @@ def plan_of(config: pytest.Config) -> Plan | None:
     return Plan(
         mode=mode,
         fixtures=fixtures.resolve(),
-        normalize=config.getoption("ai_cache_normalize") or str(config.getini("ai_cache_normalize")).strip(),
-        options=config.getoption("ai_cache_set"),
-        confdir=Path(config.getoption("ai_cache_confdir") or "~/.mitmproxy").expanduser(),
+        normalize=options.get("ai_cache_normalize") or str(config.getini("ai_cache_normalize")).strip(),
+        options=options.get("ai_cache_set") or [],
+        confdir=Path(options.get("ai_cache_confdir") or "~/.mitmproxy").expanduser(),
     )
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the session's plugin, only when asked: otherwise nothing here runs."""
-    plan = plan_of(config)
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Register the session's plugin, only when asked (otherwise nothing here runs), and
+    start the proxy before pytest imports the first conftest.py."""
+    plan = plan_of(early_config)
     if plan is not None:
         from .pytest_session import Session
 
-        config.pluginmanager.register(Session(config, plan), "ai-cache-session")
+        session = Session(early_config, plan)
+        early_config.pluginmanager.register(session, "ai-cache-session")
+        early_config.add_cleanup(lambda: session.run_proxy(False))  # also when parsing fails after this
+        session.run_proxy(not looks_distributed(early_config))
+
+
+def looks_distributed(config: pytest.Config) -> bool:
+    """Whether this is an xdist controller, which runs no test, as far as can be told
+    before xdist settles it (the session checks again once configured)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return False
+    options = vars(config.known_args_namespace)
+    return bool(options.get("numprocesses")) or options.get("dist", "no") != "no"
 
 
 @pytest.fixture

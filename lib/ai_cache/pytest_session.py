@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from .fixture_store import write_unused
+from .fixture_store import UNUSED_LIST, fixture_names, write_unused
 from .launch import free_port, mitmdump_command, stop, wait_for_port
 from .pytest_plugin import Plan
 from .report import plural
@@ -92,6 +92,14 @@ class Proxy:
             self.saved_environment[name] = os.environ.get(name)
             os.environ[name] = value
 
+    def exited(self) -> str:
+        """Why the proxy is gone ("" while it runs): mitmdump listens before it exits over an
+        option it refused, and its log is removed with the session's directory."""
+        if self.process is None or self.process.poll() is None:
+            return ""
+        log_text = self.log_path.read_text(errors="replace")[-2000:]
+        return f"ai-cache: the proxy exited (status {self.process.returncode}); its log ends:\n{log_text}"
+
     def stop(self) -> Counts:
         """Stop the proxy (it writes its last lines), restore the variables; what came after
         the last test."""
@@ -131,20 +139,36 @@ class Session:
         self.total = Counts()  # hits, misses, stored: added up from the tests' reports
         self.outside = Counts()  # calls no test made (module-level clients at collection)
         self.used: set[str] = set()
-        self.worker = hasattr(config, "workerinput")
+        self.skipped: dict[str, str] = {}  # fixture files that did not load
+        self.deselected = 0  # by -k, -m, --deselect or a plugin: their fixtures look unused
         self.proxy: Proxy | None = None
-        if not is_xdist_controller(config):
-            self.proxy = Proxy(plan)
-            self.proxy.start()
 
-    def pytest_unconfigure(self) -> None:
-        if self.proxy is not None:
+    @property
+    def worker(self) -> bool:
+        return hasattr(self.config, "workerinput")  # set by xdist after conftest.py files are imported
+
+    def run_proxy(self, wanted: bool) -> None:
+        """Start this process's proxy, or stop the one an xdist controller turned out not to need."""
+        if wanted and self.proxy is None:
+            self.proxy = Proxy(self.plan)
+            self.proxy.start()
+        elif not wanted and self.proxy is not None:
             self.proxy.stop()
+            self.proxy = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        self.run_proxy(not is_xdist_controller(config))
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected += len(items)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if self.proxy is None:
             return
+        if problem := self.proxy.exited():
+            pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
         self.outside.add(self.proxy.reader.settle())
         item.stash[COUNTS] = Counts()
         item.stash[REPORTED] = 0
@@ -194,9 +218,15 @@ class Session:
             return
         self.outside.add(self.proxy.stop())
         self.used |= self.proxy.reader.used
+        self.skipped |= self.proxy.reader.skipped
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
-            workeroutput["ai_cache"] = {"used": sorted(self.used), "outside": as_dict(self.outside)}
+            workeroutput["ai_cache"] = {
+                "used": sorted(self.used),
+                "skipped": self.skipped,
+                "outside": as_dict(self.outside),
+                "deselected": self.deselected,
+            }
         else:
             self._add(as_dict(self.outside))
 
@@ -206,25 +236,53 @@ class Session:
         found = getattr(node, "workeroutput", {}).get("ai_cache")
         if found:
             self.used.update(found["used"])
+            self.skipped.update(found["skipped"])
             self._add(found["outside"])
+            self.deselected = max(self.deselected, found["deselected"])  # each worker collects them all
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def partial(self, exitstatus: int) -> str:
+        """Why this run may not have used fixtures the suite needs ("" when it ran it all):
+        pruning what such a run did not use would delete recordings of tests it left out."""
+        reasons = [f"{self.deselected} deselected"] if self.deselected else []
+        base = self.config.invocation_params.dir
+        if any("::" in arg or not (base / arg).is_dir() for arg in self.config.args):
+            reasons.append("test files or ids named")
+        reasons += [flag for flag, dest in (("--lf", "lf"), ("--sw", "stepwise")) if self.config.getoption(dest, False)]
+        if exitstatus == pytest.ExitCode.TESTS_FAILED:
+            reasons.append("tests failed")
+        elif exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            reasons.append(f"exit status {int(exitstatus)}")
+        return ", ".join(reasons)
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int) -> None:
         if self.worker:
             return
-        unused = write_unused(self.plan.fixtures, self.used) if self.plan.fixtures.is_dir() else []
-        terminalreporter.write_line(self.summary(unused))
+        directory, partial = self.plan.fixtures, self.partial(exitstatus)
+        for name, why in sorted(self.skipped.items()):
+            terminalreporter.write_line(
+                f"ai-cache: fixture file {directory / name} skipped, not loaded: {why}", red=True
+            )
+        if not directory.is_dir():
+            unused = []
+        elif partial:  # an earlier run's list may name a fixture this run used
+            (directory / UNUSED_LIST).unlink(missing_ok=True)
+            unused = sorted(fixture_names(directory) - self.used - set(self.skipped))
+        else:
+            unused = write_unused(directory, self.used, self.skipped)
+        terminalreporter.write_line(self.summary(unused, partial))
 
-    def summary(self, unused: list[str]) -> str:
+    def summary(self, unused: list[str], partial: str) -> str:
         line = (
             f"ai-cache {self.plan.mode} {self.plan.fixtures}: {plural(self.total.hits, 'hit')}, "
             f"{plural(self.total.misses, 'miss', 'misses')}, {self.total.stored} stored"
         )
         if unused:
             names = ", ".join(unused[:SHOWN_UNUSED]) + (", ..." if len(unused) > SHOWN_UNUSED else "")
-            line += (
-                f"; {plural(len(unused), 'fixture file')} unused by this run ({names}): "
-                f"ai-cache prune-unused {self.plan.fixtures} deletes them"
-            )
+            line += f"; {plural(len(unused), 'fixture file')} unused by this run ({names})"
+            if partial:
+                line += f", which ran part of the suite ({partial}): not listed for prune-unused"
+            else:
+                line += f": ai-cache prune-unused {self.plan.fixtures} deletes them"
         return line
 
 

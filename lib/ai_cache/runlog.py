@@ -9,7 +9,7 @@ nothing was to be written):
     {"flow": ID, "status": "MISS", ..., "recording": false, "message": the 504's explanation}
     {"flow": ID, "status": "MISS", ..., "recording": true}      a write line follows
     {"flow": ID, "stored": true, "fixture": NAME}              the write ended
-    {"done": true, "fixtures": DIR, "used": [NAMES]}            at shutdown
+    {"done": true, "fixtures": DIR, "used": [NAMES], "skipped": {NAME: WHY}}   at shutdown
 
 A line is one small append to a local file, as mitmproxy's own `-w` writes flows in the hook.
 """
@@ -113,7 +113,14 @@ class RunLog:
                     fixtures.directory,
                     ", ".join(unused),
                 )
-            self.write({"done": True, "fixtures": str(fixtures.directory), "used": sorted(fixtures.used)})
+            self.write(
+                {
+                    "done": True,
+                    "fixtures": str(fixtures.directory),
+                    "used": sorted(fixtures.used),
+                    "skipped": fixtures.skipped,
+                }
+            )
         self._close()
 
     def _close(self) -> None:
@@ -150,6 +157,7 @@ class RunReader:
         self.recording: set[str] = set()  # flows whose write line has not come yet
         self.written: set[str] = set()  # write lines that came before their call's line
         self.used: set[str] = set()
+        self.skipped: dict[str, str] = {}  # fixture files that did not load, and why
         self.fixtures = ""
 
     @property
@@ -175,6 +183,7 @@ class RunReader:
         flow = str(record.get("flow", ""))
         if record.get("done"):
             self.used.update(record.get("used") or [])
+            self.skipped.update(record.get("skipped") or {})
             self.fixtures = str(record.get("fixtures", ""))
         elif "stored" in record:
             counts.stored += bool(record["stored"])

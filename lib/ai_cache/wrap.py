@@ -229,12 +229,15 @@ def report(summary: re.Match[str] | None, log_path: Path) -> None:
 
 
 def report_unused(fixtures: Path, run_log: Path) -> None:
-    """Warn about the fixture files the run never used, and list them for prune-unused."""
+    """Warn about the fixture files that did not load and those the run never used; list
+    the unused ones for prune-unused."""
     reader = RunReader(run_log)
     reader.read()
     if not reader.fixtures:  # the proxy did not finish its run
         return
-    unused = write_unused(fixtures, reader.used)
+    for name, why in sorted(reader.skipped.items()):
+        warn(f"fixture file {fixtures / name} skipped, not loaded: {why}")
+    unused = write_unused(fixtures, reader.used, reader.skipped)
     if unused:
         warn(
             f"{plural(len(unused), 'fixture file')} in {fixtures} unused by this run ({', '.join(unused)}): "
