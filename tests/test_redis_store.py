@@ -102,11 +102,29 @@ async def test_calls_in_flight_when_the_breaker_opens_do_not_close_it(start_redi
     failing = asyncio.create_task(store.with_redis(lambda r: r.blpop("a", 10), "default"))
     [victim] = await wait_blocked(1)
     in_flight = asyncio.create_task(store.with_redis(lambda r: r.blpop("b", 10), "default"))
-    await wait_blocked(2)
-    await admin.execute_command("CLIENT", "KILL", "ID", victim)  # a real connection failure
+    seen = await wait_blocked(2)
+    await admin.execute_command("CLIENT", "KILL", "ID", victim)  # a real connection failure, ...
+    while not (retried := [i for i in await blocked_clients() if i not in seen]):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # ... retried once on a new connection ...
+    await admin.execute_command("CLIENT", "KILL", "ID", retried[0])  # ... which fails too
     assert await failing == "default" and store.breaker.is_open
     await admin.lpush("b", "x")  # the call that was already in flight succeeds
     assert list(await in_flight) == [b"b", b"x"]
     assert store.breaker.is_open
     await store.close()
     await admin.aclose()
+
+
+# A restarted Redis left the pool's connections stale: the first call on each failed
+# ("Connection closed by server") and opened the breaker although Redis was back.
+async def test_a_restarted_redis_is_used_at_once(start_redis, caplog):
+    server = start_redis()
+    store = RedisStore(server.url, 1.0, "t:")
+    entry = Entry(key_of("before"), "json", b"{}", [])
+    assert await store.put(entry, None)
+    assert await asyncio.gather(*(store.get(entry.key) for _ in range(4)))  # several pooled connections
+    server.stop()
+    server.start()  # same port, empty
+    assert await store.put(entry, None) and (await store.get(entry.key)).key == entry.key
+    assert "skipping it for a while" not in caplog.text and not store.breaker.is_open
+    await store.close()

@@ -243,12 +243,9 @@ def test_the_proxy_log_has_one_line_per_llm_call(run, tmp_path, confdir, upstrea
     )
     assert ran.returncode == 0, ran.stderr
     lines = log.read_text().splitlines()
-    assert [line.split("] ", 1)[1].split()[:2] for line in lines if " ai-cache: " in line][1:] == [
-        ["ai-cache:", "MISS"],
-        ["ai-cache:", "MISS"],
-        ["ai-cache:", "HIT"],
-        ["ai-cache:", "3"],
-    ]
+    verdicts = [line.split("] ", 1)[1].split()[1] for line in lines if " ai-cache: " in line][1:]
+    # A MISS line is written once its batch write ended: it may come after the HIT's.
+    assert sorted(verdicts[:-1]) == ["HIT", "MISS", "MISS"] and verdicts[-1] == "3"  # "3 LLM calls: …"
     assert not [line for line in lines if re.search(r"(client|server) (connect|disconnect)", line)], lines
     assert len(lines) == 7  # + "Loading script", the options line and "proxy listening"
 

@@ -83,8 +83,11 @@ def connect(url: str, timeout: float, pool: int) -> Any:
     scheme, _, rest = url.partition("://")
     if scheme in CLUSTER_SCHEMES:
         return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}://{rest}", **options)
-    # No client-side retries: the breaker decides when Redis is worth asking again.
-    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+    # One immediate retry on a broken connection only: a pooled connection a restarted Redis
+    # closed fails once, and must not open the breaker. Timeouts are never retried (that
+    # would double the bound on a slow Redis): the breaker decides when to ask again.
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    return redis.Redis.from_url(url, retry=retry, **options)
 
 
 class CircuitBreaker:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from mitmproxy import connection, http
 
 from .entry import Entry
-from .fanout import Broadcast, relayed
+from .fanout import Broadcast, Subscription, relayed
 from .state import FlowState, state_of
 
 logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-ai-cache-replay-token"
 TOKEN_LIFETIME = 60.0  # a registered replay mitmproxy never fetched (another addon answered)
 READ_TIMEOUT = 10.0
+WRITE_PIECE = 64 * 1024  # bytes of a live chunk written at a time
 
 
 def send_to_replay_server(flow: http.HTTPFlow, port: int, token: str) -> None:
@@ -56,7 +57,7 @@ class Live:
     """A follower's subscription to a leader's stream."""
 
     broadcast: Broadcast
-    queue: asyncio.Queue[bytes | object]
+    subscription: Subscription
 
 
 class ReplayServer:
@@ -88,7 +89,7 @@ class ReplayServer:
     def forget(self, token: str) -> None:
         source, *_ = self._pending.pop(token, (None,))
         if isinstance(source, Live):
-            source.broadcast.unsubscribe(source.queue)
+            source.broadcast.unsubscribe(source.subscription)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -132,14 +133,26 @@ class ReplayServer:
         head_lines = "".join(f"{k}: {v}\r\n" for k, v in fields)
         writer.write(f"HTTP/1.1 {live.broadcast.status} OK\r\n{head_lines}\r\n".encode())
         try:
-            async for data in relayed(live.queue):
-                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                await writer.drain()
+            async for parts in relayed(live.subscription):
+                size = sum(map(len, parts))
+                if size <= WRITE_PIECE:  # a live chunk: one write
+                    writer.write(b"%x\r\n%s\r\n" % (size, b"".join(parts)))
+                    await writer.drain()
+                    continue
+                # In pieces, each drained: a late follower's stream so far (up to
+                # ai_cache_max_body) is never copied whole into its socket's buffer.
+                writer.write(b"%x\r\n" % size)
+                for part in parts:
+                    view = memoryview(part)
+                    for start in range(0, len(part), WRITE_PIECE):
+                        writer.write(view[start : start + WRITE_PIECE])
+                        await writer.drain()
+                writer.write(b"\r\n")
         except ConnectionAbortedError:
             writer.transport.abort()
             return
         finally:
-            live.broadcast.unsubscribe(live.queue)
+            live.broadcast.unsubscribe(live.subscription)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
@@ -184,6 +197,8 @@ class PacedReplay:
         if state is None or not state.token or flow.response is None:
             return
         flow.response.stream = True  # our own server: pass it on chunk by chunk
+        # It closes its side after each answer; the client's connection stays open.
+        flow.response.headers.pop("connection", None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
