@@ -364,6 +364,16 @@ def test_misspelt_or_repeated_options_stop_startup(tmp_path, settings, message):
     assert message in output and "Traceback" not in output
 
 
+# mitmproxy reads the confdir's config.yaml after --set: a developer's config.yaml turned
+# the replay mode a test runner asked for back into record, without a word.
+def test_a_setting_the_confdirs_config_yaml_overrides_stops_startup(tmp_path):
+    (tmp_path / "config.yaml").write_text("ai_cache_mode: record\n")
+    result = mitmdump_startup(tmp_path, "ai_cache_mode=replay")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "ai-cache: ai_cache_mode: --set ai_cache_mode=replay is overridden by config.yaml" in output
+
+
 # A body is keyed only when every JSON reader reads it the same way: duplicate
 # keys (Python keeps the last, others the first), NaN/Infinity, numbers that overflow,
 # nesting deeper than 64, text that is not Unicode. Such bodies pass through as BYPASS.

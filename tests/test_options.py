@@ -9,7 +9,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from ai_cache.addon import AICache
-from ai_cache.options import misset_options, parse_duration, parse_size
+from ai_cache.options import misset_options, overridden_settings, parse_duration, parse_size
 
 BAD_VALUES = [
     ("ai_cache_ttl", "abc"),
@@ -83,3 +83,14 @@ def test_bad_cluster_url_is_an_options_error(tmp_path):
         tctx.configure(addon, ai_cache_dir=str(tmp_path))  # running; at startup it is a logged error
         with pytest.raises(exceptions.OptionsError, match="ai_cache_redis_url"):
             tctx.configure(addon, ai_cache_dir=str(tmp_path), ai_cache_redis_url="redis+cluster://127.0.0.1:7000/1")
+
+
+def test_settings_the_confdirs_config_yaml_overrode_are_named():
+    with taddons.context() as tctx:
+        tctx.options.set("ai_cache_mode=replay", "ai_cache_ttl=7d", defer=True)
+        tctx.options.update_defer(ai_cache_mode="record", ai_cache_ttl="7d", ai_cache_hosts="*.openai.com")
+        argv = ["mitmdump", "--set", "ai_cache_mode=replay", "--set=ai_cache_ttl=7d", "-s", "ai_cache_addon.py"]
+        assert overridden_settings(tctx.options.deferred, argv) == [
+            "ai_cache_mode: --set ai_cache_mode=replay is overridden by config.yaml in the confdir "
+            "(ai_cache_mode: 'record'), which mitmproxy reads after --set; remove it there"
+        ]  # the same TTL in both, and an option only config.yaml sets, are fine

@@ -12,6 +12,7 @@ import asyncio
 import fnmatch
 import functools
 import logging
+import sys
 
 from mitmproxy import ctx, exceptions, http
 
@@ -25,7 +26,7 @@ from .keys import cacheable_request, header_map, host_of, path_of
 from .lease import fleet_leases
 from .metrics import Metrics
 from .nearest import explain_miss
-from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options
+from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options, overridden_settings
 from .protocols import recognise
 from .recording import Recorder, new_capture, where
 from .redis_store import redact
@@ -67,7 +68,8 @@ class AICache:
         for name, typespec, default, help_text in OPTIONS:
             loader.add_option(name, typespec, default, help_text)
         # Errors logged while the proxy starts stop it; raising here would not (see misset_options).
-        for problem in misset_options(getattr(loader.master.options, "deferred", {})):
+        deferred = getattr(loader.master.options, "deferred", {})
+        for problem in misset_options(deferred) + overridden_settings(deferred, sys.argv):
             logger.error("ai-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +251,30 @@ def misset_options(deferred: Mapping[str, Any]) -> list[str]:
                 name[len(PREFIX) :], [n[len(PREFIX) :] for n in sorted(OPTION_NAMES)], n=1
             )
             problems.append(f"unknown option {name}" + (f" (did you mean {PREFIX}{close[0]}?)" if close else ""))
+    return problems
+
+
+def overridden_settings(deferred: Mapping[str, Any], argv: Sequence[str]) -> list[str]:
+    """The `ai_cache_*` options given with `--set` whose value the confdir's config.yaml
+    replaced: mitmproxy reads config.yaml after `--set` (which it needs for `confdir`), so
+    a developer's config.yaml could silently turn `ai_cache_mode=replay` back into record."""
+    given: dict[str, str] = {}
+    for before, setting in zip(argv, argv[1:], strict=False):
+        if before == "--set":
+            name, _, value = setting.partition("=")
+            given[name] = value
+    for arg in argv:
+        if arg.startswith("--set="):
+            name, _, value = arg[len("--set=") :].partition("=")
+            given[name] = value
+    problems = []
+    for name, value in deferred.items():
+        replaced = name in given and not hasattr(value, "val")  # `.val`: still --set's own strings
+        if name in OPTION_NAMES and replaced and str(value).lower() != given[name].lower():
+            problems.append(
+                f"{name}: --set {name}={given[name]} is overridden by config.yaml in the confdir "
+                f"({name}: {value!r}), which mitmproxy reads after --set; remove it there"
+            )
     return problems
 
 
