@@ -16,6 +16,7 @@ import sys
 
 from mitmproxy import ctx, exceptions, http
 
+from .capture import body_format
 from .commands import Commands
 from .comments import Comments
 from .controls import Controls, take_controls
@@ -32,7 +33,7 @@ from .recording import Recorder, new_capture, where
 from .redis_store import redact
 from .replay import PacedReplay
 from .report import Tally, flow_line, hit_outcome, human_size, show_connection_lines
-from .responses import cache_headers, immediate_response, no_recording
+from .responses import add_headers, cache_headers, immediate_response, no_recording
 from .runlog import RunLog
 from .semantic import SemanticLayer
 from .state import FlowState, Mode, Status, attach, state_of
@@ -281,12 +282,11 @@ class AICache:
             state.served = True
             state.reason = "answered by another addon, not upstream"
         if self.settings.headers:
-            for name, value in cache_headers(state):
-                flow.response.headers[name] = value
-        if not state.recording or flow.response.status_code != 200:
+            add_headers(flow.response, cache_headers(state))
+        if not state.recording or flow.response.status_code != 200 or flow.response.stream:
             return
-        capture = new_capture(state, flow.response, self.settings.max_body)
-        if (state.stream or capture.format != "json") and not flow.response.stream:
+        if state.stream or body_format(flow.response.headers.get("content-type", "")) != "json":
+            capture = new_capture(state, flow.response, self.settings.max_body)  # a JSON answer's comes whole
             flow.response.stream = capture
             if state.leader:  # its followers get the stream live
                 headers = [(k, v) for k, v in flow.response.headers.items(multi=True)]

@@ -18,6 +18,14 @@ def make_headers(pairs: list[tuple[str, str]]) -> http.Headers:
     return http.Headers([(k.encode(), v.encode()) for k, v in pairs])
 
 
+def add_headers(message: http.Message, headers: list[tuple[str, str]]) -> None:
+    """Set these headers, replacing any of the same names, in one rebuild of the fields
+    (each `headers[name] = value` rebuilds them all)."""
+    names = {name.encode() for name, _ in headers}
+    kept = tuple(field for field in message.headers.fields if field[0].lower() not in names)
+    message.headers.fields = kept + tuple((k.encode(), v.encode()) for k, v in headers)
+
+
 def cache_headers(state: FlowState) -> list[tuple[str, str]]:
     """`x-ai-cache-status`, `-key`, and for a hit `-age` and `-layer` (ai_cache_headers)."""
     headers = [("x-ai-cache-status", str(state.status))]
