@@ -74,18 +74,26 @@ def log_lines(proxy, pattern: str, count: int = 1, tries: int = 200) -> list[str
     return lines
 
 
-def on_disk(directory, key: str, tries: int = 100) -> Entry:
-    """The entry under `key` once the proxy's batch write put it in the cache directory."""
+def wait_for(probe, tries: int = 100, what: str = "it happen"):
+    """Stores are written in the background: poll until `probe()` is truthy, and return it."""
     for _ in range(tries):
-        store = DiskStore(directory)
-        try:
-            entry = store.get_sync(key)
-        finally:
-            store.close_sync()
-        if entry is not None:
-            return entry
+        if found := probe():
+            return found
         time.sleep(0.05)
-    raise AssertionError(f"{key[:12]} never reached {directory}")
+    raise AssertionError(f"never saw {what}")
+
+
+def read_entry(directory, key: str) -> Entry | None:
+    store = DiskStore(directory)
+    try:
+        return store.get_sync(key)
+    finally:
+        store.close_sync()
+
+
+def on_disk(directory, key: str) -> Entry:
+    """The entry under `key` once the proxy's batch write put it in the cache directory."""
+    return wait_for(lambda: read_entry(directory, key), what=f"{key[:12]} reach {directory}")
 
 
 def stored_lines(proxy) -> int:
@@ -93,14 +101,10 @@ def stored_lines(proxy) -> int:
     return len(re.findall(r": stored\b", proxy.logs()))
 
 
-def wait_for_stored(proxy, count: int = 1, tries: int = 100) -> None:
+def wait_for_stored(proxy, count: int = 1) -> None:
     """Until the log says `count` answers were written: a lookup already serves an entry
     that waits for its batch write, so a HIT does not prove it is on disk or in Redis."""
-    for _ in range(tries):
-        if stored_lines(proxy) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never saw {count} stored")
+    wait_for(lambda: stored_lines(proxy) >= count, what=f"{count} stored")
 
 
 STREAMS = {
@@ -152,12 +156,8 @@ def redis_key(answer) -> str:
     return "ai-cache:" + answer.headers["x-ai-cache-key"]
 
 
-def wait_for_redis_key(client: redis.Redis, key: str, tries: int = 100) -> None:
-    for _ in range(tries):
-        if client.exists(key):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{key} never reached Redis")
+def wait_for_redis_key(client: redis.Redis, key: str) -> None:
+    wait_for(lambda: client.exists(key), what=f"{key} reach Redis")
 
 
 # Flows for the addon's hooks (unit tests, mitmproxy's tflow)

@@ -7,14 +7,13 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ai_cache.launch import free_port, stop, wait_for_port
 from conftest import ADDON
-from helpers import CHAT, STREAMS, chat_body, post, stream_raw
+from helpers import CHAT, STREAMS, chat_body, post, stream_raw, wait_for
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -29,15 +28,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def stats(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
-
-
-def wait_for(probe, tries: int = 100):
-    """Stores are written in the background: poll until `probe()` is truthy."""
-    for _ in range(tries):
-        if found := probe():
-            return found
-        time.sleep(0.05)
-    raise AssertionError("never happened")
 
 
 def test_metrics_count_a_miss_a_hit_a_bypass_and_a_stream_not_stored(start_proxy, upstream, marker):

@@ -171,10 +171,7 @@ class DiskStore:
         return entry
 
     def put_sync(self, entry: Entry, expire: float | None) -> bool:
-        if not self._writable():
-            return False
-        data = entry.to_bytes()
-        return self._guarded("write", lambda: self._cache.set(entry.key, data, expire=expire), False)
+        return self.put_many_sync([(entry, expire)])[0]
 
     def put_many_sync(self, items: Sequence[tuple[Entry, float | None]]) -> list[bool]:
         """Many entries in one transaction: a write's BEGIN and COMMIT cost more than a

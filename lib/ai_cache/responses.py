@@ -23,7 +23,7 @@ def add_headers(message: http.Message, headers: list[tuple[str, str]]) -> None:
     (each `headers[name] = value` rebuilds them all)."""
     names = {name.encode() for name, _ in headers}
     kept = tuple(field for field in message.headers.fields if field[0].lower() not in names)
-    message.headers.fields = kept + tuple((k.encode(), v.encode()) for k, v in headers)
+    message.headers.fields = kept + make_headers(headers).fields
 
 
 def cache_headers(state: FlowState) -> list[tuple[str, str]]:
@@ -41,11 +41,10 @@ def cache_headers(state: FlowState) -> list[tuple[str, str]]:
 def immediate_response(entry: Entry, extra_headers: list[tuple[str, str]]) -> http.Response:
     """Built in one step: `Response.make` would encode an empty body and then rescan the
     headers for content-length (a hit's hot path; stored headers hold no framing ones)."""
-    fields = [(k.encode(), v.encode()) for k, v in entry.replay_headers() + extra_headers]
-    fields.append((b"content-length", str(len(entry.body)).encode()))
+    headers = make_headers([*entry.replay_headers(), *extra_headers, ("content-length", str(len(entry.body)))])
     reason = status_codes.RESPONSES.get(entry.status, "").encode()
     now = time.time()
-    return http.Response(b"HTTP/1.1", entry.status, reason, http.Headers(fields), entry.body, None, now, now)
+    return http.Response(b"HTTP/1.1", entry.status, reason, headers, entry.body, None, now, now)
 
 
 def no_recording(

@@ -59,7 +59,7 @@ class Written:
 
 # An entry waiting for its batch write: the entry, the caller's last work on it, and
 # the future its outcome is told through.
-Pending = tuple[Entry, Callable[[Entry], None], "asyncio.Future[Written]"]
+Pending = tuple[Entry, Callable[[Entry], None], asyncio.Future[Written]]
 
 
 @dataclass
@@ -166,12 +166,13 @@ class TieredCache:
         """
         if visible and self.stores and not self.stores[0].read_only:  # served as the nearest store's
             self._unwritten[entry.key] = entry
-        written: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[Written] = loop.create_future()
         self._batch.append((entry, finish, written))
         if len(self._batch) >= WRITE_BATCH_SIZE:
             self._flush()
         elif len(self._batch) == 1:
-            self._flush_timer = asyncio.get_running_loop().call_later(WRITE_BATCH_SECONDS, self._flush)
+            self._flush_timer = loop.call_later(WRITE_BATCH_SECONDS, self._flush)
         return written
 
     def _flush(self) -> None:
