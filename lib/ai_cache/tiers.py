@@ -191,13 +191,14 @@ class TieredCache:
                 *(self._write_elsewhere(entry, done) for (entry, _, _), done in zip(batch, in_thread, strict=True))
             )
         except BaseException as e:  # the futures must end whatever happens: followers and logs wait on them
-            for entry, _, written in batch:
-                self._written(entry)
+            for _, _, written in batch:
                 if not written.done():
                     written.set_exception(e)
             raise
-        for (entry, _, written), outcome in zip(batch, outcomes, strict=True):
-            self._written(entry)
+        finally:
+            for entry, _, _ in batch:
+                self._written(entry)
+        for (_, _, written), outcome in zip(batch, outcomes, strict=True):
             written.set_result(outcome)
 
     async def _write_elsewhere(self, entry: Entry, in_thread: dict[Store, tuple[bool, str]] | str) -> Written:
