@@ -160,6 +160,7 @@ async def test_leader_is_released_even_if_the_response_hook_fails(tmp_path):
         addon.responseheaders(first)
         first.response.raw_content = b"[" * 100_000 + b"]" * 100_000
         await addon.response(first)  # absurdly deep JSON: refused, and the leader lands
+        await asyncio.sleep(0)  # the recording concludes once the answer was sent
         second = chat_flow(body)
         started = time.monotonic()
         await addon.request(second)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
@@ -20,40 +22,38 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.fixture
 async def addons(tmp_path):
     cache = AICache()
-    comments, metrics, commands = Comments(cache.recorder), Metrics(cache), Commands(cache)
-    with taddons.context(cache, comments, metrics, commands) as tctx:
+    comments, metrics, commands = Comments(cache), Metrics(cache), Commands(cache)
+    with taddons.context(cache, metrics, commands) as tctx:
         tctx.configure(cache, ai_cache_dir=str(tmp_path / "cache"))
         yield tctx, cache, comments, metrics
         await cache.cache.close()
 
 
-async def through(tctx, cache: AICache, comments: Comments, metrics: Metrics, body: dict = BODY, **headers: str):
-    """One flow through the hooks, in the order mitmproxy calls the listed addons."""
+async def through(cache: AICache, body: dict = BODY, **headers: str):
+    """One flow through the hooks (AICache tells the others)."""
     flow = chat_flow(body, **headers)
     await cache.request(flow)
-    metrics.request(flow)
     if flow.response is None:
         upstream_answers(cache, flow)
     await cache.response(flow)
-    comments.response(flow)
     await cache.cache.drain()
     return flow
 
 
 async def test_flows_get_their_cache_outcome_as_comment_and_hits_a_marker(addons):
     tctx, cache, comments, metrics = addons
-    miss = await through(tctx, cache, comments, metrics)
+    miss = await through(cache)
     assert miss.comment == "ai-cache MISS stored" and not miss.marked
-    hit = await through(tctx, cache, comments, metrics)
+    hit = await through(cache)
     assert hit.comment == "ai-cache HIT l1 age 0s, saved 7 tokens" and hit.marked == HIT_MARKER
-    bypass = await through(tctx, cache, comments, metrics, x_ai_cache_bypass="1")
+    bypass = await through(cache, x_ai_cache_bypass="1")
     assert bypass.comment == "ai-cache BYPASS client asked"
-    assert (await through(tctx, cache, comments, metrics, {**BODY, "n": 2})).comment == "ai-cache MISS stored"
+    assert (await through(cache, {**BODY, "n": 2})).comment == "ai-cache MISS stored"
     broken = chat_flow({**BODY, "n": 3})
     await cache.request(broken)
-    metrics.request(broken)
     upstream_answers(cache, broken, status=500)
     await cache.response(broken)
+    await asyncio.sleep(0)  # the recording concludes once the answer was sent
     assert broken.comment == "ai-cache MISS not stored: upstream answered 500"
 
     numbers = await metrics.stats()
@@ -76,17 +76,17 @@ async def test_a_second_metrics_addon_has_its_own_registry(addons):
 
 async def test_the_model_label_is_opt_in(addons):
     tctx, cache, comments, metrics = addons
-    await through(tctx, cache, comments, metrics)
+    await through(cache)
     assert b'model="' not in await metrics.prometheus()
     tctx.configure(cache, ai_cache_metrics_models=True)
-    await through(tctx, cache, comments, metrics, {**BODY, "model": "gpt-4o-mini"})
+    await through(cache, {**BODY, "model": "gpt-4o-mini"})
     assert b'model="gpt-4o-mini"' in await metrics.prometheus()
 
 
 async def test_stats_clear_and_delete_commands(addons, caplog):
     tctx, cache, comments, metrics = addons
-    first = await through(tctx, cache, comments, metrics)
-    second = await through(tctx, cache, comments, metrics, {**BODY, "n": 2})
+    first = await through(cache)
+    second = await through(cache, {**BODY, "n": 2})
     summary = tctx.master.commands.execute("ai_cache.stats")
     assert summary.startswith("ai-cache: 2 LLM calls: 0 hits, 2 misses; 2 stored")
     key = first.metadata["ai_cache"]["key"]
@@ -141,8 +141,8 @@ def test_bad_metrics_address_is_refused_naming_the_option(tmp_path, text):
 
 async def test_lookups_are_timed_by_layer(addons):
     tctx, cache, comments, metrics = addons
-    await through(tctx, cache, comments, metrics)
-    await through(tctx, cache, comments, metrics)
+    await through(cache)
+    await through(cache)
     numbers = await metrics.stats()
     assert numbers["lookups"]["l1"]["count"] == 2  # the miss's and the hit's
     assert 'ai_cache_lookup_seconds_count{layer="l1"} 2.0' in (await metrics.prometheus()).decode()
@@ -152,7 +152,7 @@ async def test_redis_failures_are_counted_by_op_and_l2_is_down(addons):
     tctx, cache, comments, metrics = addons
     tctx.configure(cache, ai_cache_redis_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     metrics.configure({"ai_cache_redis_url"})
-    await through(tctx, cache, comments, metrics)
+    await through(cache)
     numbers = await metrics.stats()
     assert numbers["l2_errors"]["get"] == 1
     assert numbers["l2_up"] == 0

@@ -19,6 +19,7 @@ from ai_cache.protocols import (
     Question,
     answer_headers,
     credential_headers,
+    forget_families,
     recognise,
     register,
 )
@@ -424,8 +425,7 @@ def test_a_new_family_is_one_class_and_a_register_call(monkeypatch):
             register(Cohere())
     finally:
         monkeypatch.undo()
-        answer_headers.cache_clear()
-        credential_headers.cache_clear()
+        forget_families()
     assert recognise("POST", "/v2/chat") is None and "x-cohere-key" not in credential_headers()
 
 

@@ -1,4 +1,4 @@
-"""The PacedReplay addon: redirect to the in-proxy server, stream, restore, forget."""
+"""PacedReplay: redirect to the in-proxy server, stream, restore, forget."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
 
+from ai_cache.addon import AICache
 from ai_cache.entry import Entry
 from ai_cache.replay import TOKEN_HEADER, PacedReplay
 from ai_cache.state import FlowState, Status, attach
@@ -55,9 +56,9 @@ async def test_a_paced_hit_is_redirected_streamed_and_restored():
         assert answer.startswith(b"HTTP/1.1 200") and b"x-ai-cache-status: HIT" in answer
         assert answer.endswith(ENTRY.body)
         flow.response = tflow.tresp()
-        pacer.responseheaders(flow)
+        pacer.responseheaders(flow, state)
         assert flow.response.stream is True
-        pacer.response(flow)
+        pacer.response(flow, state)
         assert flow.request.url == url and TOKEN_HEADER not in flow.request.headers
         assert state.original_url is None and "original_url" not in flow.metadata["ai_cache"]
         await pacer.done()
@@ -68,15 +69,18 @@ async def test_a_failed_paced_flow_forgets_its_token():
     with taddons.context(pacer):
         flow, state, _ = await paced_flow(pacer)
         flow.error = Error("Client disconnected.")
-        pacer.error(flow)
+        pacer.error(flow, state)
         assert (await fetch(pacer.server.port, state.token)).startswith(b"HTTP/1.1 404")
         await pacer.done()
 
 
-def test_flows_without_a_token_are_left_alone():
-    pacer = PacedReplay()
-    flow = tflow.tflow(resp=True)
-    attach(flow, FlowState("openai-chat", status=Status.HIT))
-    pacer.responseheaders(flow)
-    pacer.response(flow)
-    assert not flow.response.stream and flow.request.url == tflow.tflow().request.url
+async def test_flows_without_a_token_are_left_alone(tmp_path):
+    cache = AICache()
+    with taddons.context(cache) as tctx:
+        tctx.configure(cache, ai_cache_dir=str(tmp_path))
+        flow = tflow.tflow(resp=True)
+        attach(flow, FlowState("openai-chat", status=Status.HIT))
+        cache.responseheaders(flow)
+        await cache.response(flow)
+        assert not flow.response.stream and flow.request.url == tflow.tflow().request.url
+        await cache.done()

@@ -3,7 +3,9 @@ and the stores.
 
 Per-flow state is a `FlowState` (state.py), viewed as a plain dict in
 `flow.metadata["ai_cache"]` (it survives `-w` flow files); the live stream capture rides
-on `flow.response.stream` itself. Paced replay is an addon of its own (replay.py).
+on `flow.response.stream` itself. `AICache` is the only addon with per-flow hooks: paced
+replay (replay.py), comments, metrics and the run log are driven from them, since
+mitmproxy's dispatch of every flow event to every addon cost 45 µs a MISS for four more.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from .metrics import Metrics
 from .nearest import explain_miss
 from .options import OPTION_NAMES, OPTIONS, Settings, allow_hosts, misset_options, overridden_settings
 from .protocols import recognise
-from .recording import Recorder, new_capture, where
+from .recording import FlowObserver, Recorder, new_capture, tell, where
 from .redis_store import redact
 from .replay import PacedReplay
-from .report import Tally, flow_line, hit_outcome, human_size, show_connection_lines
+from .report import FlowLines, Tally, flow_line, hit_outcome, human_size, show_connection_lines
 from .responses import add_headers, cache_headers, immediate_response, no_recording
 from .runlog import RunLog
 from .semantic import SemanticLayer
@@ -52,17 +54,20 @@ STORE_SETTINGS = (
 
 
 class AICache:
-    """Looks requests up, answers hits, and has misses recorded. `pacer` is the
-    `PacedReplay` addon listed beside this one (a private one when alone, e.g. in tests:
-    then paced hits are not restored to their URL in the log)."""
+    """Looks requests up, answers hits, and has misses recorded; tells `when_routed` and
+    `when_answered` of each recognised flow, and its `recorder`'s observers of each
+    recording's outcome."""
 
-    def __init__(self, pacer: PacedReplay | None = None) -> None:
+    def __init__(self) -> None:
         self.settings: Settings | None = None
         self.cache: TieredCache | None = None
-        self.pacer = pacer or PacedReplay()
+        self.pacer = PacedReplay()
+        self.when_routed: list[FlowObserver] = []  # after the request hook decided
+        self.when_answered: list[FlowObserver] = []  # in the response hook, before the answer goes out
         self.flights = SingleFlight()
         self.tally = Tally()
-        self.recorder = Recorder(self.flights, self.tally)
+        self.lines = FlowLines()  # one line per flow, logged a loop turn's lines at a time
+        self.recorder = Recorder(self.flights, self.tally, self.lines)
         self.semantic: SemanticLayer | None = None  # ai_cache_semantic=on
 
     def load(self, loader) -> None:
@@ -155,10 +160,12 @@ class AICache:
             ctx.options.update(allow_hosts=allow_hosts(self.settings.hosts))
 
     async def done(self) -> None:
+        await self.pacer.done()
         if self.cache is not None:
             await self.cache.close()
         if self.semantic is not None:
             self.semantic.close()
+        self.lines.flush()
         logger.info("ai-cache: %s", self.tally.summary())
 
     # Request path
@@ -185,6 +192,7 @@ class AICache:
                 self.semantic.ask(flow, protocol, found, controls, settings)
             await self._route(flow, state, controls, settings, cache)
         self.tally.count(state.status)
+        tell(self.when_routed, flow, state)
         if state.status.recording and flow.response is None:
             # Plain bytes are what the capture can scan and the cache can replay.
             flow.request.headers["accept-encoding"] = "identity"
@@ -275,7 +283,10 @@ class AICache:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
-        if state is None or flow.response is None or self.settings is None or state.token:
+        if state is None or flow.response is None or self.settings is None:
+            return
+        if state.token:  # answered by the replay server
+            self.pacer.responseheaders(flow, state)
             return
         if flow.response.raw_content is not None and state.recording:
             # Upstream bodies arrive after this hook; one already here was made by an addon.
@@ -298,28 +309,35 @@ class AICache:
         state = state_of(flow)
         if state is None or flow.response is None or self.cache is None or self.settings is None:
             return
+        if state.token:  # the URL back from the replay server's, before anyone logs it
+            self.pacer.response(flow, state)
         if state.status is Status.HIT:
-            logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, hit_outcome(state)))
-            return
-        self.recorder.conclude(flow, state, self.cache, self.settings.max_body)
+            self.lines.add(flow_line(state, where(flow), state.size or 0, hit_outcome(state)))
+        else:
+            # mitmproxy sends the answer once every response hook returned: recording it
+            # (checks, entry, single flight, log line) comes right after, off the client's wait.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.recorder.conclude, flow, state, self.cache, self.settings.max_body)
+        tell(self.when_answered, flow, state)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
         if state is None or self.cache is None or self.settings is None:
             return
+        if state.token:
+            self.pacer.error(flow, state)
         ended_by = str(flow.error.msg if flow.error else "the flow failed")
         if state.status is Status.HIT and state.token:  # a replayed or live stream that did not end well
             outcome = f"{hit_outcome(state)}; then {ended_by.rstrip('.')}"
-            logger.info("ai-cache: %s", flow_line(state, where(flow), state.size or 0, outcome))
+            self.lines.add(flow_line(state, where(flow), state.size or 0, outcome))
         if not state.status.recording:
             return
         self.recorder.conclude(flow, state, self.cache, self.settings.max_body, ended_by)
 
 
 def make_addons() -> list[object]:
-    """The addons mitmproxy loads, fresh for every (re)load of the script. PacedReplay first:
-    it restores a paced hit's URL before AICache logs the flow; the observers after AICache,
-    whose per-flow state they read."""
-    pacer = PacedReplay()
-    cache = AICache(pacer)
-    return [pacer, cache, Comments(cache.recorder), Metrics(cache), Commands(cache), RunLog(cache)]
+    """The addons mitmproxy loads, fresh for every (re)load of the script: the observers
+    keep only their lifecycle hooks (options, servers, files); AICache tells them of flows."""
+    cache = AICache()
+    Comments(cache)  # no hooks of its own: it only observes
+    return [cache, Metrics(cache), Commands(cache), RunLog(cache)]

@@ -8,11 +8,16 @@ known once its background write finished: the `Recorder` tells us then.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mitmproxy import ctx, hooks, http
 
-from .recording import Conclusion, Recorder
+from .recording import Conclusion
 from .report import hit_outcome
-from .state import FlowState, Status, state_of
+from .state import FlowState, Status
+
+if TYPE_CHECKING:
+    from .addon import AICache
 
 HIT_MARKER = ":zap:"  # a mitmproxy marker (an emoji shortcode, as `flow.mark` takes)
 
@@ -26,14 +31,15 @@ def concluded_comment(state: FlowState, conclusion: Conclusion) -> str:
 
 
 class Comments:
-    """Writes the comment and marker; listed after `AICache`, whose `Recorder` it observes."""
+    """Writes the comment and marker: told of answered flows and recordings' outcomes by
+    `AICache` and its `Recorder` (it has no hooks of its own)."""
 
-    def __init__(self, recorder: Recorder) -> None:
-        recorder.observers.append(self.concluded)
+    def __init__(self, cache: AICache) -> None:
+        cache.when_answered.append(self.answered)
+        cache.recorder.observers.append(self.concluded)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = state_of(flow)
-        if state is None or state.status is not Status.HIT:
+    def answered(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if state.status is not Status.HIT:
             return
         flow.comment = hit_comment(state)
         flow.marked = HIT_MARKER  # the response hook's own update shows both

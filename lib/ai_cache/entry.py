@@ -118,18 +118,16 @@ class Entry:
             raise EntryError(f"malformed entry: {e}") from e
         return validated(entry)
 
-    def _head(self) -> bytes:
-        return json.dumps(self.header_dict(), separators=(",", ":")).encode()
-
-    def encoded_size(self) -> int:
-        """The length of `to_bytes()`, without copying the body."""
-        return 12 + len(self._head()) + len(self.body)
-
     def to_bytes(self) -> bytes:
-        head = self._head()
-        prefix = MAGIC + struct.pack(">BI", ENTRY_VERSION, len(head))
-        checksum = zlib.crc32(self.body, zlib.crc32(head, zlib.crc32(prefix)))
-        return prefix + struct.pack(">I", checksum) + head + self.body
+        """The encoding, made once: the size check and every store ask for it. So an entry
+        is not changed once encoded (only a recording's summary changes one, before)."""
+        encoded: bytes | None = self.__dict__.get("_encoded")
+        if encoded is None:
+            head = json.dumps(self.header_dict(), separators=(",", ":")).encode()
+            prefix = MAGIC + struct.pack(">BI", ENTRY_VERSION, len(head))
+            checksum = zlib.crc32(self.body, zlib.crc32(head, zlib.crc32(prefix)))
+            encoded = self.__dict__["_encoded"] = prefix + struct.pack(">I", checksum) + head + self.body
+        return encoded
 
     @classmethod
     def from_bytes(cls, data: bytes, key: str | None = None) -> Entry:

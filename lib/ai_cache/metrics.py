@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .disk import DiskStore
 from .recording import Conclusion
 from .redis_store import RedisStore
-from .state import FlowState, Status, state_of
+from .state import FlowState, Status
 
 if TYPE_CHECKING:
     from .addon import AICache
@@ -56,11 +56,12 @@ REQUEST_LABELS = ("status", "layer", "protocol", "model")
 
 
 class Metrics:
-    """Counts flows (its own `request` hook reads the FlowState AICache set; the Recorder
-    tells it store outcomes) and serves them. Listed after `AICache`."""
+    """Counts flows (AICache tells it of each routed flow, its Recorder of store outcomes)
+    and serves them."""
 
     def __init__(self, cache: AICache) -> None:
         self.cache = cache
+        cache.when_routed.append(self.routed)
         cache.recorder.observers.append(self.concluded)
         self.requests: Counter[tuple[str, str, str, str]] = Counter()  # REQUEST_LABELS
         self.stored: Counter[str] = Counter()
@@ -93,10 +94,7 @@ class Metrics:
 
     # Counting
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        state = state_of(flow)
-        if state is None or self.cache.settings is None:
-            return
+    def routed(self, flow: http.HTTPFlow, state: FlowState) -> None:
         self.requests[str(state.status), state.layer or "none", state.protocol, state.model or ""] += 1
         if state.status is Status.HIT:
             self.tokens_saved[state.protocol] += state.saved_tokens or 0

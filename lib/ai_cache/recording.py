@@ -13,6 +13,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import http
 
@@ -21,7 +22,7 @@ from .entry import Entry, replayable_headers
 from .flights import SingleFlight
 from .keys import host_of, path_of, stored_request
 from .protocols import BY_NAME, Protocol
-from .report import Tally, flow_line, store_outcome
+from .report import FlowLines, Tally, flow_line, store_outcome
 from .state import FlowState
 from .tiers import TieredCache, WriteCancelled, Written
 
@@ -60,7 +61,7 @@ def finisher(capture: StreamCapture, max_body: int) -> Callable[[Entry], None]:
         if capture.needs_full_check and (problem := capture.full_check()):
             raise NotStorable(problem)
         summarise(entry, capture.protocol)
-        if (size := entry.encoded_size()) > max_body:
+        if (size := len(entry.to_bytes())) > max_body:
             raise NotStorable(f"too large: the entry has {size} bytes, above ai_cache_max_body")
 
     return finish
@@ -112,22 +113,27 @@ class Conclusion:
 
 
 Observer = Callable[[http.HTTPFlow, FlowState, Conclusion], None]
+# Told of a recognised flow at a step of its way (routed, answered): comments, metrics, run log.
+FlowObserver = Callable[[http.HTTPFlow, FlowState], None]
+
+
+def tell(observers: list[Callable[..., None]], *args: Any) -> None:
+    """Call each observer; one's bug must neither break the flow nor silence the others."""
+    for observer in observers:
+        try:
+            observer(*args)
+        except Exception:
+            logger.exception("ai-cache: an observer failed")
 
 
 class Recorder:
     """Concludes recording flows: store, release followers, log, count, tell `observers`."""
 
-    def __init__(self, flights: SingleFlight, tally: Tally) -> None:
+    def __init__(self, flights: SingleFlight, tally: Tally, lines: FlowLines | None = None) -> None:
         self.flights = flights
         self.tally = tally
+        self.lines = lines or FlowLines()
         self.observers: list[Observer] = []
-
-    def _tell(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
-        for observer in self.observers:
-            try:
-                observer(flow, state, conclusion)
-            except Exception:  # an observer's bug must not break recording
-                logger.exception("ai-cache: an observer failed")
 
     def conclude(
         self, flow: http.HTTPFlow, state: FlowState, cache: TieredCache, max_body: int, ended_by: str = ""
@@ -160,8 +166,8 @@ class Recorder:
                 size = flow.response.stream.size
         line = functools.partial(flow_line, state, where(flow), size)
         if written is None:
-            logger.info("ai-cache: %s", line(outcome))
-            self._tell(flow, state, Conclusion(outcome, False if not_stored else None, not_stored))
+            self.lines.add(line(outcome))
+            tell(self.observers, flow, state, Conclusion(outcome, False if not_stored else None, not_stored))
         else:
             then = f" (complete; then {ended_by.rstrip('.')})" if ended_by else ""
             written.add_done_callback(lambda task: self._report_write(task, flow, state, line, checked, then))
@@ -187,6 +193,6 @@ class Recorder:
         else:
             self.tally.not_storing(written.problem)
         outcome = store_outcome(written.layers, written.problem, checked)
-        logger.info("ai-cache: %s", line(outcome + then))
+        self.lines.add(line(outcome + then))
         stored = bool(written.layers)
-        self._tell(flow, state, Conclusion(outcome, stored, "" if stored else written.problem))
+        tell(self.observers, flow, state, Conclusion(outcome, stored, "" if stored else written.problem))

@@ -4,8 +4,8 @@ and live fan-out: a follower gets an in-flight leader's stream as it arrives.
 mitmproxy sends a response made in the `request` hook in one piece, so paced replay
 goes through a tiny HTTP server inside the proxy: the flow is pointed at it with a
 one-time token, and it writes the recorded chunks with the recorded gaps, or relays a
-live `Broadcast` (chunked, ending as the leader's stream ended). `PacedReplay` is the
-addon that owns the whole detour (redirect, streaming, restoring the URL, forgetting an
+live `Broadcast` (chunked, ending as the leader's stream ended). `PacedReplay` owns the
+whole detour (redirect, streaming, restoring the URL, forgetting an
 unused token, the server's life); `AICache` hands it the hits to pace and the followers.
 """
 
@@ -21,7 +21,7 @@ from mitmproxy import connection, http
 
 from .entry import Entry
 from .fanout import Broadcast, Subscription, relayed
-from .state import FlowState, state_of
+from .state import FlowState
 
 logger = logging.getLogger(__name__)
 TOKEN_HEADER = "x-ai-cache-replay-token"
@@ -163,8 +163,9 @@ class ReplayServer:
 
 
 class PacedReplay:
-    """The addon that replays hits at their recorded pace through `ReplayServer`. It must
-    come before `AICache` in `addons`: the URL is restored before AICache logs the flow."""
+    """Replays hits at their recorded pace, and live streams, through `ReplayServer`:
+    AICache sends flows here and tells it of their way back (first, so that the URL is
+    restored before anything logs the flow)."""
 
     def __init__(self) -> None:
         self.server = ReplayServer()
@@ -192,29 +193,28 @@ class PacedReplay:
         state.original_url = flow.request.url
         send_to_replay_server(flow, port, state.token)
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state = state_of(flow)
-        if state is None or not state.token or flow.response is None:
+    # The flow's way back, told by AICache's hooks for flows it sent here (state.token).
+
+    def responseheaders(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if flow.response is None:
             return
         flow.response.stream = True  # our own server: pass it on chunk by chunk
         # It closes its side after each answer; the client's connection stays open.
         flow.response.headers.pop("connection", None)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = state_of(flow)
-        if state is None or not state.original_url:
+    def response(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if not state.original_url:
             return
         flow.request.url, state.original_url = state.original_url, None
         flow.request.headers.pop(TOKEN_HEADER, None)
         if (followed := self._following.pop(state.token or "", None)) is not None:
             state.size = followed.size
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        state = state_of(flow)
-        if state is None or not state.token:
+    def error(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if not state.token:
             return
         self.server.forget(state.token)
-        self.response(flow)
+        self.response(flow, state)
         logger.debug("ai-cache: paced replay ended early: %s", flow.error)
 
     async def done(self) -> None:

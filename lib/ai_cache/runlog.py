@@ -2,8 +2,7 @@
 the fixture files a run used, for the programs that run the proxy for a test run (the
 pytest plugin, with-ai-cache) to read; and the shutdown line naming unused fixtures.
 
-Lines, in the order things happen (a write ends after its call's line, or before it when
-nothing was to be written):
+Lines, in the order things happen (a write ends after its call's line):
 
     {"flow": ID, "status": "HIT", "layer": "fixtures", "fixture": NAME, "key": ..., "recording": false}
     {"flow": ID, "status": "MISS", ..., "recording": false, "message": the 504's explanation}
@@ -28,7 +27,7 @@ from mitmproxy import http
 from .protocols import json_object
 from .recording import Conclusion
 from .report import plural
-from .state import FlowState, Status, state_of
+from .state import FlowState, Status
 
 if TYPE_CHECKING:
     from .addon import AICache
@@ -49,6 +48,7 @@ class RunLog:
         self.cache = cache
         self.path = ""
         self.file: IO[str] | None = None
+        cache.when_answered.append(self.answered)
         cache.recorder.observers.append(self.concluded)
 
     def configure(self, updated: set[str]) -> None:
@@ -71,9 +71,8 @@ class RunLog:
         fixtures = self.cache.cache.fixtures if self.cache.cache else None
         return fixtures.name_of(key) if fixtures else None
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = state_of(flow)
-        if state is None or self.file is None:
+    def answered(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        if self.file is None:
             return
         self.write(self._call(flow, state))
 

@@ -268,7 +268,9 @@ class TieredCache:
         return task
 
     async def drain(self) -> None:
-        """Let pending writes finish (shutdown, tests)."""
+        """Let pending writes finish (shutdown, tests); first the recordings concluded
+        right after their answers were sent (AICache.response), already scheduled."""
+        await asyncio.sleep(0)
         self._flush()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
