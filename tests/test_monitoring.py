@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from mitmproxy import exceptions
+from prometheus_client import generate_latest
 from mitmproxy.test import taddons
 
 from ai_cache.addon import AICache
@@ -146,6 +147,16 @@ async def test_lookups_are_timed_by_layer(addons):
     numbers = await metrics.stats()
     assert numbers["lookups"]["l1"]["count"] == 2  # the miss's and the hit's
     assert 'ai_cache_lookup_seconds_count{layer="l1"} 2.0' in (await metrics.prometheus()).decode()
+
+
+def test_lookup_histogram_buckets_are_cumulative_and_hold_their_bound(addons):
+    metrics = addons[3]
+    for seconds in (0.0005, 0.0007, 0.3, 5.0):  # on a bound, between two, above them all
+        metrics.looked_up("l2", seconds)
+    text = generate_latest(metrics.registry).decode()
+    for le, count in (("0.0005", 1), ("0.001", 2), ("0.25", 2), ("1.0", 3), ("+Inf", 4)):
+        assert f'ai_cache_lookup_seconds_bucket{{layer="l2",le="{le}"}} {count}.0' in text
+    assert 'ai_cache_lookup_seconds_sum{layer="l2"} 5.3012' in text
 
 
 async def test_redis_failures_are_counted_by_op_and_l2_is_down(addons):

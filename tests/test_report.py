@@ -1,12 +1,13 @@
-"""The shutdown summary and the connection-line filter of the proxy's log."""
+"""The per-flow lines, the shutdown summary and the connection-line filter of the proxy's log."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 
-from ai_cache.report import SUMMARY, Tally, show_connection_lines
+from ai_cache.report import SUMMARY, FlowLines, Tally, show_connection_lines
 
 
 def test_summary_counts_calls_and_groups_not_stored_reasons():
@@ -56,3 +57,30 @@ def test_connection_lines_are_dropped_and_everything_else_kept(server_log):
         ("WARNING", "client connect"),
         ("INFO", "client connect"),
     ]
+
+
+# A record costs mitmproxy 40-80 µs: the lines of one loop turn (a batch write's) share one.
+async def test_flow_lines_of_one_loop_turn_are_one_record_each_line_prefixed(caplog):
+    caplog.set_level(logging.INFO, logger="ai_cache.report")
+    lines = FlowLines()
+    lines.add("MISS openai-chat m a/b 1 B json: stored")
+    lines.add("MISS openai-chat m a/c 1 B json: stored")
+    assert caplog.records == []  # not before the turn ends
+    await asyncio.sleep(0)
+    lines.add("HIT l1 openai-chat m a/b 1 B json: age 0s")
+    await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ai-cache: MISS openai-chat m a/b 1 B json: stored\nai-cache: MISS openai-chat m a/c 1 B json: stored",
+        "ai-cache: HIT l1 openai-chat m a/b 1 B json: age 0s",
+    ]
+    lines.add("BYPASS openai-chat m a/b 1 B: client asked")
+    lines.flush()  # shutdown: what waits is logged at once, and only once
+    await asyncio.sleep(0)
+    assert caplog.records[-1].getMessage() == "ai-cache: BYPASS openai-chat m a/b 1 B: client asked"
+    assert len(caplog.records) == 3
+
+
+def test_flow_lines_without_a_loop_are_logged_at_once(caplog):
+    caplog.set_level(logging.INFO, logger="ai_cache.report")
+    FlowLines().add("MISS openai-chat m a/b 1 B json: stored")
+    assert [r.getMessage() for r in caplog.records] == ["ai-cache: MISS openai-chat m a/b 1 B json: stored"]

@@ -187,7 +187,8 @@ def read_body(raw: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, ""
     if not isinstance(body, dict):
         return None, ""
-    if not problems and nesting(body) > MAX_NESTING:
+    # Deeper than MAX_NESTING takes more brackets than that: most bodies need no walk.
+    if not problems and raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting(body) > MAX_NESTING:
         problems.append(f"body nested deeper than {MAX_NESTING} levels")
     return body, problems[0] if problems else ""
 
@@ -216,8 +217,8 @@ def cacheable_request(
     request: http.Request, headers: dict[str, str], protocol: Protocol, policy: KeyPolicy
 ) -> CacheableRequest | None:
     """The cacheable view of a recognised request, or None when its body is not a JSON object."""
-    try:
-        raw = request.content
+    try:  # `content` looks the encoding up again, from mitmproxy's case-insensitive headers
+        raw = request.content if "content-encoding" in headers else request.raw_content
     except ValueError:
         return None
     body, refused = read_body(raw) if raw else (None, "")

@@ -9,6 +9,8 @@ own loop that renders on request: no thread, no work while nobody scrapes.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 import logging
 import socket
@@ -18,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import exceptions, http
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .disk import DiskStore
 from .recording import Conclusion
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 READ_TIMEOUT = 5.0
 COUNT_TIMEOUT = 1.0  # the L1 entry count at scrape time; a busy disk leaves the gauge out
+LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # seconds
 
 # Not-stored reasons, a small fixed set of classes (the log line keeps the details).
 # First match wins: (class, words any of which the reason contains, lower-cased).
@@ -73,20 +77,14 @@ class Metrics:
         self.lookups: dict[str, list[float]] = {}  # layer -> [count, seconds], for /stats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # a collector: it has collect()
-        self.lookup_seconds = Histogram(
-            "ai_cache_lookup_seconds",
-            "Time of one store lookup, by layer.",
-            ["layer"],
-            registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-        )
         self.embedding_seconds = Histogram(
             "ai_cache_embedding_seconds",
             "Time of one call to the embeddings endpoint (semantic layer).",
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
-        self._lookup_by_layer: dict[str, Histogram] = {}
+        # layer -> lookups per LOOKUP_BUCKETS bound (the last: above them all), for the histogram
+        self.lookup_buckets: dict[str, list[int]] = {}
         self.listen: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self._unserved: socket.socket | None = None  # bound before the loop ran
@@ -102,10 +100,12 @@ class Metrics:
             self.coalesced += bool(state.coalesced)
 
     def looked_up(self, layer: str, seconds: float) -> None:
-        histogram = self._lookup_by_layer.get(layer)
-        if histogram is None:  # `labels()` takes a lock and builds a key: once per layer
-            histogram = self._lookup_by_layer[layer] = self.lookup_seconds.labels(layer)
-        histogram.observe(seconds)
+        """Every lookup of every request: a list slot, not prometheus_client's Histogram
+        (a lock per bucket, the bounds searched in Python)."""
+        buckets = self.lookup_buckets.get(layer)
+        if buckets is None:
+            buckets = self.lookup_buckets[layer] = [0] * (len(LOOKUP_BUCKETS) + 1)
+        buckets[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += 1
         count_and_sum = self.lookups.setdefault(layer, [0, 0.0])
         count_and_sum[0] += 1
         count_and_sum[1] += seconds
@@ -146,6 +146,14 @@ class Metrics:
             for value, n in by_label.items():
                 family.add_metric([value], n)
             yield family
+        lookups = HistogramMetricFamily(
+            "ai_cache_lookup_seconds", "Time of one store lookup, by layer.", labels=["layer"]
+        )
+        for layer, buckets in self.lookup_buckets.items():
+            cumulative = list(itertools.accumulate(buckets))
+            bounds = [*map(floatToGoString, LOOKUP_BUCKETS), "+Inf"]
+            lookups.add_metric([layer], list(zip(bounds, cumulative, strict=True)), self.lookups[layer][1])
+        yield lookups
         yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", self.bytes_served)
         yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", self.coalesced)
         if l2 := self._redis():

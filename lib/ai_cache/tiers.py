@@ -187,9 +187,11 @@ class TieredCache:
     async def _write_batch(self, batch: list[Pending]) -> None:
         try:
             in_thread = await asyncio.to_thread(self._finish_and_write_in_thread, [(e, f) for e, f, _ in batch])
-            outcomes = await asyncio.gather(
-                *(self._write_elsewhere(entry, done) for (entry, _, _), done in zip(batch, in_thread, strict=True))
-            )
+            writes = [self._write_elsewhere(entry, done) for (entry, _, _), done in zip(batch, in_thread, strict=True)]
+            if all(isinstance(store, WritesInThread) for store in self.stores):  # nothing left to wait for:
+                outcomes = [await write for write in writes]  # no task per entry
+            else:
+                outcomes = await asyncio.gather(*writes)
         except BaseException as e:  # the futures must end whatever happens: followers and logs wait on them
             for _, _, written in batch:
                 if not written.done():
