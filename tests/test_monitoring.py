@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 from mitmproxy import exceptions
-from prometheus_client import generate_latest
 from mitmproxy.test import taddons
+from prometheus_client import generate_latest
 
 from ai_cache.addon import AICache
 from ai_cache.commands import Commands
