@@ -31,7 +31,7 @@ async def test_miss_is_stored_and_the_next_request_is_answered_from_disk(addon):
     assert first.metadata["ai_cache"]["status"] == "MISS"
     assert first.request.headers["accept-encoding"] == "identity"
     upstream_answers(addon, first)
-    await addon.response(first)
+    addon.response(first)
     await addon.cache.drain()
 
     second = chat_flow(body, authorization="Bearer sk-2")
@@ -66,7 +66,7 @@ async def test_error_answers_and_failed_flows_are_not_stored(addon):
         await addon.request(flow)
         assert flow.metadata["ai_cache"]["status"] == "MISS"
         upstream_answers(addon, flow, status=status)
-        await addon.response(flow)
+        addon.response(flow)
     await addon.cache.drain()
     assert list(addon.cache.disk.keys_sync()) == []
 
@@ -159,7 +159,7 @@ async def test_leader_is_released_even_if_the_response_hook_fails(tmp_path):
         first.response.raw_content = None  # headers first, as from upstream
         addon.responseheaders(first)
         first.response.raw_content = b"[" * 100_000 + b"]" * 100_000
-        await addon.response(first)  # absurdly deep JSON: refused, and the leader lands
+        addon.response(first)  # absurdly deep JSON: refused, and the leader lands
         await asyncio.sleep(0)  # the recording concludes once the answer was sent
         second = chat_flow(body)
         started = time.monotonic()
@@ -201,7 +201,7 @@ async def test_a_response_from_another_addon_is_not_recorded(tmp_path):
         await addon.request(flow)
         answered(flow, {"mocked": True})  # another addon's request hook answers locally
         addon.responseheaders(flow)  # mitmproxy emulates responseheaders for it
-        await addon.response(flow)
+        addon.response(flow)
         await addon.cache.drain()
         stored = list(addon.cache.disk.keys_sync())
         await addon.cache.close()
@@ -223,7 +223,7 @@ async def test_followers_of_a_failed_leader_pass_together(tmp_path):
         await asyncio.sleep(0.05)
         assert not any(task.done() for task in waiting)  # they wait for the leader
         upstream_answers(addon, leader, {"error": {"message": "rate limited"}}, status=429)
-        await addon.response(leader)
+        addon.response(leader)
         await asyncio.wait_for(asyncio.gather(*waiting), 1)
         infos = [f.metadata["ai_cache"] for f in followers]
         await addon.cache.close()

@@ -36,7 +36,7 @@ async def through(cache: AICache, body: dict = BODY, **headers: str):
     await cache.request(flow)
     if flow.response is None:
         upstream_answers(cache, flow)
-    await cache.response(flow)
+    cache.response(flow)
     await cache.cache.drain()
     return flow
 
@@ -53,7 +53,7 @@ async def test_flows_get_their_cache_outcome_as_comment_and_hits_a_marker(addons
     broken = chat_flow({**BODY, "n": 3})
     await cache.request(broken)
     upstream_answers(cache, broken, status=500)
-    await cache.response(broken)
+    cache.response(broken)
     await asyncio.sleep(0)  # the recording concludes once the answer was sent
     assert broken.comment == "ai-cache MISS not stored: upstream answered 500"
 

@@ -81,6 +81,6 @@ async def test_flows_without_a_token_are_left_alone(tmp_path):
         flow = tflow.tflow(resp=True)
         attach(flow, FlowState("openai-chat", status=Status.HIT))
         cache.responseheaders(flow)
-        await cache.response(flow)
+        cache.response(flow)
         assert not flow.response.stream and flow.request.url == tflow.tflow().request.url
         await cache.done()

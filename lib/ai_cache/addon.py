@@ -305,7 +305,7 @@ class AICache:
                 capture.listener = broadcast.feed
                 self.flights.go_live(state, broadcast)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
         if state is None or flow.response is None or self.cache is None or self.settings is None:
             return

@@ -25,11 +25,17 @@ class Controls:
     semantic: bool = True  # `X-AI-Cache-Semantic: 0` turns semantic lookups off for a request
 
 
+NO_CONTROLS = Controls()
+
+
 def take_controls(request: http.Request, headers: dict[str, str]) -> Controls:
     """Read the client's directives (`headers`: see keys.header_map) and remove the
     X-AI-Cache-* headers from the request: they never reach upstream."""
+    ours = [n for n in headers if n.startswith(CONTROL_PREFIX)]
+    if not ours and "cache-control" not in headers:
+        return NO_CONTROLS  # most requests: nothing to read or remove
     bypass = headers.get("x-ai-cache-bypass", "").strip().lower() in TRUE_VALUES
-    for name in [n for n in headers if n.startswith(CONTROL_PREFIX)]:
+    for name in ours:
         del request.headers[name]
     directives: dict[str, str] = {}
     for part in headers.get("cache-control", "").split(","):
