@@ -141,6 +141,22 @@ async def test_replay_mode_never_writes(tmp_path):
     assert not (tmp_path / "fixtures").exists()
 
 
+def test_a_killed_writers_temporary_files_are_removed_when_recording_starts(tmp_path, caplog):
+    """`write_new` writes a temporary file, then renames it: a proxy killed between the
+    two leaves `.NAME.json.XXXX.tmp` behind. Old ones go; a live writer's (new) stays."""
+    caplog.set_level(logging.INFO)
+    old, new = tmp_path / ".a.json.k2j4.tmp", tmp_path / ".b.json.9zq1.tmp"
+    for path in (old, new):
+        path.write_bytes(b'{"half": ')
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    FixtureStore(tmp_path, writable=False)._ready.wait(5)  # replay: the directory is not touched
+    assert old.exists() and new.exists()
+    FixtureStore(tmp_path, writable=True)._ready.wait(5)
+    assert not old.exists() and new.exists()
+    assert f"removed 1 unfinished fixture writes from {tmp_path}" in caplog.text
+
+
 def test_two_writers_on_one_directory_never_leave_a_partial_file(tmp_path):
     """Two proxies (pytest -n 2) recording the same request: every read sees a whole file."""
     json_entry = sample_entries()[0]

@@ -218,11 +218,27 @@ def test_a_client_made_when_conftest_is_imported_goes_through_the_proxy(project,
 def test_a_proxy_that_exits_stops_the_run_with_its_reason(project, provider, confdir):
     """mitmdump listens, then exits over an option it refused: say why, not 'connection refused' per test."""
     code, output = run_pytest(
-        project, provider.url, confdir, "--ai-cache-mode=record", "--ai-cache-set=ai_cache_normalize=bogus"
+        project, provider.url, confdir, "--ai-cache-mode=record", "--ai-cache-set=ai_cache_max_body=lots"
     )
     assert code == pytest.ExitCode.USAGE_ERROR, output
-    assert "ai_cache_normalize: unknown rule 'bogus'" in output
+    assert "ai_cache_max_body: 'lots' is not a size" in output
     assert "ConnectError" not in output and provider.count("") == 0
+
+
+@pytest.mark.parametrize(
+    "item, said",
+    [
+        ("ai_cache_run_log=/tmp/mine.jsonl", "the plugin reads its own run log"),
+        ("ai_cache_mode=replay", "use --ai-cache-mode"),
+        ("ai_cache_ttl", "expected OPTION=VALUE"),
+    ],
+)
+def test_proxy_settings_the_plugin_owns_or_cannot_read_are_refused(project, provider, confdir, item, said):
+    """A run log of the user's would leave the plugin's counts empty; a mode there would
+    contradict the plugin's: refused before any proxy starts."""
+    code, output = run_pytest(project, provider.url, confdir, "--ai-cache-mode=record", f"--ai-cache-set={item}")
+    assert code == pytest.ExitCode.USAGE_ERROR and said in output, output
+    assert provider.count("") == 0
 
 
 def test_a_usage_error_after_the_proxy_started_stops_it(project, provider, confdir, tmp_path):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .entry import Entry
-from .fixtures import FixtureError, dumps, file_name, from_fixture, load_file, write_new
+from .fixtures import FixtureError, dumps, file_name, from_fixture, load_file, remove_stale_temporaries, write_new
 
 logger = logging.getLogger(__name__)
 # Where the last run's unused fixture names are listed, one per line, for prune-unused.
@@ -83,6 +83,8 @@ class FixtureStore:
         try:
             if self.writable:
                 self.directory.mkdir(parents=True, exist_ok=True)
+                if removed := remove_stale_temporaries(self.directory, time.time()):
+                    logger.info("ai-cache: removed %d unfinished fixture writes from %s", len(removed), self.directory)
             elif not self.directory.is_dir():
                 logger.warning(
                     "ai-cache: fixture directory %s does not exist: no fixture will be served", self.directory

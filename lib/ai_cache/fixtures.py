@@ -65,6 +65,8 @@ from .protocols import BY_NAME, credential_headers
 FIXTURE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TIME_DIGITS = 3  # chunk times in milliseconds
+# A temporary file of write_new's this old was left by a writer that was killed mid-write.
+STALE_TEMPORARY_SECONDS = 3600.0
 # The serialisations `body_style` names: providers answer in one of these.
 STYLES: dict[str, dict[str, Any]] = {
     "indent2": {"indent": 2},
@@ -198,6 +200,20 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def remove_stale_temporaries(directory: Path, now: float) -> list[str]:
+    """Remove the temporary files of writes that never finished (a proxy killed in the
+    middle): older than STALE_TEMPORARY_SECONDS, so no live writer's. Their names."""
+    removed = []
+    for path in directory.glob(".*.json.*.tmp"):
+        try:
+            if now - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                path.unlink()
+                removed.append(path.name)
+        except OSError:  # gone meanwhile, or not ours to remove: left alone
+            continue
+    return removed
 
 
 def export_dir(entries: list[Entry], directory: Path) -> list[Path]:

@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 MODES = ("record", "replay", "refresh", "off")
 DEFAULT_FIXTURES = "tests/fixtures/llm"
+# Proxy options the plugin sets itself, and the plugin option to use instead ("": none, it
+# is the plugin's own): through --ai-cache-set they would contradict what the plugin does.
+PLUGIN_SET = {
+    "ai_cache_mode": "--ai-cache-mode",
+    "ai_cache_fixtures": "--ai-cache-fixtures",
+    "ai_cache_normalize": "--ai-cache-normalize",
+    "confdir": "--ai-cache-confdir",
+    "ai_cache_run_log": "",  # the plugin's counts and replay-miss explanations come from it
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -95,9 +104,23 @@ def plan_of(config: pytest.Config) -> Plan | None:
         mode=mode,
         fixtures=fixtures.resolve(),
         normalize=options.get("ai_cache_normalize") or str(config.getini("ai_cache_normalize")).strip(),
-        options=options.get("ai_cache_set") or [],
+        options=proxy_settings(options.get("ai_cache_set") or []),
         confdir=Path(options.get("ai_cache_confdir") or "~/.mitmproxy").expanduser(),
     )
+
+
+def proxy_settings(items: list[str]) -> list[str]:
+    """The --ai-cache-set items, each OPTION=VALUE and none the plugin sets itself."""
+    for item in items:
+        name, equals, _ = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise pytest.UsageError(f"--ai-cache-set {item!r}: expected OPTION=VALUE")
+        if name in PLUGIN_SET:
+            instead = PLUGIN_SET[name]
+            use = f"use {instead}" if instead else "the plugin reads its own run log for its counts"
+            raise pytest.UsageError(f"--ai-cache-set {name}: the plugin sets this option; {use}")
+    return items
 
 
 @pytest.hookimpl(tryfirst=True)

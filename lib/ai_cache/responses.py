@@ -63,8 +63,9 @@ def no_recording(
     else:
         missing, explained = f"no recording for {what}: {explanation.sentence()}", explanation.as_json()
     message = (
-        f"ai-cache: {missing}; {why} forbids contacting upstream. Record it by running "
-        f"once with ai_cache_mode=record (the default) and the upstream reachable."
+        f"ai-cache: {missing}; {why} forbids contacting upstream. Record it by running once "
+        f"in record mode with the upstream reachable (the proxy's default ai_cache_mode=record; "
+        f"under pytest --ai-cache-mode=record)."
     )
     body = {
         "type": "error",
