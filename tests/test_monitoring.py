@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
@@ -101,6 +102,22 @@ async def test_stats_clear_and_delete_commands(addons, caplog):
     tctx.master.commands.execute("ai_cache.clear")
     await cache.cache.drain()
     assert cache.cache.disk.keys_sync() == []
+
+
+async def test_delete_and_clear_commands_drop_semantic_questions_too(addons):
+    tctx, cache, comments, metrics = addons
+    tctx.configure(cache, ai_cache_semantic="on", ai_cache_embed_url="http://127.0.0.1:9/v1/embeddings")
+    first, second = await through(cache), await through(cache, {**BODY, "n": 2})
+    keys = [flow.metadata["ai_cache"]["key"] for flow in (first, second)]
+    local = cache.semantic.local
+    for n, key in enumerate([*keys, "f" * 64]):  # the last: a question whose entry went by itself
+        local.add_sync(key, "partition", f"question {n}", 1.0, np.eye(4, dtype=np.float32)[n])
+    tctx.master.commands.execute(f"ai_cache.delete {keys[0][:20].upper()}")  # keys are hex: any case
+    await cache.cache.drain()
+    assert cache.cache.disk.keys_sync() == [keys[1]] and local.counts_sync()[0] == 2
+    tctx.master.commands.execute("ai_cache.clear")
+    await cache.cache.drain()
+    assert cache.cache.disk.keys_sync() == [] and local.counts_sync()[0] == 0
 
 
 @pytest.mark.parametrize(

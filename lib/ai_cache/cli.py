@@ -33,7 +33,7 @@ from .options import OPTIONS, parse_duration
 from .protocols import BY_NAME
 from .redis_store import DEFAULT_MAX_VALUE, DEFAULT_POOL, RedisStore, redact
 from .report import human_age, human_size, plural
-from .semantic.vectors import RedisVectors, local_vectors
+from .semantic.vectors import RedisVectors, forget_questions, local_vectors
 from .store import Store
 from .tiers import open_cache
 
@@ -124,7 +124,7 @@ class Cache:
     def find(self, prefix: str) -> Stored:
         """The one entry whose key starts with `prefix`."""
         prefix = prefix.strip().lower()
-        matches = [k for k in self.keys() if k.startswith(prefix)] if prefix else []
+        matches = self._run(self.tiers.matching(prefix))
         if len(matches) > 1:
             shown = ", ".join(k[:12] for k in matches[:5]) + (", ..." if len(matches) > 5 else "")
             raise CLIError(f"key prefix {prefix!r} is ambiguous: {entry_count(len(matches))} match ({shown})")
@@ -157,17 +157,11 @@ class Cache:
         for store in self.tiers.stores:
             if failures := self._run(delete_all(store)):
                 raise CLIError(f"could not delete {entry_count(len(failures))} in {self.directory}: {failures[-1]}")
-        if self.vectors is not None:
-            self.vectors.remove_sync(keys)
-        if self.remote_vectors is not None:
-            self._run(self.remote_vectors.remove(keys))
+        self._run(forget_questions(self.vectors, self.remote_vectors, keys))
 
     def clear_questions(self) -> None:
         """Every semantic question, also those whose entries expired or were evicted."""
-        if self.vectors is not None:
-            self.vectors.clear_sync()
-        if self.remote_vectors is not None:
-            self._run(self.remote_vectors.clear())
+        self._run(forget_questions(self.vectors, self.remote_vectors, None))
 
     def semantic_counts(self) -> tuple[int, int] | None:
         """(questions stored, semantic hits) of L1, None when the semantic layer never ran here."""

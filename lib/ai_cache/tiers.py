@@ -250,6 +250,11 @@ class TieredCache:
             found.update(await store.keys())
         return sorted(found)
 
+    async def matching(self, prefix: str) -> list[str]:
+        """The keys that start with `prefix` (keys are lower-case hex), sorted; none for ""."""
+        prefix = prefix.strip().lower()
+        return [key for key in await self.keys() if key.startswith(prefix)] if prefix else []
+
     async def copies(self, keys: Iterable[str] | None = None) -> dict[str, tuple[Entry, list[str]]]:
         """The entries under `keys` (default: every stored one), each as the nearest store
         has it, with the layers that hold it. For listings: unlike `find`, nothing is

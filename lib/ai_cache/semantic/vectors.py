@@ -9,6 +9,7 @@ partition and return the best few candidates; the caller judges them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -377,3 +378,12 @@ class RedisVectors:
             return True
 
         return await self.store.with_redis(drop, False, "semantic")
+
+
+async def forget_questions(local: LocalVectors | None, remote: RedisVectors | None, keys: list[str] | None) -> None:
+    """Drop the questions of `keys` (None: every question, also those whose entries went
+    by themselves) from L1 and L2: they go with their entries (CLI and proxy commands)."""
+    if local is not None:
+        await asyncio.to_thread(local.clear_sync if keys is None else functools.partial(local.remove_sync, keys))
+    if remote is not None:
+        await (remote.clear() if keys is None else remote.remove(keys))
