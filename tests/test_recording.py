@@ -101,7 +101,7 @@ async def test_conclude_stores_then_logs_and_releases_the_leader(tmp_path, caplo
     follower = recording()
     await flights.lead(follower, 5, NO_LOOKUP)
     assert follower.leader is True  # the first one landed
-    assert (await cache.lookup(state.key)) is not None and tally.stored == 1
+    assert (await cache.lookup(state.key)) is not None and tally.stored == {"json": 1}
     assert any(r.getMessage().endswith(": stored") for r in caplog.records)
     await cache.close()
 

@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import pytest
 
 from ai_cache.report import SUMMARY, FlowLines, Tally, show_connection_lines
+from ai_cache.state import FlowState, Status
+
+
+def routed(tally: Tally, status: Status, **fields) -> None:
+    tally.routed(FlowState("openai-chat", status=status, model="gpt-4o", **fields))
+
+
+def test_requests_are_counted_by_status_layer_protocol_and_model_and_hits_by_what_they_saved():
+    tally = Tally()
+    routed(tally, Status.HIT, layer="l1", saved_tokens=30, size=1000)
+    routed(tally, Status.HIT, layer="l2", saved_tokens=12, size=24, coalesced=True)
+    for status in (Status.MISS, Status.REFRESH, Status.BYPASS):
+        routed(tally, status)
+    assert tally.by_status() == {"HIT": 2, "MISS": 1, "REFRESH": 1, "BYPASS": 1}
+    assert tally.requests[("HIT", "l2", "openai-chat", "gpt-4o")] == 1
+    assert tally.requests[("MISS", "none", "openai-chat", "gpt-4o")] == 1
+    assert (tally.tokens_saved, tally.bytes_served, tally.coalesced) == ({"openai-chat": 42}, 1024, 1)
 
 
 def test_summary_counts_calls_and_groups_not_stored_reasons():
-    tally = Tally(hits=2, misses=5, bypasses=1, stored=1, tokens_saved=1, bytes_served=2048)
+    tally = Tally(stored=Counter(json=1))
+    routed(tally, Status.HIT, layer="l1", saved_tokens=1, size=1024)
+    routed(tally, Status.HIT, layer="l1", size=1024)
+    for status in [Status.MISS] * 5 + [Status.BYPASS]:
+        routed(tally, status)
     for why in (
         "upstream answered 500",
         'error event in stream: {"error": {"message": "overloaded"}}',

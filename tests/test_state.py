@@ -6,7 +6,6 @@ import json
 
 from mitmproxy.test import tflow
 
-from ai_cache.report import Tally
 from ai_cache.state import META, FlowState, Mode, Status, attach, state_of
 
 
@@ -31,10 +30,3 @@ def test_status_text_and_recording():
     assert state.recording
     state.served = True  # answered by another addon: nothing to record
     assert not state.recording
-
-
-def test_tally_counts_by_status():
-    tally = Tally()
-    for status in (Status.HIT, Status.HIT, Status.MISS, Status.REFRESH, Status.BYPASS):
-        tally.count(status)
-    assert (tally.hits, tally.misses, tally.refreshes, tally.bypasses) == (2, 1, 1, 1)

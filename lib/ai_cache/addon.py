@@ -54,15 +54,14 @@ STORE_SETTINGS = (
 
 
 class AICache:
-    """Looks requests up, answers hits, and has misses recorded; tells `when_routed` and
-    `when_answered` of each recognised flow, and its `recorder`'s observers of each
-    recording's outcome."""
+    """Looks requests up, answers hits, and has misses recorded; counts them all in its
+    `tally`, tells `when_answered` of each recognised flow, and its `recorder`'s observers
+    of each recording's outcome."""
 
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.cache: TieredCache | None = None
         self.pacer = PacedReplay()
-        self.when_routed: list[FlowObserver] = []  # after the request hook decided
         self.when_answered: list[FlowObserver] = []  # in the response hook, before the answer goes out
         self.flights = SingleFlight()
         self.tally = Tally()
@@ -191,8 +190,7 @@ class AICache:
             if self.semantic is not None:
                 self.semantic.ask(flow, protocol, found, controls, settings)
             await self._route(flow, state, controls, settings, cache)
-        self.tally.count(state.status)
-        tell(self.when_routed, flow, state)
+        self.tally.routed(state)
         if state.status.recording and flow.response is None:
             # Plain bytes are what the capture can scan and the cache can replay.
             flow.request.headers["accept-encoding"] = "identity"
@@ -247,8 +245,6 @@ class AICache:
     ) -> None:
         state.status, state.layer, state.age, state.format = Status.HIT, layer, entry.age(), entry.format
         state.size, state.saved_tokens = len(entry.body), sum(entry.tokens())
-        self.tally.tokens_saved += state.saved_tokens
-        self.tally.bytes_served += len(entry.body)
         headers = cache_headers(state) if settings.headers else []
         if self.pacer.wanted(entry, settings.replay_speed):
             await self.pacer.pace(flow, state, entry, headers, settings.replay_speed)

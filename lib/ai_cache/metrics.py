@@ -18,15 +18,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from mitmproxy import exceptions, http
+from mitmproxy import exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from .disk import DiskStore
-from .recording import Conclusion
 from .redis_store import RedisStore
-from .state import FlowState, Status
+from .report import REQUEST_LABELS
 
 if TYPE_CHECKING:
     from .addon import AICache
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 READ_TIMEOUT = 5.0
 COUNT_TIMEOUT = 1.0  # the L1 entry count at scrape time; a busy disk leaves the gauge out
+TOKENS_HELP = "Tokens answered from the cache (usage of hits)."
 LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # seconds
 
 # Not-stored reasons, a small fixed set of classes (the log line keeps the details).
@@ -56,23 +56,12 @@ def reason_class(reason: str) -> str:
     return next((name for name, words in REASON_CLASSES if any(w in text for w in words)), "other")
 
 
-REQUEST_LABELS = ("status", "layer", "protocol", "model")
-
-
 class Metrics:
-    """Counts flows (AICache tells it of each routed flow, its Recorder of store outcomes)
-    and serves them."""
+    """Serves AICache's counts (its `tally`) with what only metrics keep: lookup times,
+    Redis errors, the semantic layer's refusals."""
 
     def __init__(self, cache: AICache) -> None:
         self.cache = cache
-        cache.when_routed.append(self.routed)
-        cache.recorder.observers.append(self.concluded)
-        self.requests: Counter[tuple[str, str, str, str]] = Counter()  # REQUEST_LABELS
-        self.stored: Counter[str] = Counter()
-        self.not_stored: Counter[str] = Counter()
-        self.tokens_saved: Counter[str] = Counter()
-        self.bytes_served = 0
-        self.coalesced = 0
         self.l2_errors: Counter[str] = Counter()  # by Redis op
         self.lookups: dict[str, list[float]] = {}  # layer -> [count, seconds], for /stats
         self.registry = CollectorRegistry(auto_describe=False)
@@ -92,13 +81,6 @@ class Metrics:
 
     # Counting
 
-    def routed(self, flow: http.HTTPFlow, state: FlowState) -> None:
-        self.requests[str(state.status), state.layer or "none", state.protocol, state.model or ""] += 1
-        if state.status is Status.HIT:
-            self.tokens_saved[state.protocol] += state.saved_tokens or 0
-            self.bytes_served += state.size or 0
-            self.coalesced += bool(state.coalesced)
-
     def looked_up(self, layer: str, seconds: float) -> None:
         """Every lookup of every request: a list slot, not prometheus_client's Histogram
         (a lock per bucket, the bounds searched in Python)."""
@@ -113,22 +95,24 @@ class Metrics:
     def l2_failed(self, op: str) -> None:
         self.l2_errors[op] += 1
 
-    def concluded(self, flow: http.HTTPFlow, state: FlowState, conclusion: Conclusion) -> None:
-        if conclusion.stored:
-            self.stored[state.format or "json"] += 1
-        elif conclusion.stored is False:
-            self.not_stored[reason_class(conclusion.reason)] += 1
-
     # The numbers, as Prometheus families and as JSON
 
     def requests_by_label(self) -> tuple[tuple[str, ...], Counter[tuple[str, ...]]]:
         """The request labels and counts, `model` only with ai_cache_metrics_models (cardinality)."""
+        requests = self.cache.tally.requests
         if self.cache.settings and self.cache.settings.metrics_models:
-            return REQUEST_LABELS, Counter(self.requests)
+            return REQUEST_LABELS, Counter(requests)
         counts: Counter[tuple[str, ...]] = Counter()
-        for key, n in self.requests.items():
+        for key, n in requests.items():
             counts[key[:3]] += n
         return REQUEST_LABELS[:3], counts
+
+    def not_stored(self) -> Counter[str]:
+        """Answers not stored by reason class: a small fixed set of labels."""
+        classes: Counter[str] = Counter()
+        for reason, n in self.cache.tally.not_stored.items():
+            classes[reason_class(reason)] += n
+        return classes
 
     def collect(self) -> Iterator[Metric]:
         labels, counts = self.requests_by_label()
@@ -136,10 +120,11 @@ class Metrics:
         for key, n in counts.items():
             requests.add_metric(list(key), n)
         yield requests
+        tally = self.cache.tally
         for name, help_text, label, by_label in (
-            ("ai_cache_stored", "Answers stored, by format.", "format", self.stored),
-            ("ai_cache_not_stored", "Answers not stored, by reason class.", "reason", self.not_stored),
-            ("ai_cache_tokens_saved", "Tokens answered from the cache (usage of hits).", "protocol", self.tokens_saved),
+            ("ai_cache_stored", "Answers stored, by format.", "format", tally.stored),
+            ("ai_cache_not_stored", "Answers not stored, by reason class.", "reason", self.not_stored()),
+            ("ai_cache_tokens_saved", TOKENS_HELP, "protocol", tally.tokens_saved),
             ("ai_cache_l2_errors", "Failed Redis calls, by operation.", "op", self.l2_errors),
         ):
             family = CounterMetricFamily(name, help_text, labels=[label])
@@ -154,8 +139,8 @@ class Metrics:
             bounds = [*map(floatToGoString, LOOKUP_BUCKETS), "+Inf"]
             lookups.add_metric([layer], list(zip(bounds, cumulative, strict=True)), self.lookups[layer][1])
         yield lookups
-        yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", self.bytes_served)
-        yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", self.coalesced)
+        yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", tally.bytes_served)
+        yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", tally.coalesced)
         if l2 := self._redis():
             yield GaugeMetricFamily(
                 "ai_cache_l2_up", "1 while the Redis circuit breaker is closed.", 0 if l2.breaker.is_open else 1
@@ -196,20 +181,18 @@ class Metrics:
     async def stats(self) -> dict[str, Any]:
         """The same numbers as /metrics, as JSON (also the `ai_cache.stats` command's)."""
         labels, counts = self.requests_by_label()
-        by_status: Counter[str] = Counter()
-        for key, n in self.requests.items():
-            by_status[key[0]] += n
+        tally = self.cache.tally
         l2 = self._redis()
         return {
-            "requests": dict(by_status),
+            "requests": dict(tally.by_status()),
             "requests_by_label": [
                 {**dict(zip(labels, key, strict=True)), "count": n} for key, n in sorted(counts.items())
             ],
-            "stored": dict(self.stored),
-            "not_stored": dict(self.not_stored),
-            "tokens_saved": dict(self.tokens_saved),
-            "bytes_served": self.bytes_served,
-            "coalesced": self.coalesced,
+            "stored": dict(tally.stored),
+            "not_stored": dict(self.not_stored()),
+            "tokens_saved": dict(tally.tokens_saved),
+            "bytes_served": tally.bytes_served,
+            "coalesced": tally.coalesced,
             "lookups": {layer: {"count": n, "seconds": t} for layer, (n, t) in self.lookups.items()},
             "l2_errors": dict(self.l2_errors),
             "l2_up": None if l2 is None else int(not l2.breaker.is_open),

@@ -189,7 +189,7 @@ class Recorder:
         else:
             written = task.result()
         if written.layers:
-            self.tally.stored += 1
+            self.tally.stored[state.format or "json"] += 1
         else:
             self.tally.not_storing(written.problem)
         outcome = store_outcome(written.layers, written.problem, checked)

@@ -94,26 +94,35 @@ def plural(count: int, word: str, words: str = "") -> str:
     return f"{count} {word if count == 1 else words or word + 's'}"
 
 
+# The labels of a request count: what `Tally.requests` is keyed by.
+REQUEST_LABELS = ("status", "layer", "protocol", "model")
+
+
 @dataclass
 class Tally:
-    hits: int = 0
-    misses: int = 0
-    bypasses: int = 0
-    refreshes: int = 0
-    stored: int = 0
-    not_stored: Counter[str] = field(default_factory=Counter)  # by the gist of the reason
-    tokens_saved: int = 0
-    bytes_served: int = 0
+    """What the proxy did, counted once: the shutdown summary, `ai_cache.stats` and the
+    metrics (metrics.py) all read these."""
 
-    def count(self, status: Status) -> None:
-        if status is Status.HIT:
-            self.hits += 1
-        elif status is Status.MISS:
-            self.misses += 1
-        elif status is Status.REFRESH:
-            self.refreshes += 1
-        else:
-            self.bypasses += 1
+    requests: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)  # REQUEST_LABELS
+    stored: Counter[str] = field(default_factory=Counter)  # by format
+    not_stored: Counter[str] = field(default_factory=Counter)  # by the gist of the reason
+    tokens_saved: Counter[str] = field(default_factory=Counter)  # by protocol
+    bytes_served: int = 0
+    coalesced: int = 0  # hits that waited for an identical request in flight
+
+    def routed(self, state: FlowState) -> None:
+        """Count a recognised request once its way is decided (a hit's size and tokens with it)."""
+        self.requests[state.status.value, state.layer or "none", state.protocol, state.model or ""] += 1
+        if state.status is Status.HIT:
+            self.tokens_saved[state.protocol] += state.saved_tokens or 0
+            self.bytes_served += state.size or 0
+            self.coalesced += bool(state.coalesced)
+
+    def by_status(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for (status, *_), n in self.requests.items():
+            counts[status] += n
+        return counts
 
     def not_storing(self, why: str) -> None:
         """Count an answer left out of the cache under its reason without the details
@@ -122,17 +131,17 @@ class Tally:
 
     def summary(self) -> str:
         """`3 LLM calls: 2 hits, 1 miss; 0 stored, 1 not stored (upstream answered 500: 1); ...`"""
-        calls = self.hits + self.misses + self.refreshes + self.bypasses
-        counts = [plural(self.hits, "hit"), plural(self.misses, "miss", "misses")]
-        if self.refreshes:
-            counts.append(plural(self.refreshes, "refresh", "refreshes"))
-        if self.bypasses:
-            counts.append(plural(self.bypasses, "bypass", "bypasses"))
+        by_status = self.by_status()
+        counts = [plural(by_status[Status.HIT], "hit"), plural(by_status[Status.MISS], "miss", "misses")]
+        if refreshes := by_status[Status.REFRESH]:
+            counts.append(plural(refreshes, "refresh", "refreshes"))
+        if bypasses := by_status[Status.BYPASS]:
+            counts.append(plural(bypasses, "bypass", "bypasses"))
         why = ", ".join(f"{reason}: {n}" for reason, n in self.not_stored.most_common())
         return (
-            f"{plural(calls, 'LLM call')}: {', '.join(counts)}; {self.stored} stored, "
-            f"{sum(self.not_stored.values())} not stored{f' ({why})' if why else ''}; "
-            f"served from cache {human_size(self.bytes_served)} and {plural(self.tokens_saved, 'token')}"
+            f"{plural(by_status.total(), 'LLM call')}: {', '.join(counts)}; {self.stored.total()} stored, "
+            f"{self.not_stored.total()} not stored{f' ({why})' if why else ''}; served from cache "
+            f"{human_size(self.bytes_served)} and {plural(self.tokens_saved.total(), 'token')}"
         )
 
 
