@@ -10,8 +10,10 @@ import pytest
 from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
+from redis import Redis
 
 from ai_cache.addon import AICache
+from ai_cache.lease import FleetLeases
 from helpers import ANSWER, answered, chat_flow, upstream_answers
 
 
@@ -228,3 +230,32 @@ async def test_followers_of_a_failed_leader_pass_together(tmp_path):
         infos = [f.metadata["ai_cache"] for f in followers]
         await addon.cache.close()
         assert [(i["status"], i.get("leader")) for i in infos] == [("MISS", None)] * 4
+
+
+# The leader's fleet lease is released once its answer's write ended: a proxy stopped
+# right after an answer must release it before it closes its Redis client, or the other
+# proxies of the fleet wait the lease's life for an answer that is already stored.
+async def test_a_stopping_proxy_releases_its_fleet_leases_before_closing_redis(tmp_path, start_redis, monkeypatch):
+    server = start_redis()
+    release = FleetLeases._release
+
+    async def slow_release(self, lease, stored):  # as over a slower network than loopback
+        await asyncio.sleep(0.1)
+        await release(self, lease, stored)
+
+    monkeypatch.setattr(FleetLeases, "_release", slow_release)
+    addon = AICache()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ai_cache_dir=str(tmp_path / "cache"), ai_cache_redis_url=server.url)
+        flow = chat_flow({"model": "m", "messages": [{"role": "user", "content": "lease"}]})
+        await addon.request(flow)
+        assert flow.metadata["ai_cache"]["leader"] is True
+        key = flow.metadata["ai_cache"]["key"]
+        lease = "{" + addon.settings.redis_prefix + key + "}:lease"
+        redis = Redis.from_url(server.url)
+        assert redis.exists(lease) == 1  # taken in Redis
+        upstream_answers(addon, flow)
+        addon.response(flow)
+        await addon.done()  # at once: the write and the release are still to come
+        assert redis.exists(addon.settings.redis_prefix + key) == 1 and redis.exists(lease) == 0
+        redis.close()

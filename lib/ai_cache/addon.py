@@ -161,6 +161,9 @@ class AICache:
     async def done(self) -> None:
         await self.pacer.done()
         if self.cache is not None:
+            await self.cache.drain()
+            await asyncio.sleep(0)  # the writes' callbacks: they start the fleet leases' releases
+            await self.flights.drain()  # which need Redis, closed next
             await self.cache.close()
         if self.semantic is not None:
             self.semantic.close()

@@ -81,6 +81,11 @@ class SingleFlight:
             self._release(state.key)
         return answer
 
+    async def drain(self) -> None:
+        """Let the fleet leases' releases finish (after the writes they wait for)."""
+        if self.fleet is not None:
+            await self.fleet.drain()
+
     def go_live(self, state: FlowState, broadcast: Broadcast) -> None:
         """The leader's stream began: its followers may join it."""
         flight = self._flights.get(state.key) if state.leader else None

@@ -222,6 +222,11 @@ class FleetLeases:
             except Exception:  # a broken connection must not outlive its listener
                 pass
 
+    async def drain(self) -> None:
+        """Let the releases under way finish (shutdown: before the Redis client closes)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def close(self) -> None:
         """Stop listening (the stores were replaced); releases under way finish on their own."""
         if self._listener is not None:
