@@ -113,7 +113,7 @@ class Conclusion:
 
 
 Observer = Callable[[http.HTTPFlow, FlowState, Conclusion], None]
-# Told of a recognised flow at a step of its way (routed, answered): comments, metrics, run log.
+# Told of each recognised flow once its answer is complete (comments, run log).
 FlowObserver = Callable[[http.HTTPFlow, FlowState], None]
 
 
