@@ -157,7 +157,25 @@ OPPOSITE_PREFIXES = (
     ("as", "des"),
 )  # fmt: skip
 MIN_STEM = 3
-SENTENCE_START = ".!?:;\n\"'“‘(*#>-"  # a capital after these starts a sentence, names nothing
+SENTENCE_START = ".!?:;\n\"'“‘(*#>-"  # a capital after these starts a sentence
+# What sentences start with anyway: capitalised there, these name nothing; any other word
+# capitalised at a sentence's start may be a name ("Paris: what's the weather like?").
+STARTERS = frozenset(
+    """
+    what how why who whom whose when where which whether is are was were am be been being can could would
+    should will shall may might must do does did done has have had having not no yes
+    i me my mine we us our you your it its he him his she her they them their this that these those there
+    here the a an some any every each all both either neither one another other such
+    in on at for to from of with without by about as if then than and or but so because since after
+    before while until during into onto over under between through against among per via
+    hi hello hey dear thanks thank please ok okay sure well now also just again still yet even only
+    let tell explain give write list show describe summarize summarise translate convert calculate compute
+    compare define find check help make create build generate fix repair solve suggest recommend provide
+    implement debug refactor optimize optimise rewrite correct improve add remove delete update change use
+    get set run read open close start stop install sort count print return draft plan outline answer
+    classify extract analyze analyse evaluate review consider imagine assume suppose given say ask
+    """.split()
+)
 
 
 @dataclass(frozen=True)
@@ -185,9 +203,11 @@ class Features:
 def is_name(word: str, text: str, start: int) -> bool:
     if any(c.isupper() for c in word[1:]):
         return True
+    stem = re.split("['’]", word)[0]  # I'm, What's, Let's
+    if not word[0].isupper() or stem == "I":
+        return False
     before = text[:start].rstrip(" \t")
-    pronoun = re.split("['’]", word)[0] == "I"  # I, I'm, I'd
-    return word[0].isupper() and not pronoun and bool(before) and before[-1] not in SENTENCE_START
+    return (bool(before) and before[-1] not in SENTENCE_START) or stem.lower() not in STARTERS
 
 
 def features(text: str) -> Features:
