@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis import Redis
 from redis.crc import key_slot
 
 from ai_cache.entry import Entry
@@ -83,4 +84,19 @@ async def test_a_lease_that_is_not_renewed_expires_and_a_waiter_takes_over(start
 async def test_no_redis_means_no_fleet_and_no_wait():
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 0.2, "ai-cache:")
     assert await asyncio.wait_for(FleetLeases(store).acquire(KEY, 30), 5) is None
+    await store.close()
+
+
+async def test_lease_scripts_go_by_their_sha_not_their_text(start_redis):
+    """EVALSHA (the script loaded once, on the first NOSCRIPT), not EVAL with ~300 bytes a call."""
+    server = start_redis()
+    store = RedisStore(server.url, 1.0, "ai-cache:")
+    fleet = FleetLeases(store)
+    lease = await fleet.acquire(KEY, 1)
+    assert isinstance(lease, Lease)
+    fleet.release_soon(lease, stored=False)
+    await fleet.drain()
+    assert await fleet.claim(KEY, "other") is Claim.PASS
+    stats = Redis(port=server.port).info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] >= 3 and "cmdstat_eval" not in stats
     await store.close()

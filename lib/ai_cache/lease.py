@@ -90,14 +90,17 @@ class FleetLeases:
         self._watchers: dict[str, set[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Sent by their SHA (EVALSHA), and loaded on the first NOSCRIPT: not the text every call.
+        self._scripts = {text: store.client.register_script(text) for text in (CLAIM, RENEW, RELEASE)}
 
     async def _script(self, script: str, keys: tuple[str, ...], *args: str) -> Any:
         """Run a lease script; None if Redis answered with an error (out of memory, scripts
         not allowed): such a Redis is up, and its breaker must not open for the lookups."""
+        registered = self._scripts[script]
 
         async def run(client: Any) -> Any:
             try:
-                return await client.eval(script, len(keys), *keys, *args)
+                return await registered(keys=keys, args=args, client=client)
             except ResponseError as e:
                 logger.debug("ai-cache: fleet lease script refused: %s", e)
                 return None
