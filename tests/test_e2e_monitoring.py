@@ -124,3 +124,20 @@ def test_mitmweb_lists_the_cache_status_of_each_flow(tmp_path, confdir, upstream
         assert [f["marked"] for f in flows] == ["", "⚡", ""]  # mitmweb shows :zap: as its emoji
     finally:
         stop(web)
+
+
+def test_a_flow_file_holds_each_flow_with_its_cache_verdict(start_proxy, upstream, marker, tmp_path):
+    """mitmproxy's -w writes a flow right after the response hooks: the verdict of a flow
+    with nothing to write (a bypass, an answer not stored) is on it by then."""
+    from mitmproxy import io
+
+    flows_path = tmp_path / "flows"
+    proxy = start_proxy("-w", str(flows_path))
+    bypass = post(proxy, upstream, CHAT, chat_body(marker), {"x-ai-cache-bypass": "1"})
+    failed = post(proxy, upstream, CHAT, chat_body(marker + " 500"), {"x-fake-scenario": "status-500"})
+    assert (bypass.headers["x-ai-cache-status"], failed.status_code) == ("BYPASS", 500)
+    proxy.stop()
+    with flows_path.open("rb") as f:
+        saved = {flow.metadata["ai_cache"]["status"]: flow for flow in io.FlowReader(f).stream()}
+    assert saved["BYPASS"].comment == "ai-cache BYPASS client asked"
+    assert saved["MISS"].comment == "ai-cache MISS not stored: upstream answered 500"

@@ -68,6 +68,7 @@ class AICache:
         self.lines = FlowLines()  # one line per flow, logged a loop turn's lines at a time
         self.recorder = Recorder(self.flights, self.tally, self.lines)
         self.semantic: SemanticLayer | None = None  # ai_cache_semantic=on
+        self.saving_flows = False  # a -w flow file: mitmproxy writes each flow after its response hooks
 
     def load(self, loader) -> None:
         for name, typespec, default, help_text in OPTIONS:
@@ -78,6 +79,8 @@ class AICache:
             logger.error("ai-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
+        if "save_stream_file" in updated:
+            self.saving_flows = bool(ctx.options.save_stream_file)
         if not updated & OPTION_NAMES:
             return
         try:
@@ -314,9 +317,13 @@ class AICache:
             self.lines.add(flow_line(state, where(flow), state.size or 0, hit_outcome(state)))
         else:
             # mitmproxy sends the answer once every response hook returned: recording it
-            # (checks, entry, single flight, log line) comes right after, off the client's wait.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(self.recorder.conclude, flow, state, self.cache, self.settings.max_body)
+            # (checks, entry, single flight, log line) comes right after, off the client's wait;
+            # in the hook when a flow file is written, or it would lack the flow's verdict.
+            args = (flow, state, self.cache, self.settings.max_body)
+            if self.saving_flows:
+                self.recorder.conclude(*args)
+            else:
+                asyncio.get_running_loop().call_soon(self.recorder.conclude, *args)
         tell(self.when_answered, flow, state)
 
     def error(self, flow: http.HTTPFlow) -> None:
