@@ -16,6 +16,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import exceptions
@@ -35,6 +36,7 @@ READ_TIMEOUT = 5.0
 COUNT_TIMEOUT = 1.0  # the L1 entry count at scrape time; a busy disk leaves the gauge out
 TOKENS_HELP = "Tokens answered from the cache (usage of hits)."
 LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # seconds
+BUCKET_BOUNDS = [*map(floatToGoString, LOOKUP_BUCKETS), "+Inf"]  # as Prometheus writes them
 
 # Not-stored reasons, a small fixed set of classes (the log line keeps the details).
 # First match wins: (class, words any of which the reason contains, lower-cased).
@@ -47,6 +49,15 @@ REASON_CLASSES = (
     ("write_failed", ("store write", "write failed", "writes are off", " l1 ", " l2 ")),
     ("incomplete", ("terminal event", "cut off", "empty body", "not json", "disconnected", "no response")),
 )
+
+
+@dataclass
+class Timings:
+    """One layer's lookups: how many fell under each LOOKUP_BUCKETS bound (the last: above
+    them all), and their seconds in all."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LOOKUP_BUCKETS) + 1))
+    seconds: float = 0.0
 
 
 def reason_class(reason: str) -> str:
@@ -63,7 +74,6 @@ class Metrics:
     def __init__(self, cache: AICache) -> None:
         self.cache = cache
         self.l2_errors: Counter[str] = Counter()  # by Redis op
-        self.lookups: dict[str, list[float]] = {}  # layer -> [count, seconds], for /stats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # a collector: it has collect()
         self.embedding_seconds = Histogram(
@@ -72,8 +82,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
-        # layer -> lookups per LOOKUP_BUCKETS bound (the last: above them all), for the histogram
-        self.lookup_buckets: dict[str, list[int]] = {}
+        self.lookups: dict[str, Timings] = {}  # by layer
         self.listen: tuple[str, int] | None = None
         self.server: asyncio.Server | None = None
         self._unserved: socket.socket | None = None  # bound before the loop ran
@@ -84,13 +93,11 @@ class Metrics:
     def looked_up(self, layer: str, seconds: float) -> None:
         """Every lookup of every request: a list slot, not prometheus_client's Histogram
         (a lock per bucket, the bounds searched in Python)."""
-        buckets = self.lookup_buckets.get(layer)
-        if buckets is None:
-            buckets = self.lookup_buckets[layer] = [0] * (len(LOOKUP_BUCKETS) + 1)
-        buckets[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += 1
-        count_and_sum = self.lookups.setdefault(layer, [0, 0.0])
-        count_and_sum[0] += 1
-        count_and_sum[1] += seconds
+        timings = self.lookups.get(layer)
+        if timings is None:
+            timings = self.lookups[layer] = Timings()
+        timings.buckets[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += 1
+        timings.seconds += seconds
 
     def l2_failed(self, op: str) -> None:
         self.l2_errors[op] += 1
@@ -134,10 +141,9 @@ class Metrics:
         lookups = HistogramMetricFamily(
             "ai_cache_lookup_seconds", "Time of one store lookup, by layer.", labels=["layer"]
         )
-        for layer, buckets in self.lookup_buckets.items():
-            cumulative = list(itertools.accumulate(buckets))
-            bounds = [*map(floatToGoString, LOOKUP_BUCKETS), "+Inf"]
-            lookups.add_metric([layer], list(zip(bounds, cumulative, strict=True)), self.lookups[layer][1])
+        for layer, timings in self.lookups.items():
+            cumulative = itertools.accumulate(timings.buckets)
+            lookups.add_metric([layer], list(zip(BUCKET_BOUNDS, cumulative, strict=True)), timings.seconds)
         yield lookups
         yield CounterMetricFamily("ai_cache_bytes_served", "Body bytes answered from the cache.", tally.bytes_served)
         yield CounterMetricFamily("ai_cache_coalesced", "Hits that waited for an identical request.", tally.coalesced)
@@ -193,7 +199,7 @@ class Metrics:
             "tokens_saved": dict(tally.tokens_saved),
             "bytes_served": tally.bytes_served,
             "coalesced": tally.coalesced,
-            "lookups": {layer: {"count": n, "seconds": t} for layer, (n, t) in self.lookups.items()},
+            "lookups": {layer: {"count": sum(t.buckets), "seconds": t.seconds} for layer, t in self.lookups.items()},
             "l2_errors": dict(self.l2_errors),
             "l2_up": None if l2 is None else int(not l2.breaker.is_open),
             "entries": {"l1": await self.entries()},
