@@ -313,6 +313,7 @@ class AICache:
             return
         if state.token:  # the URL back from the replay server's, before anyone logs it
             self.pacer.response(flow, state)
+        tell(self.when_answered, flow, state)  # before any conclusion: a run log's call line comes first
         if state.status is Status.HIT:
             self.lines.add(flow_line(state, where(flow), state.size or 0, hit_outcome(state)))
         else:
@@ -324,7 +325,6 @@ class AICache:
                 self.recorder.conclude(*args)
             else:
                 asyncio.get_running_loop().call_soon(self.recorder.conclude, *args)
-        tell(self.when_answered, flow, state)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow)
